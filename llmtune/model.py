@@ -1,0 +1,199 @@
+"""Tokenizer, chat template, model loading (dtype, attention, bitsandbytes) and PEFT config.
+
+`builtin:tiny` is a 2-layer Llama-shaped model with a byte-level tokenizer, built from a
+fixed seed and saved once under the llmtune cache, so the quickstart and the tests run
+offline and a run directory made from it reloads like any other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+TINY_VERSION = "tiny-v1"  # bump when the builtin model or tokenizer changes
+
+# Assistant turns sit inside {% generation %} so TRL can train only them, and the stop
+# token <|end|> is inside the block too, so the model learns to stop.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] }}{{ '<|end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+TINY_SPECIALS = ["<s>", "<|end|>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLMTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmtune")
+    return Path(root)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each of the 256 bytes (what ByteLevel pre-tokenizing emits)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(TINY_SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>",
+        chat_template=TINY_CHAT_TEMPLATE, model_max_length=2048)
+
+
+def build_tiny_model(tokenizer):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def builtin_path(name: str) -> Path:
+    """The folder of a builtin model, built on first use (atomically: rename when complete)."""
+    if name != "tiny":
+        raise UserError(f"unknown builtin model 'builtin:{name}'; the builtin model is `builtin:tiny`")
+    target = cache_dir() / "builtin" / TINY_VERSION
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(model: dict) -> str:
+    """Where to load the model from: a builtin's cache folder, or the name as given."""
+    name = model["name"]
+    if name.startswith(BUILTIN_PREFIX):
+        return str(builtin_path(name[len(BUILTIN_PREFIX):]))
+    return name
+
+
+def _trl_templates_dir() -> Path:
+    spec = importlib.util.find_spec("trl")
+    return Path(spec.submodule_search_locations[0]) / "chat_templates"
+
+
+def named_chat_templates() -> list[str]:
+    return sorted(p.stem for p in _trl_templates_dir().glob("*.jinja") if not p.stem.endswith("_training"))
+
+
+def read_chat_template(value: str) -> str:
+    """A `.jinja` file, or the name of a template TRL ships (llama3, qwen2_5, ...)."""
+    if value.endswith((".jinja", ".j2")):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.chat_template: file '{value}' not found")
+        return path.read_text(encoding="utf-8")
+    path = _trl_templates_dir() / f"{value}.jinja"
+    if not path.is_file():
+        raise UserError(f"model.chat_template: unknown template '{value}'; give a .jinja file or one of: "
+                        + ", ".join(named_chat_templates()))
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(model: dict):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path(model), revision=model.get("revision"), trust_remote_code=model["trust_remote_code"])
+    if model.get("chat_template"):
+        tokenizer.chat_template = read_chat_template(model["chat_template"])
+    if tokenizer.pad_token is None:  # batching needs one; the EOS token is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name, "auto")
+
+
+def quantization_config(quant: dict | None):
+    """The recipe's `quantization:` section as transformers' BitsAndBytesConfig."""
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
+        bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=torch_dtype(quant["compute_dtype"]),
+        bnb_4bit_quant_storage=torch_dtype(quant["quant_storage"]) if quant.get("quant_storage") else None)
+
+
+def load_model(config: dict):
+    """The base model as the recipe describes it (not yet wrapped in an adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = config["model"]
+    kwargs = dict(revision=model.get("revision"), trust_remote_code=model["trust_remote_code"],
+                  dtype=torch_dtype(model["dtype"]))
+    if model.get("attn_implementation"):
+        kwargs["attn_implementation"] = model["attn_implementation"]
+    quant = quantization_config(config.get("quantization"))
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(model_path(model), **kwargs)
+
+
+def peft_config(adapter: dict | None):
+    """The recipe's `adapter:` section as PEFT's LoraConfig (None = full fine-tuning)."""
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    options = {k: v for k, v in adapter.items() if k != "type"}
+    options.setdefault("target_modules", "all-linear")
+    return LoraConfig(task_type="CAUSAL_LM", use_dora=adapter["type"] == "dora",
+                      use_rslora=adapter["type"] == "rslora", **options)

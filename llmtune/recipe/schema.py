@@ -1,0 +1,213 @@
+"""The recipe schema: llmtune's own sections, declared once with their help text.
+
+`train:` is not declared here: it is checked against the fields of the method's TRL
+config class (read from TRL's source, see fields.py), and `adapter:` against PEFT's
+`LoraConfig` the same way, so neither can drift from the libraries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal, Union
+
+REQUIRED = MISSING
+
+
+def opt(default=MISSING, help: str = "", factory=MISSING):
+    """A schema field with its help text, the one place that text is written."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelSection:
+    name: str = opt(help="Hub id (`Qwen/Qwen2.5-0.5B`), a local folder, a run directory, or `builtin:tiny`.")
+    revision: Union[str, None] = opt(None, help="Hub revision (branch, tag or commit) of the model.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "auto", help="Weights dtype; `auto` = the checkpoint's own (float32 for builtin:tiny).")
+    attn_implementation: Union[Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                       "flex_attention"], None] = opt(
+        None, help="Attention kernel; null = transformers' default for the model.")
+    chat_template: Union[str, None] = opt(
+        None, help="null = the tokenizer's own; a named template (chatml, llama3, ...) or a `.jinja` file path.")
+    trust_remote_code: bool = opt(False, help="Run Python code shipped with a Hub model. Off unless you set it.")
+
+
+@dataclass
+class QuantizationSection:
+    bits: Literal[4, 8] = opt(help="Load the base model in 4-bit (QLoRA) or 8-bit with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", help="4-bit data type; nf4 suits normally distributed weights.")
+    double_quant: bool = opt(True, help="Also quantize the 4-bit scales (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = opt(
+        "bfloat16", help="dtype the 4-bit matmuls run in.")
+    quant_storage: Union[Literal["bfloat16", "float16", "float32", "uint8"], None] = opt(
+        None, help="Storage dtype of packed 4-bit weights; FSDP/ZeRO-3 need it equal to compute_dtype.")
+
+
+ADAPTER_TYPES = ("lora", "dora", "rslora")
+# Short names DESIGN.md uses for PEFT's `LoraConfig` fields.
+ADAPTER_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+# LoraConfig fields llmtune sets itself (from `type:` or the model); users set `type:` instead.
+ADAPTER_OWNED = {"task_type": "set by the method", "peft_type": "set by `type:`", "use_dora": "use `type: dora`",
+                 "use_rslora": "use `type: rslora`", "base_model_name_or_path": "set from `model.name`",
+                 "revision": "set from `model.revision`", "inference_mode": "set by llmtune"}
+
+
+@dataclass
+class SourceSection:
+    path: str = opt(help="A .jsonl/.json/.csv/.parquet file, a folder, a glob, or a Hub dataset id.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto",
+                    "prompt"] = opt("auto", help="Row format; `auto` detects it from the columns.")
+    columns: dict[str, str] = opt(factory=dict, help="Rename map applied first, "
+                                  "`{old: new}`, e.g. `{question: instruction, answer: output}`.")
+    weight: float = opt(1.0, help="Multiplies this source's rows when mixing: 0.5 = a random half, 2 = twice.")
+    split: str = opt("train", help="Hub dataset split.")
+    name: Union[str, None] = opt(None, help="Hub dataset configuration name.")
+    revision: Union[str, None] = opt(None, help="Hub dataset revision (branch, tag or commit).")
+
+
+@dataclass
+class DataSection:
+    train: list[SourceSection] = opt(help="Training sources; several are mixed by `weight`.")
+    eval: Union[float, list[SourceSection], None] = opt(
+        None, help="A fraction of `train` held out (e.g. 0.05), or a list of sources like `train`.")
+    max_length: Union[int, None] = opt(2048, help="Token length rows are truncated to (or packed into).")
+    packing: bool = opt(False, help="Pack several rows into each sequence of `max_length` tokens.")
+
+
+@dataclass
+class RecipeSection:
+    method: Literal["sft"] = opt(help="Training method; the verb (`llmtune sft`) must match it.")
+    model: ModelSection = opt(help="The base model.")
+    data: DataSection = opt(help="Training and evaluation data.")
+    name: str = opt(help="Run name; defaults to the recipe file's name. Usable as `${name}`.")
+    quantization: Union[QuantizationSection, None] = opt(None, help="bitsandbytes quantization; omitted = none.")
+    adapter: Union[dict, None] = opt(
+        None, help=f"PEFT adapter: `type:` ({', '.join(ADAPTER_TYPES)}) plus any `peft.LoraConfig` field "
+        "(`r`, `alpha`, `dropout`, `target_modules`, ...); omitted = full fine-tuning.")
+    train: dict = opt(factory=dict,
+                      help="Passed to the method's TRL config class (SFTConfig, ...), any of its fields.")
+    output_dir: str = opt("runs/${name}", help="Run directory.")
+    seed: int = opt(42, help="Seed for data mixing, splits and training.")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of: " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        return "a mapping"
+    return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, str(tp))
+
+
+def did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Checker:
+    """Validates plain recipe data against a schema class, collecting every problem."""
+
+    def __init__(self, locate):
+        self.locate = locate
+        self.problems: list[str] = []
+
+    def error(self, path: tuple, message: str) -> None:
+        self.problems.append(f"{self.locate(path)}: {message}")
+
+    def section(self, cls, value, path: tuple):
+        """Return `value` with defaults filled in, or None after reporting problems."""
+        if not isinstance(value, dict):
+            self.error(path, f"`{_dotted(path)}` must be a mapping of keys, got {_kind(value)}")
+            return None
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in fields(cls)}
+        out = {}
+        for key, item in value.items():
+            if key not in known:
+                where = f" in {_dotted(path)}" if path else ""
+                self.error(path + (key,), f"unknown key '{key}'{where}{did_you_mean(key, known)}")
+                continue
+            out[key] = self.value(hints[key], item, path + (key,))
+        for name, f in known.items():
+            if name in out:
+                continue
+            if f.default is not MISSING:
+                out[name] = f.default
+            elif f.default_factory is not MISSING:
+                out[name] = f.default_factory()
+            else:
+                self.error(path, f"missing required key `{_dotted(path + (name,))}`: {f.metadata.get('help', '')}")
+        return out
+
+    def value(self, tp, value, path: tuple):
+        origin = typing.get_origin(tp)
+        if origin is Union:
+            options = typing.get_args(tp)
+            if value is None and type(None) in options:
+                return None
+            for option in options:  # the first option the value fits, checked quietly
+                probe = Checker(self.locate)
+                result = probe.value(option, value, path)
+                if not probe.problems:
+                    return result
+            dataclass_options = [o for o in options if hasattr(o, "__dataclass_fields__") or
+                                 typing.get_origin(o) is list]
+            if len(dataclass_options) == 1 and isinstance(value, (dict, list)):
+                return self.value(dataclass_options[0], value, path)  # report its own detailed problems
+            self.error(path, f"`{_dotted(path)}` must be {_type_name(tp)}, got {_kind(value)}")
+            return None
+        if origin is Literal:
+            allowed = typing.get_args(tp)
+            if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+                return value
+            self.error(path, f"`{_dotted(path)}` must be {_type_name(tp)}; got {value!r}"
+                       f"{did_you_mean(str(value), [str(a) for a in allowed])}")
+            return None
+        if hasattr(tp, "__dataclass_fields__"):
+            return self.section(tp, value, path)
+        if origin is list:
+            if not isinstance(value, list):
+                self.error(path, f"`{_dotted(path)}` must be a list, got {_kind(value)}")
+                return None
+            (item_tp,) = typing.get_args(tp)
+            return [self.value(item_tp, v, path + (i,)) for i, v in enumerate(value)]
+        if origin is dict or tp is dict:
+            if not isinstance(value, dict):
+                self.error(path, f"`{_dotted(path)}` must be a mapping, got {_kind(value)}")
+                return None
+            args = typing.get_args(tp)
+            if args:
+                for k, v in value.items():
+                    if not isinstance(v, args[1]):
+                        self.error(path + (k,), f"`{_dotted(path + (k,))}` must be {_type_name(args[1])}, "
+                                   f"got {_kind(v)}")
+            return dict(value)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        self.error(path, f"`{_dotted(path)}` must be {_type_name(tp)}, got {_kind(value)}")
+        return None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return {dict: "a mapping", list: "a list"}[type(value)]
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,228 @@
+"""Recipe loading and checking: extends, --set, interpolation, errors with file:line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmtune.errors import UserError
+from llmtune.recipe import loader
+from llmtune.recipe.check import resolve
+
+from .conftest import RECIPES, cli, write_recipe
+
+BASE = """\
+method: sft
+model:
+  name: builtin:tiny
+data:
+  train:
+    - path: {data}
+"""
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    return path
+
+
+def problems(path, *sets):
+    with pytest.raises(UserError) as info:
+        resolve(path, sets)
+    return info.value.problems
+
+
+def test_extends_merges_maps_and_replaces_lists(tmp_path, data_file):
+    (tmp_path / "base").mkdir()
+    write_recipe(tmp_path / "base" / "common.yaml", BASE.format(data=data_file) + """\
+adapter: {type: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
+train: {learning_rate: 1.0e-4, num_train_epochs: 2}
+""")
+    child = write_recipe(tmp_path / "child.yaml", """\
+extends: base/common.yaml
+adapter: {r: 32, target_modules: [o_proj]}
+train: {learning_rate: 5.0e-5}
+""")
+    config = resolve(child).config
+    assert config["adapter"] == {"type": "lora", "r": 32, "lora_alpha": 16, "target_modules": ["o_proj"]}
+    assert config["train"] == {"learning_rate": 5e-5, "num_train_epochs": 2.0}
+    assert config["name"] == "child" and config["output_dir"] == "runs/child"
+
+
+def test_extends_a_shipped_recipe_by_name(tmp_path, data_file):
+    child = write_recipe(tmp_path / "mine.yaml", f"""\
+extends: base/lora.yaml
+method: sft
+model: {{name: builtin:tiny}}
+data: {{train: [{{path: {data_file}}}]}}
+""")
+    assert resolve(child).config["adapter"]["type"] == "lora"
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    write_recipe(tmp_path / "a.yaml", "extends: b.yaml\nmethod: sft\n")
+    write_recipe(tmp_path / "b.yaml", "method: sft\nextends: a.yaml\n")
+    (message,) = problems(tmp_path / "a.yaml")
+    where, chain = message.split(": extends cycle: ")
+    assert where.endswith("b.yaml:2:1")
+    assert [Path(p).name for p in chain.split(" -> ")] == ["a.yaml", "b.yaml", "a.yaml"]
+
+
+def test_data_paths_are_relative_to_the_file_that_names_them(tmp_path, data_file):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "data.jsonl").write_text(data_file.read_text())
+    write_recipe(tmp_path / "base" / "b.yaml", BASE.format(data="data.jsonl"))
+    child = write_recipe(tmp_path / "c.yaml", "extends: base/b.yaml\n")
+    assert resolve(child).config["data"]["train"][0]["path"] == str(tmp_path / "base" / "data.jsonl")
+
+
+def test_set_overrides_are_typed(tmp_path, data_file):
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "adapter: {type: lora}\n")
+    config = resolve(recipe, ["train.learning_rate=1e-4", "adapter.r=32", "train.bf16=false",
+                              "adapter.target_modules=[q_proj, k_proj]", "data.train.0.weight=2",
+                              "train.report_to=none"]).config
+    assert config["train"] == {"learning_rate": 1e-4, "bf16": False, "report_to": "none"}
+    assert config["adapter"]["r"] == 32 and config["adapter"]["target_modules"] == ["q_proj", "k_proj"]
+    assert config["data"]["train"][0]["weight"] == 2.0
+
+
+def test_a_bad_set_names_itself(tmp_path, data_file):
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file))
+    (message,) = problems(recipe, "train.learing_rate=1")
+    assert message.startswith("--set train.learing_rate=1: unknown key 'learing_rate' in train")
+    assert "did you mean 'learning_rate'" in message
+
+
+def test_env_and_self_interpolation(tmp_path, data_file, monkeypatch):
+    monkeypatch.setenv("RUNS", "/scratch/runs")
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + """\
+name: exp-${model.name}
+output_dir: ${env:RUNS}/${name}
+seed: ${env:SEED_VALUE}
+""")
+    (message,) = problems(recipe)
+    assert message.endswith("r.yaml:9:1: environment variable 'SEED_VALUE' is not set (referenced as ${env:SEED_VALUE})")
+    monkeypatch.setenv("SEED_VALUE", "7")
+    config = resolve(recipe).config
+    assert config["output_dir"] == "/scratch/runs/exp-builtin:tiny"
+    assert config["seed"] == 7  # a lone reference keeps YAML typing of the variable's value
+
+
+def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "train:\n  hub_token: ${env:HF_TOKEN}\n")
+    resolved = resolve(recipe)
+    assert resolved.config["train"]["hub_token"] == "hf_secret_value_123"
+    assert loader.redact(resolved.config, resolved.recipe.secrets)["train"]["hub_token"] == "${env:HF_TOKEN}"
+
+
+def test_every_error_in_one_pass_with_file_line_col(tmp_path, data_file):
+    recipe = write_recipe(tmp_path / "bad.yaml", f"""\
+method: sft
+model:
+  name: builtin:tiny
+  dtype: bf16
+  attn: sdpa
+adapter:
+  type: lorra
+data:
+  train:
+    - path: {data_file}
+      weight: heavy
+train:
+  learing_rate: 1.0e-4
+  num_train_epochs: many
+  seed: 1
+""")
+    found = problems(recipe)
+    expected = [
+        "bad.yaml:4:3: `model.dtype` must be one of: 'auto', 'bfloat16', 'float16', 'float32'; got 'bf16' "
+        "(did you mean 'bfloat16'?)",
+        "bad.yaml:5:3: unknown key 'attn' in model",
+        "bad.yaml:7:3: `adapter.type` must be one of: lora, dora, rslora; got 'lorra' (did you mean 'lora'?)",
+        "bad.yaml:11:7: `data.train.0.weight` must be a number, got str 'heavy'",
+        "bad.yaml:13:3: unknown key 'learing_rate' in train (did you mean 'learning_rate'?)",
+        "bad.yaml:14:3: `train.num_train_epochs`: expected float, got str 'many'",
+        "bad.yaml:15:3: `train.seed` is managed by llmtune: set the top-level `seed:`",
+    ]
+    assert len(found) == len(expected), found
+    for want in expected:
+        assert any(want in p for p in found), (want, found)
+
+
+def test_yaml_syntax_and_structure_errors(tmp_path):
+    broken = write_recipe(tmp_path / "broken.yaml", "method: sft\nmodel:\n  name: [unclosed\n")
+    (message,) = problems(broken)
+    assert "broken.yaml:4:1: YAML syntax error" in message
+    dup = write_recipe(tmp_path / "dup.yaml", "method: sft\nmethod: sft\n")
+    assert any("dup.yaml:2:1: duplicate key 'method'" in p for p in problems(dup))
+    listy = write_recipe(tmp_path / "list.yaml", "- method: sft\n")
+    assert problems(listy) == [f"{listy}:1:1: a recipe must be a mapping of keys, got list"]
+
+
+def test_missing_sections_and_cross_checks(tmp_path, data_file):
+    recipe = write_recipe(tmp_path / "r.yaml", "method: sft\nmodel: {name: builtin:tiny}\n")
+    assert any("missing required key `data`" in p for p in problems(recipe))
+    qlora_without_adapter = write_recipe(tmp_path / "q.yaml", BASE.format(data=data_file) + "quantization: {bits: 4}\n")
+    (message,) = problems(qlora_without_adapter)
+    assert "q.yaml:7:1: a quantized base cannot be fully fine-tuned; add an `adapter:` section" in message
+
+
+def test_validate_cli_checks_many_files_and_exits_2(tmp_path, data_file):
+    good = write_recipe(tmp_path / "good.yaml", BASE.format(data=data_file))
+    bad = write_recipe(tmp_path / "bad.yaml", BASE.format(data=data_file) + "train: {learning_rat: 1}\n")
+    result = cli("validate", good, bad, "--no-data", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"ok: {good}" in result.stdout
+    assert "error: bad.yaml:7:9: unknown key 'learning_rat' in train (did you mean 'learning_rate'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verb_must_match_the_recipe_method(tmp_path, data_file):
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file).replace("method: sft", "method: dpo"))
+    result = cli("sft", recipe, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "r.yaml:1:1: `method` must be one of: 'sft'; got 'dpo'" in result.stderr
+
+
+SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if not {"base", "launch"} & set(p.relative_to(RECIPES).parts))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_validates(path):
+    # Recipes on Hub models/datasets cannot reach their data offline; their recipe is still checked in full.
+    offline = "builtin:tiny" in path.read_text()
+    result = cli("validate", path, *([] if offline else ["--no-data"]))
+    assert result.returncode == 0, result.stderr
+
+
+def test_overlays_are_partial_recipes():
+    for path in (RECIPES / "base").glob("*.yaml"):
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_help_is_fast_and_imports_no_ml_library():
+    code = ("import sys, time; t = time.perf_counter(); from llmtune.cli import app; import typer.testing;"
+            "r = typer.testing.CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output;"
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules];"
+            "print(heavy, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[]", out
+    assert float(out[-1]) < 0.5
+
+
+def test_recipes_list_show_copy(tmp_path):
+    listing = cli("recipes", "list").stdout
+    assert "quickstart" in listing
+    shown = cli("recipes", "show", "quickstart")
+    assert shown.stdout == (RECIPES / "quickstart.yaml").read_text()
+    copied = cli("recipes", "copy", "quickstart", tmp_path)
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "chat.jsonl").is_file()
+    assert cli("validate", tmp_path / "quickstart.yaml").returncode == 0
+    again = cli("recipes", "copy", "quickstart", tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
