@@ -226,3 +226,11 @@ def test_recipes_list_show_copy(tmp_path):
     assert cli("validate", tmp_path / "quickstart.yaml").returncode == 0
     again = cli("recipes", "copy", "quickstart", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_readme_reference_matches_the_schema():
+    from llmtune.recipe.reference import render
+
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = readme.split("<!-- reference:start -->\n")[1].split("<!-- reference:end -->")[0]
+    assert block == render(), "README.md is stale: paste `python -m llmtune.recipe.reference` between the markers"

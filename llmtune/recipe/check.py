@@ -97,6 +97,14 @@ def _cross_checks(check: Checker, config: dict) -> None:
     if quant is not None and config.get("adapter") is None:
         check.error(("quantization",), "a quantized base cannot be fully fine-tuned; add an `adapter:` section "
                     "(e.g. `adapter: {type: lora, r: 16}`) for QLoRA, or remove `quantization:`")
+    template = (config.get("model") or {}).get("chat_template")
+    if template:
+        from ..model import read_chat_template
+
+        try:
+            read_chat_template(template)
+        except UserError as err:
+            check.error(("model", "chat_template"), err.problems[0].removeprefix("model.chat_template: "))
     data = config.get("data") or {}
     if isinstance(data.get("eval"), float) and not 0 <= data["eval"] < 1:
         check.error(("data", "eval"), f"`data.eval` as a fraction must be in [0, 1); got {data['eval']}")

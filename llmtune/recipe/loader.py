@@ -162,7 +162,7 @@ def _load_tree(path: Path, chain: tuple, problems: list) -> tuple[dict, dict]:
     if not isinstance(data, dict):
         problems.append(f"{_display(path)}:1:1: a recipe must be a mapping of keys, got {type(data).__name__}")
         return {}, {}
-    _absolutize_data_paths(data, path.parent)
+    _absolutize_paths(data, path.parent)
     parents = data.pop("extends", None)
     if parents is None:
         return data, locs
@@ -189,8 +189,12 @@ def _load_tree(path: Path, chain: tuple, problems: list) -> tuple[dict, dict]:
     return _merge(merged, merged_locs, data, locs), merged_locs
 
 
-def _absolutize_data_paths(data: dict, here: Path) -> None:
-    """Data paths are relative to the file that names them, so overlays can live anywhere."""
+def _absolutize_paths(data: dict, here: Path) -> None:
+    """Data and template paths are relative to the file that names them, so overlays can live anywhere."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("chat_template"), str) and \
+            model["chat_template"].endswith((".jinja", ".j2")):
+        model["chat_template"] = str((here / os.path.expanduser(model["chat_template"])).resolve())
     section = data.get("data")
     if not isinstance(section, dict):
         return

@@ -24,7 +24,7 @@ def opt(default=MISSING, help: str = "", factory=MISSING):
 
 @dataclass
 class ModelSection:
-    name: str = opt(help="Hub id (`Qwen/Qwen2.5-0.5B`), a local folder, a run directory, or `builtin:tiny`.")
+    name: str = opt(help="Hub id (`Qwen/Qwen2.5-0.5B`), a local model folder, or `builtin:tiny`.")
     revision: Union[str, None] = opt(None, help="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
         "auto", help="Weights dtype; `auto` = the checkpoint's own (float32 for builtin:tiny).")
@@ -32,7 +32,8 @@ class ModelSection:
                                        "flex_attention"], None] = opt(
         None, help="Attention kernel; null = transformers' default for the model.")
     chat_template: Union[str, None] = opt(
-        None, help="null = the tokenizer's own; a named template (chatml, llama3, ...) or a `.jinja` file path.")
+        None, help="null = the tokenizer's own; a `.jinja` file, or a template TRL ships, by name "
+        "(llama3, qwen2_5, phi3, gemma, ...).")
     trust_remote_code: bool = opt(False, help="Run Python code shipped with a Hub model. Off unless you set it.")
 
 
@@ -83,7 +84,7 @@ class RecipeSection:
     method: Literal["sft"] = opt(help="Training method; the verb (`llmtune sft`) must match it.")
     model: ModelSection = opt(help="The base model.")
     data: DataSection = opt(help="Training and evaluation data.")
-    name: str = opt(help="Run name; defaults to the recipe file's name. Usable as `${name}`.")
+    name: str = opt(help="Run name, usable as `${name}`; defaults to the recipe file's name.")
     quantization: Union[QuantizationSection, None] = opt(None, help="bitsandbytes quantization; omitted = none.")
     adapter: Union[dict, None] = opt(
         None, help=f"PEFT adapter: `type:` ({', '.join(ADAPTER_TYPES)}) plus any `peft.LoraConfig` field "

@@ -1,0 +1,36 @@
+"""The recipe reference in README.md, rendered from the schema's own help text.
+
+`python -m llmtune.recipe.reference` prints it; a test keeps README.md in step.
+"""
+
+import typing
+from dataclasses import MISSING, fields
+
+from .schema import DataSection, ModelSection, QuantizationSection, RecipeSection, SourceSection, _type_name
+
+
+def _default(f) -> str:
+    if f.default is not MISSING:
+        return "null" if f.default is None else f"`{f.default}`"
+    if f.default_factory is not MISSING:
+        return f"`{f.default_factory()}`"
+    return "required"
+
+
+def table(cls, prefix: str) -> str:
+    hints = typing.get_type_hints(cls)
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields(cls):
+        kind = _type_name(hints[f.name]).replace("|", "\\|")
+        rows.append(f"| `{prefix}{f.name}` | {kind} | {_default(f)} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def render() -> str:
+    parts = [table(RecipeSection, ""), table(ModelSection, "model."), table(QuantizationSection, "quantization."),
+             table(DataSection, "data."), table(SourceSection, "data.train[].")]
+    return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
