@@ -238,6 +238,9 @@ def progress_callback():
     from transformers.trainer_callback import ProgressCallback
 
     class Bar(ProgressCallback):
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # evaluation is short; a second bar would only scroll the first
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)

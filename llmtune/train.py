@@ -37,6 +37,7 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
         "output_dir": str(run_dir),
         "seed": config["seed"],
         "report_to": "none",  # no telemetry or trackers unless the recipe names one
+        "disable_tqdm": False,  # transformers ties the bar to its log level, which quiet() lowers
         # Mixed precision only where the hardware has it; TRL would turn bf16 on regardless.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         **defaults,
@@ -76,9 +77,10 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         trainer = method.build_trainer(
             args=args, model=model, tokenizer=tokenizer, data=data, peft_config=peft_config(config.get("adapter")),
             callbacks=[metrics_callback(run_dir.path / "metrics.jsonl")])
-        from transformers.trainer_callback import ProgressCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
             trainer.add_callback(progress_callback())
         result = trainer.train()
@@ -89,6 +91,8 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         if logged:
             metrics.update(first_loss=logged[0], last_loss=logged[-1])
         trainer.save_model(str(run_dir.path))
+        # A pickle of the arguments: not loadable without llmtune's exact versions, and recipe.yaml says it all.
+        (run_dir.path / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(run_dir.path))
         plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
         run_dir.write_card(metrics, data)

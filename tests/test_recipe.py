@@ -113,11 +113,13 @@ seed: ${env:SEED_VALUE}
 
 
 def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "train:\n  hub_token: ${env:HF_TOKEN}\n")
+    monkeypatch.setenv("MY_API_KEY", "secret_value_123")
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
-    assert resolved.config["train"]["hub_token"] == "hf_secret_value_123"
-    assert loader.redact(resolved.config, resolved.recipe.secrets)["train"]["hub_token"] == "${env:HF_TOKEN}"
+    assert resolved.config["output_dir"] == "runs/secret_value_123"
+    assert loader.redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
+    hub_token = write_recipe(tmp_path / "t.yaml", BASE.format(data=data_file) + "train: {hub_token: x}\n")
+    assert "export HF_TOKEN instead" in problems(hub_token)[0]
 
 
 def test_every_error_in_one_pass_with_file_line_col(tmp_path, data_file):

@@ -19,6 +19,7 @@ TRAIN_OWNED = {
     "model_init_kwargs": "set the `model:` section",
     "trust_remote_code": "set `model.trust_remote_code:`",
     "chat_template_path": "set `model.chat_template:`",
+    "hub_token": "export HF_TOKEN instead; tokens never belong in a recipe",
 }
 
 

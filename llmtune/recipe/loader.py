@@ -20,6 +20,24 @@ SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNO
 _REF = re.compile(r"\$\{([^}]*)\}")
 
 
+class Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 scalars: `no`/`off` stay strings (`eval_strategy: no`), `1e-4` is a float."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Loader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^[-+]?(?:[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+
+
+def parse_scalar(text: str):
+    return yaml.load(text, Loader=Loader)
+
+
 @dataclass
 class Loc:
     file: str
@@ -70,7 +88,7 @@ def _read_yaml(path: Path, problems: list) -> tuple[object, dict]:
     shown = _display(path)
     try:
         text = path.read_text(encoding="utf-8")
-        loader = yaml.SafeLoader(text)
+        loader = Loader(text)
         try:
             node = loader.get_single_node()
         finally:
@@ -215,21 +233,11 @@ def parse_set(item: str) -> tuple[tuple, object]:
     if not sep or not key.strip():
         raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_scalar(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise UserError(f"--set {item}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
-    if isinstance(value, str):
-        value = _number(value)
     path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
     return path, value
-
-
-def _number(text: str):
-    """PyYAML reads `1e-4` as a string (YAML 1.1); users mean a number."""
-    try:
-        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else text
-    except ValueError:
-        return text
 
 
 def _apply_set(data: dict, locs: dict, item: str, problems: list) -> None:
@@ -305,7 +313,7 @@ def _interpolate(data: dict, locs: dict, secrets: dict, problems: list) -> dict:
 def _scalar(text: str):
     """An environment value read as a YAML scalar: '7' -> 7, 'true' -> True, else the string."""
     try:
-        value = yaml.safe_load(text)
+        value = parse_scalar(text)
     except yaml.YAMLError:
         return text
     return value if isinstance(value, (int, float, bool)) else text

@@ -1,0 +1,267 @@
+"""Data formats: detection from column names, row validation, conversion to TRL's shapes.
+
+Each format turns a row into the columns of one TRL dataset shape and nothing else, so
+sources that end in the same shape can be concatenated. A shape is named after TRL's
+dataset types ("language_modeling", "prompt_completion", "preference",
+"unpaired_preference", "prompt_only"), prefixed with "conversational_" when its values are
+lists of ``{role, content}`` messages rather than plain strings.
+
+A converter checks everything it can in a row and appends each problem to ``bad`` (the
+caller adds the row's location); it only has to return something sensible when ``bad``
+stays empty.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from llmtune.data.sources import json_type
+
+# Roles TRL's chat templates understand; `messages` rows must use exactly these.
+ROLES = {role: role for role in ("system", "user", "assistant", "tool")}
+
+# ShareGPT speaker names (plus the function-calling ones LLaMA-Factory's variant uses),
+# mapped onto the roles above.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+
+
+def _text(row, key, bad, *, optional=False):
+    """A non-empty string column; None counts as missing because Parquet and Hub tables
+    fill a row's absent fields with null."""
+    value = row.get(key)
+    if value is None:
+        if not optional:
+            bad.append(f"missing '{key}'")
+    elif not isinstance(value, str):
+        bad.append(f"'{key}' must be a string, got {json_type(value)}")
+    elif not value.strip() and not optional:
+        bad.append(f"'{key}' is empty")
+    else:
+        return value
+    return ""
+
+
+def _chat(value, field, bad, *, roles=ROLES, keys=("role", "content")):
+    """A non-empty list of turns, returned as [{role, content}] with roles mapped through `roles`."""
+    role_key, content_key = keys
+    if not isinstance(value, list):
+        bad.append(f"'{field}' must be a list of {{{role_key}, {content_key}}}, got {json_type(value)}")
+        return []
+    if not value:
+        bad.append(f"'{field}' is empty")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            bad.append(f"{field}[{i}] must be an object {{{role_key}, {content_key}}}, got {json_type(turn)}")
+            continue
+        role, content = turn.get(role_key), turn.get(content_key)
+        if role is None:
+            bad.append(f"{field}[{i}] has no '{role_key}'")
+        elif role not in roles:
+            bad.append(f"unknown role {role!r} in {field}[{i}]; expected one of: {', '.join(roles)}")
+        if not isinstance(content, str):
+            bad.append(f"'{content_key}' of {field}[{i}] must be a string, got {json_type(content)}")
+        turns.append({"role": roles.get(role), "content": content})
+    return turns
+
+
+def _conversation(row, field, bad, **chat_options):
+    """A whole conversation to train on: without an assistant turn there is nothing to learn."""
+    if row.get(field) is None:
+        bad.append(f"missing '{field}'")
+        return []
+    turns = _chat(row[field], field, bad, **chat_options)
+    if turns and not any(turn["role"] == "assistant" for turn in turns):
+        bad.append("conversation has no assistant turn")
+    return turns
+
+
+def _text_or_chat(row, fields, bad):
+    """Columns that hold either plain strings or message lists, the same kind in all of them."""
+    values = {}
+    for field in fields:
+        value = row.get(field)
+        values[field] = _chat(value, field, bad) if isinstance(value, list) else _text(row, field, bad)
+    kinds = {isinstance(row[field], list) for field in fields if row.get(field) is not None}
+    if len(kinds) > 1:
+        named = " and ".join(f"'{field}'" for field in fields)
+        bad.append(f"{named} must be all strings or all message lists")
+    return values
+
+
+def _messages(row, bad):
+    return {"messages": _conversation(row, "messages", bad)}
+
+
+def _sharegpt(row, bad):
+    return {"messages": _conversation(row, "conversations", bad, roles=SHAREGPT_ROLES, keys=("from", "value"))}
+
+
+def _alpaca(row, bad):
+    instruction = _text(row, "instruction", bad)
+    extra_input = _text(row, "input", bad, optional=True)
+    system = _text(row, "system", bad, optional=True)
+    output = _text(row, "output", bad)
+    user = f"{instruction}\n\n{extra_input}" if extra_input else instruction
+    prompt = [{"role": "system", "content": system}] if system else []
+    prompt.append({"role": "user", "content": user})
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}
+
+
+def _prompt_completion(row, bad):
+    return _text_or_chat(row, ("prompt", "completion"), bad)
+
+
+def _text_row(row, bad):
+    return {"text": _text(row, "text", bad)}
+
+
+def _preference(row, bad):
+    # Without a prompt column the prompt is implicit in chosen/rejected; TRL's trainers
+    # extract it themselves, so both layouts pass through.
+    fields = ("prompt", "chosen", "rejected") if row.get("prompt") is not None else ("chosen", "rejected")
+    values = _text_or_chat(row, fields, bad)
+    if not bad and values["chosen"] == values["rejected"]:
+        bad.append("'chosen' and 'rejected' are identical")
+    return values
+
+
+def _kto(row, bad):
+    values = _text_or_chat(row, ("prompt", "completion"), bad)
+    label = row.get("label")
+    if label is None:
+        bad.append("missing 'label'")
+    elif not isinstance(label, bool):
+        bad.append(f"'label' must be true or false, got {label!r}")
+    return {**values, "label": label}
+
+
+def _prompt(row, bad):
+    return _text_or_chat(row, ("prompt",), bad)
+
+
+@dataclass(frozen=True)
+class Format:
+    needs: tuple[str, ...]  # columns that identify the format; every row must have them
+    shape: str  # TRL shape, without the "conversational_" prefix
+    convert: Callable[[dict, list], dict]
+    optional: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()  # columns that mean the data is another format
+
+
+# In detection order: the first format whose columns are all present wins.
+_FORMATS = {
+    "messages": Format(("messages",), "language_modeling", _messages),
+    "sharegpt": Format(("conversations",), "language_modeling", _sharegpt),
+    "alpaca": Format(("instruction", "output"), "prompt_completion", _alpaca, optional=("input", "system")),
+    "prompt_completion": Format(("prompt", "completion"), "prompt_completion", _prompt_completion, excludes=("label",)),
+    "text": Format(("text",), "language_modeling", _text_row),
+    "preference": Format(("chosen", "rejected"), "preference", _preference, optional=("prompt",)),
+    "kto": Format(("prompt", "completion", "label"), "unpaired_preference", _kto),
+    # A prompt next to half a pair or triple is broken preference/KTO data, not prompts.
+    "prompt": Format(("prompt",), "prompt_only", _prompt, excludes=("completion", "chosen", "rejected", "label")),
+}
+
+FORMATS = tuple(_FORMATS)
+
+_SFT = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+_PAIRED = ("preference",)
+_PROMPTS = ("prompt",)
+METHOD_FORMATS = {
+    "sft": _SFT,
+    "dpo": _PAIRED,
+    "orpo": _PAIRED,
+    "reward": _PAIRED,
+    "kto": ("kto", "preference"),  # KTOTrainer unpairs preference data itself
+    "ppo": _PROMPTS,
+    "grpo": _PROMPTS,
+    "rloo": _PROMPTS,
+}
+
+
+def _quoted(columns):
+    return ", ".join(f"'{column}'" for column in columns)
+
+
+def detect(columns):
+    """The format of rows with these columns and why, or None when none fits."""
+    present = set(columns)
+    for name, fmt in _FORMATS.items():
+        if present.issuperset(fmt.needs) and not present.intersection(fmt.excludes):
+            plural = "s" if len(fmt.needs) > 1 else ""
+            return name, f"column{plural} {_quoted(fmt.needs)} found"
+    return None
+
+
+def describe_formats():
+    """One line per format with the columns it needs, for a 'matches no format' error."""
+    lines = []
+    for name, fmt in _FORMATS.items():
+        optional = f" (optional: {', '.join(fmt.optional)})" if fmt.optional else ""
+        lines.append(f"  {name}: {', '.join(fmt.needs)}{optional}")
+    return "\n".join(lines)
+
+
+def missing_columns(fmt, columns):
+    return [column for column in _FORMATS[fmt].needs if column not in columns]
+
+
+def describe_kind(kind):
+    shape, columns = kind
+    return f"{shape} ({', '.join(columns)})"
+
+
+def convert(rows, fmt):
+    """Validate and convert located rows to `fmt`'s shape.
+
+    Returns the converted rows, their kind ``(shape, columns)`` and the problems found,
+    each prefixed with its row's location. All rows of one source must share a kind.
+    """
+    spec = _FORMATS[fmt]
+    converted, problems = [], []
+    first = None  # (kind, where) of the first good row
+    for where, row in rows:
+        bad = []
+        out = spec.convert(row, bad)
+        if not bad:
+            conversational = any(isinstance(value, list) for value in out.values())
+            kind = (("conversational_" if conversational else "") + spec.shape, tuple(out))
+            if first is None:
+                first = (kind, where)
+            elif kind != first[0]:
+                bad.append(
+                    f"row is {describe_kind(kind)} but {first[1]} is {describe_kind(first[0])}; "
+                    "one source must hold one kind of row"
+                )
+        problems += [f"{where}: {problem}" for problem in bad]
+        if not bad:
+            converted.append(out)
+    return converted, first[0] if first else None, problems
+
+
+# Chat data may mix whole conversations with conversational prompt-completion rows
+# (alpaca): the latter then become conversations too, prompt turns followed by completion.
+_MESSAGES = ("conversational_language_modeling", ("messages",))
+_CHAT_PAIRS = ("conversational_prompt_completion", ("prompt", "completion"))
+
+
+def common_kind(kinds):
+    """The kind every source can be brought to, or None when they cannot be mixed."""
+    distinct = set(kinds)
+    if distinct == {_MESSAGES, _CHAT_PAIRS}:
+        return _MESSAGES
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def to_kind(rows, kind, target):
+    if kind == _CHAT_PAIRS and target == _MESSAGES:
+        return [{"messages": row["prompt"] + row["completion"]} for row in rows]
+    return rows

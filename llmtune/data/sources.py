@@ -1,0 +1,184 @@
+"""Reading a data source: a local file, folder or glob, or a Hugging Face Hub dataset.
+
+Every row comes back with where it was found, so that a problem found later can point at
+it: ``FILE:LINE`` for JSON Lines and CSV (the CSV header is line 1), ``FILE: row N`` for
+JSON and Parquet, N counting from 0 like ``dataset[N]``. Reading never stops at the first
+bad line: every problem in the file is collected.
+"""
+
+import csv
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from llmtune.errors import UserError
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+_EXTENSION_LIST = ", ".join(EXTENSIONS)
+
+
+@dataclass
+class Read:
+    rows: list  # (where, row dict) pairs
+    problems: list
+    files: list  # local files read, as the user would name them
+    sha256: str | None = None
+    revision: str | None = None
+
+
+def json_type(value):
+    """A value's type in JSON's words, since that is what users write their data in."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def read_source(path, *, name, split, revision, where):
+    """All rows of one source.
+
+    Problems with the path itself, such as a file not found, are raised prefixed with
+    `where`, the recipe location of `path`; problems with the data are returned.
+    """
+    files = _local_files(path, where)
+    if files is None:
+        return _read_hub(path, name, split, revision, where)
+    rows, problems = [], []
+    for shown, real in files:
+        reader = _READERS[os.path.splitext(real)[1].lower()]
+        try:
+            file_rows, file_problems = reader(real, shown) if os.path.getsize(real) else ([], [])
+        except (UnicodeDecodeError, csv.Error) as error:
+            file_rows, file_problems = [], [f"{shown}: cannot read the file: {error}"]
+        if not file_rows and not file_problems:
+            file_problems = [f"{shown}: file has no rows"]
+        rows += file_rows
+        problems += file_problems
+    return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
+
+
+def _supported(file_name):
+    return os.path.splitext(file_name)[1].lower() in EXTENSIONS
+
+
+def _local_files(path, where):
+    """(shown, real) paths of the files a local source names, or None for a Hub dataset id."""
+    real = os.path.expanduser(path)
+    if os.path.isdir(real):
+        names = sorted(n for n in os.listdir(real) if _supported(n) and os.path.isfile(os.path.join(real, n)))
+        if not names:
+            raise UserError(f"{where}: folder '{path}' has no {_EXTENSION_LIST} files")
+        return [(os.path.join(path, n), os.path.join(real, n)) for n in names]
+    if os.path.isfile(real):
+        if not _supported(real):
+            raise UserError(f"{where}: cannot read '{path}': data files must be {_EXTENSION_LIST}")
+        return [(path, real)]
+    if any(char in path for char in "*?["):
+        matches = sorted(m for m in glob.glob(real, recursive=True) if _supported(m) and os.path.isfile(m))
+        if not matches:
+            raise UserError(f"{where}: no {_EXTENSION_LIST} files match '{path}'")
+        return [(m, m) for m in matches]
+    if path.startswith((".", "/", "~")) or _supported(path):
+        raise UserError(f"{where}: data file '{path}' not found")
+    return None
+
+
+def _sha256(paths):
+    """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _invalid_json(where, error):
+    return f"{where}: invalid JSON: {error.msg} (column {error.colno})"
+
+
+def _add_object(rows, problems, where, value):
+    if isinstance(value, dict):
+        rows.append((where, value))
+    else:
+        problems.append(f"{where}: expected a JSON object, got {json_type(value)}")
+
+
+def _read_jsonl(real, shown):
+    rows, problems = [], []
+    with open(real, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                problems.append(_invalid_json(f"{shown}:{number}", error))
+                continue
+            _add_object(rows, problems, f"{shown}:{number}", value)
+    return rows, problems
+
+
+def _read_json(real, shown):
+    with open(real, encoding="utf-8-sig") as f:
+        text = f.read()
+    if not text.strip():
+        return [], []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        return [], [_invalid_json(f"{shown}:{error.lineno}", error)]
+    if not isinstance(data, list):
+        return [], [f"{shown}: expected a JSON array of objects, got {json_type(data)} (one object per line is .jsonl)"]
+    rows, problems = [], []
+    for index, value in enumerate(data):
+        _add_object(rows, problems, f"{shown}: row {index}", value)
+    return rows, problems
+
+
+def _read_csv(real, shown):
+    rows, problems = [], []
+    with open(real, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        line = reader.line_num  # a record, the header included, may span several lines
+        for record in reader:
+            where, line = f"{shown}:{line + 1}", reader.line_num
+            if not record:  # a blank line
+                continue
+            if len(record) != len(header):
+                problems.append(f"{where}: {len(record)} fields, but the header has {len(header)}")
+                continue
+            rows.append((where, dict(zip(header, record))))
+    return rows, problems
+
+
+def _read_parquet(real, shown):
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(real)
+    except pyarrow.ArrowException as error:
+        return [], [f"{shown}: not a readable Parquet file: {error}"]
+    return [(f"{shown}: row {index}", row) for index, row in enumerate(table.to_pylist())], []
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _read_hub(path, name, split, revision, where):
+    """A Hub dataset, pinned to the commit the revision resolves to, so the run records
+    exactly what it trained on."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    try:
+        commit = HfApi().dataset_info(path, revision=revision).sha
+        table = datasets.load_dataset(path, name, split=split, revision=commit)
+    except (OSError, ValueError) as error:  # unknown id, split or config, no network, no access
+        raise UserError(f"{where}: cannot load Hub dataset '{path}': {error}") from error
+    if not len(table):
+        raise UserError(f"{where}: split '{split}' of Hub dataset '{path}' has no rows")
+    rows = [(f"{path}: row {index}", row) for index, row in enumerate(table.to_list())]
+    return Read(rows, [], [], revision=commit)

@@ -1,0 +1,223 @@
+"""SFT end to end on the builtin tiny model: training, masks, run directory, reload."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtune.recipe.check import resolve
+from llmtune.train import run
+
+from .conftest import RECIPES, cli, write_jsonl, write_recipe
+
+CHAT = RECIPES / "data" / "chat.jsonl"
+SECRET = "hf_do_not_leak_4242"
+
+RECIPE = """\
+method: sft
+model: {{name: "builtin:tiny", dtype: float32}}
+{extra}
+data:
+  train:
+    - path: {data}
+  eval: {eval}
+  max_length: 128
+train:
+  learning_rate: {lr}
+  max_steps: {steps}
+  per_device_train_batch_size: 8
+  gradient_checkpointing: false
+  logging_steps: 2
+  save_strategy: "no"
+  disable_tqdm: true
+"""
+LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+
+
+def train(tmp_path, name="run", extra=LORA, data=CHAT, steps=20, lr=3e-3, eval_=0.0, sets=()):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(extra=extra, data=data, steps=steps, lr=lr,
+                                                                 eval=eval_))
+    out = tmp_path / "runs" / name
+    metrics = run(resolve(recipe, sets), ["llmtune", "sft", str(recipe)], output_dir=str(out))
+    return out, metrics
+
+
+def base_weights():
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.model import builtin_path
+
+    return AutoModelForCausalLM.from_pretrained(builtin_path("tiny")).state_dict()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, llmtune_cache):
+    tmp = tmp_path_factory.mktemp("lora")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", SECRET)
+        return train(tmp, eval_=0.1, sets=["train.eval_steps=10"])
+
+
+def test_lora_loss_falls_and_only_adapter_weights_change(lora_run):
+    out, metrics = lora_run
+    assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
+    assert not any("lora" not in k for k in adapter)  # the base is not saved again
+
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    base = base_weights()
+    for name, tensor in model.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in base:
+            assert torch.equal(tensor, base[key]), name
+
+
+def test_run_directory_is_complete_and_reloads_and_generates(lora_run):
+    out, metrics = lora_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "recipe.yaml", "manifest.json", "README.md", "metrics.jsonl", "loss.png", "train.log"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["method"] == "sft"
+    assert {"llmtune", "torch", "transformers", "trl", "peft"} <= set(manifest["packages"])
+    assert manifest["data"][0]["sha256"] and manifest["data"][0]["rows"] == 240
+    assert manifest["started"] <= manifest["finished"]
+    assert math.isclose(manifest["metrics"]["last_loss"], metrics["last_loss"])
+    assert "eval_loss" in manifest["metrics"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == list(range(2, 21, 2))
+    assert any("eval_loss" in s for s in steps)
+    card = (out / "README.md").read_text()
+    assert "AutoPeftModelForCausalLM" in card and "builtin:tiny" in card and "chat.jsonl" in card
+
+    for path in out.rglob("*"):  # the token was in the environment during training
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "{% generation %}" in tokenizer.chat_template  # the training template travels with the model
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
+    out, metrics = lora_run
+    again = tmp_path / "again"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", SECRET)
+        rerun = run(resolve(out / "recipe.yaml"), ["llmtune"], output_dir=str(again))
+    def losses(folder):
+        return [s["loss"] for s in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in s]
+
+    assert len(losses(out)) == 10
+    assert losses(again) == pytest.approx(losses(out), rel=1e-4)
+    assert rerun["last_loss"] == pytest.approx(metrics["last_loss"], rel=1e-4)
+
+
+def test_qlora_trains_4bit_base_on_cpu(tmp_path):
+    from llmtune import model as model_module
+
+    seen = {}
+    original = model_module.load_model
+
+    def spy(config):
+        loaded = original(config)
+        import bitsandbytes as bnb
+
+        seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
+        return loaded
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "load_model", spy)
+        out, metrics = train(tmp_path, extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}", steps=16)
+    assert seen["4bit"] == 14  # 7 linear layers x 2 blocks; lm_head stays full precision
+    assert metrics["last_loss"] < 0.9 * metrics["first_loss"], metrics
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
+    out, metrics = train(tmp_path, extra="", steps=12, lr=1e-3)
+    assert metrics["last_loss"] < metrics["first_loss"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = base_weights()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base[k])]
+    assert len(changed) == len(base)
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_dora_and_rslora_adapters(tmp_path):
+    for kind in ("dora", "rslora"):
+        out, metrics = train(tmp_path, name=kind, extra=f"adapter: {{type: {kind}, r: 4}}", steps=6)
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["use_dora"] is (kind == "dora") and config["use_rslora"] is (kind == "rslora")
+        assert metrics["last_loss"] < metrics["first_loss"]
+
+
+FORMATS = {
+    "messages": ({"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi!"}]},
+                 "hi!<|end|>"),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi!"}]},
+                 "hi!<|end|>"),
+    "alpaca": ({"instruction": "Say", "input": "hi", "output": "hi!"}, "hi!<|end|>\n"),
+    "prompt_completion": ({"prompt": "Say hi:", "completion": " hi!"}, " hi!<|end|>"),
+    "text": ({"text": "hi there"}, "hi there<|end|>"),  # <s> is never a label: nothing precedes it
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
+    row, trained = FORMATS[fmt]
+    data = write_jsonl(tmp_path / f"{fmt}.jsonl", [row] * 16)
+    out, metrics = train(tmp_path, data=data, steps=6)
+    assert metrics["last_loss"] < metrics["first_loss"]
+
+    # The trainer's own collated batch: the tokens whose label is not -100 are exactly `trained`.
+    from llmtune.data import load_data
+    from llmtune.methods import sft
+    from llmtune.model import load_model, load_tokenizer
+    from llmtune.train import training_args
+
+    resolved = resolve(tmp_path / "run.yaml")
+    prepared = load_data(resolved.config["data"], method="sft", seed=0)
+    tokenizer = load_tokenizer(resolved.config["model"])
+    args = training_args(resolved, tmp_path / "scratch", sft.defaults(resolved.config, prepared))
+    trainer = sft.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=prepared,
+                                peft_config=None, callbacks=[])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0]
+    assert tokenizer.decode(labels[labels != -100]) == trained
+
+
+def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path):
+    lines = [json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})] * 40
+    lines[36] = '{"messages": [oops'
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data="broken.jsonl", steps=2, lr=1e-3,
+                                                             eval=0.0))
+    result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "broken.jsonl:37: invalid JSON" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_finished_run_directory(lora_run, tmp_path):
+    out, _ = lora_run
+    result = cli("sft", RECIPES / "quickstart.yaml", "--output-dir", out)
+    assert result.returncode == 2 and "holds a finished run" in result.stderr and "--overwrite" in result.stderr
