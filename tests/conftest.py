@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Two cores, and tests (and the processes they start) run side by side: one thread each avoids
+# OpenMP oversubscription, which slows tiny-model training by orders of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 
