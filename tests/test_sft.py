@@ -181,6 +181,22 @@ FORMATS = {
 }
 
 
+def sft_trainer(recipe, sets=()):
+    """The SFTTrainer llmtune builds for a recipe, without training."""
+    from llmtune.data import load_data
+    from llmtune.methods import sft
+    from llmtune.model import load_model, load_tokenizer
+    from llmtune.train import training_args
+
+    resolved = resolve(recipe, sets)
+    prepared = load_data(resolved.config["data"], method="sft", seed=0)
+    tokenizer = load_tokenizer(resolved.config["model"])
+    args = training_args(resolved, recipe.parent / "scratch", sft.defaults(resolved.config, prepared))
+    trainer = sft.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=prepared,
+                                peft_config=None, callbacks=[])
+    return trainer, tokenizer
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     row, trained = FORMATS[fmt]
@@ -189,32 +205,57 @@ def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     assert metrics["last_loss"] < metrics["first_loss"]
 
     # The trainer's own collated batch: the tokens whose label is not -100 are exactly `trained`.
-    from llmtune.data import load_data
-    from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
-    from llmtune.train import training_args
-
-    resolved = resolve(tmp_path / "run.yaml")
-    prepared = load_data(resolved.config["data"], method="sft", seed=0)
-    tokenizer = load_tokenizer(resolved.config["model"])
-    args = training_args(resolved, tmp_path / "scratch", sft.defaults(resolved.config, prepared))
-    trainer = sft.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=prepared,
-                                peft_config=None, callbacks=[])
+    trainer, tokenizer = sft_trainer(tmp_path / "run.yaml")
     batch = trainer.data_collator([trainer.train_dataset[0]])
     labels = batch["labels"][0]
     assert tokenizer.decode(labels[labels != -100]) == trained
 
 
-def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path):
-    lines = [json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})] * 40
-    lines[36] = '{"messages": [oops'
+def test_packing_keeps_rows_apart_and_masks_each(tmp_path):
+    recipe = write_recipe(tmp_path / "p.yaml", RECIPE.format(extra=LORA, data=CHAT, steps=6, lr=3e-3, eval=0.0))
+    trainer, tokenizer = sft_trainer(recipe, ["data.packing=true", "data.max_length=256"])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    starts = (batch["position_ids"][0] == 0).sum().item()
+    assert starts >= 2  # several conversations share one packed row...
+    labels = batch["labels"][0]
+    trained = tokenizer.decode(labels[labels != -100])
+    assert trained.count("<|end|>") >= starts and "<|user|>" not in trained  # ...and each is masked on its own
+    out, metrics = train(tmp_path, name="packed", sets=["data.packing=true"], steps=8)
+    assert metrics["last_loss"] < metrics["first_loss"]
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+BAD_DATA = {
+    "broken JSON": ('{"messages": [oops', "broken.jsonl:37: invalid JSON"),
+    "unknown role": (json.dumps({"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+                     "broken.jsonl:37: unknown role 'bot'"),
+    "no assistant turn": (json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+                          "broken.jsonl:37: conversation has no assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path, case):
+    line, message = BAD_DATA[case]
+    lines = [GOOD] * 40
+    lines[36] = line
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data="broken.jsonl", steps=2, lr=1e-3,
                                                              eval=0.0))
     result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2
-    assert "broken.jsonl:37: invalid JSON" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_columns_matching_no_format_and_empty_files(tmp_path):
+    write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    (tmp_path / "empty.jsonl").write_text("")
+    for name, message in (("odd.jsonl", "question, answer"), ("empty.jsonl", "empty")):
+        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data=name, steps=2, lr=1e-3, eval=0.0))
+        result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
+        assert result.returncode == 2 and name in result.stderr and message in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_a_finished_run_directory(lora_run, tmp_path):

@@ -12,7 +12,10 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal, Union
 
-REQUIRED = MISSING
+from ..methods import METHODS
+
+# The verb table is the one list of methods; the schema takes its names from there.
+MethodName = Literal[tuple(METHODS)]
 
 
 def opt(default=MISSING, help: str = "", factory=MISSING):
@@ -81,7 +84,7 @@ class DataSection:
 
 @dataclass
 class RecipeSection:
-    method: Literal["sft"] = opt(help="Training method; the verb (`llmtune sft`) must match it.")
+    method: MethodName = opt(help="Training method; the verb (`llmtune sft`) must match it.")
     model: ModelSection = opt(help="The base model.")
     data: DataSection = opt(help="Training and evaluation data.")
     name: str = opt(help="Run name, usable as `${name}`; defaults to the recipe file's name.")
