@@ -12,7 +12,7 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 import random
 from dataclasses import dataclass
 
-from llmtune.data import mix
+from llmtune.data import cache, mix
 from llmtune.data.formats import (
     FORMATS,
     METHOD_FORMATS,
@@ -71,6 +71,13 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe"):
     (``recipe.yaml:14:11``); it prefixes problems about the recipe rather than a data row.
     The result depends only on the data and `seed`.
     """
+    cache_key = cache.key(data, method, seed)
+    hit = cache_key and cache.load(cache_key)
+    if hit:
+        train_set, eval_set, meta = hit
+        sources = [SourceReport(**report) for report in meta["sources"]]
+        return PreparedData(train_set, eval_set, meta["shape"], sources, meta["warnings"])
+
     problems = []
     train = _load_sources(data["train"], ("data", "train"), method, locate, problems)
     eval_spec = data.get("eval")
@@ -106,13 +113,21 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe"):
         )
     import datasets  # only now: bad data is reported without paying for this import
 
-    return PreparedData(
+    prepared = PreparedData(
         train=datasets.Dataset.from_list(train_rows),
         eval=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
         shape=kind[0],
         sources=[source.report for source in every],
         warnings=warnings,
     )
+    if cache_key:
+        meta = {"shape": prepared.shape, "sources": [vars(s) for s in prepared.sources], "warnings": warnings}
+        cache.store(cache_key, prepared.train, prepared.eval, meta)
+        # Hand back the on-disk copy: TRL's tokenization of it is then cached for the next run too.
+        stored = cache.load(cache_key)
+        if stored:
+            prepared.train, prepared.eval = stored[0], stored[1]
+    return prepared
 
 
 def _load_sources(specs, key, method, locate, problems):

@@ -57,6 +57,14 @@ def read_source(path, *, name, split, revision, where):
     return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
 
 
+def local_fingerprint(path, where):
+    """sha256 over a local source's file names and bytes, or None for a Hub dataset id."""
+    files = _local_files(path, where)
+    if files is None:
+        return None
+    return _sha256([real for _, real in files]) + ":" + ",".join(shown for shown, _ in files)
+
+
 def _supported(file_name):
     return os.path.splitext(file_name)[1].lower() in EXTENSIONS
 

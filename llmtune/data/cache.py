@@ -1,0 +1,75 @@
+"""A content-addressed cache of prepared data, so a second run skips reading and converting.
+
+The key covers everything the result depends on: the bytes of every local file, the
+recipe's `data:` section, the method, the seed and the cache format. A changed file or
+setting is a new key, never a stale hit (the axolotl cache bugs, LANDSCAPE pain point 14).
+The datasets are saved as Arrow files; loaded back, they are memory-mapped and carry a
+stable fingerprint, so `datasets` also caches TRL's tokenization of them across runs.
+Hub sources are not cached here: `datasets` caches them itself.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from llmtune.data.sources import local_fingerprint
+from llmtune.errors import UserError
+
+VERSION = 1  # bump when conversion changes what a cached dataset holds
+
+
+def key(data, method, seed):
+    """The cache key of a `data:` section, or None when a source is not local."""
+    specs = data["train"] + (data["eval"] if isinstance(data.get("eval"), list) else [])
+    try:
+        digests = [local_fingerprint(spec["path"], "") for spec in specs]
+    except UserError:  # a missing file: the uncached path reports it, with every other problem
+        return None
+    if None in digests:
+        return None
+    recipe = {k: data.get(k) for k in ("train", "eval")}
+    payload = json.dumps([VERSION, method, seed, recipe, digests], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def folder(cache_key):
+    from llmtune.model import cache_dir
+
+    return cache_dir() / "data" / cache_key
+
+
+def load(cache_key):
+    """(train, eval, meta) from the cache, or None on a miss."""
+    where = folder(cache_key)
+    if not (where / "meta.json").is_file():
+        return None
+    import datasets
+
+    meta = json.loads((where / "meta.json").read_text(encoding="utf-8"))
+    train = datasets.load_from_disk(str(where / "train"))
+    evals = datasets.load_from_disk(str(where / "eval")) if (where / "eval").is_dir() else None
+    return train, evals, meta
+
+
+def store(cache_key, train, evals, meta):
+    """Save atomically: a half-written entry is never seen as a hit."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a cache write is not worth a progress bar
+    target = folder(cache_key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if evals is not None:
+            evals.save_to_disk(str(tmp / "eval"))
+        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        if target.exists():  # another run stored the same key first; its copy is identical
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except OSError:  # a full disk or a race with another run: the cache is only an optimisation
+        shutil.rmtree(tmp, ignore_errors=True)
