@@ -38,3 +38,17 @@ def test_bad_data_is_never_cached(tmp_path):
     for _ in range(2):
         with pytest.raises(data_module.UserError, match="no assistant turn"):
             load_data(section(path), method="sft", seed=0)
+
+
+def test_check_data_trusts_a_cache_hit_without_importing_datasets(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [ROW] * 30)
+    load_data(section(path), method="sft", seed=3)
+    code = ("import sys, json; from llmtune.data import check_data; "
+            f"check_data(json.loads({json.dumps(json.dumps(section(path)))}), method='sft', seed=3); "
+            "print('datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -27,7 +27,7 @@ from llmtune.data.formats import (
 from llmtune.data.sources import read_source
 from llmtune.errors import UserError
 
-__all__ = ["FORMATS", "METHOD_FORMATS", "PreparedData", "SourceReport", "load_data"]
+__all__ = ["FORMATS", "METHOD_FORMATS", "PreparedData", "SourceReport", "check_data", "load_data"]
 
 # Below this many training rows, fine-tuning mostly memorises: worth a warning.
 MIN_TRAIN_ROWS = 16
@@ -62,6 +62,13 @@ class _Source:
     rows: list  # converted rows
     kind: tuple  # (shape, columns) of the rows
     weight: float
+
+
+def check_data(data, *, method, seed, locate=lambda path: "recipe"):
+    """Raise UserError if the data has problems; data that a run prepared before is known good."""
+    cache_key = cache.key(data, method, seed)
+    if not (cache_key and cache.has(cache_key)):
+        load_data(data, method=method, seed=seed, locate=locate)
 
 
 def load_data(data, *, method, seed, locate=lambda path: "recipe"):

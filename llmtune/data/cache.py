@@ -41,10 +41,14 @@ def folder(cache_key):
     return cache_dir() / "data" / cache_key
 
 
+def has(cache_key) -> bool:
+    return (folder(cache_key) / "meta.json").is_file()
+
+
 def load(cache_key):
     """(train, eval, meta) from the cache, or None on a miss."""
     where = folder(cache_key)
-    if not (where / "meta.json").is_file():
+    if not has(cache_key):
         return None
     import datasets
 
