@@ -17,20 +17,55 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]})
 recipes_app = typer.Typer(help="Shipped recipes: list, show, copy.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+data_app = typer.Typer(help="Look at training data the way the trainer will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 SET_HELP = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML)."
+# Launch options, shared by the training verbs and `launch`; each but --node-rank sets a `launch:` key.
+NUM_PROCESSES = typer.Option(None, "--num-processes", "--gpus", metavar="N|auto",
+                             help="Processes per machine (sets launch.num_processes); more than one re-runs under "
+                             "`accelerate launch`. Without GPUs, N CPU processes.")
+BACKEND = typer.Option(None, "--backend", metavar="ddp|fsdp|zero1|zero2|zero3|zero3-offload",
+                       help="How processes share the model (sets launch.backend); configs in recipes/launch/.")
+NODES = typer.Option(None, "--nodes", help="Machines taking part (sets launch.nodes); run llmtune on each.")
+NODE_RANK = typer.Option(0, "--node-rank", help="This machine's rank among --nodes (0 = the main one).")
+MAIN_ADDR = typer.Option(None, "--main-addr", help="Address of the node-rank-0 machine (sets launch.main_addr).")
+MAIN_PORT = typer.Option(None, "--main-port", help="Its rendezvous port (sets launch.main_port).")
 
 
-def _fail(problems: list[str], code: int = 2):
-    for problem in problems:
-        typer.echo(f"error: {problem}", err=True)
+RESUME = typer.Option(None, "--resume", metavar="auto|PATH",
+                      help="Continue from the newest complete checkpoint in the output directory (`auto`; a new run "
+                      "when there is none) or from checkpoint folder PATH. The recipe and data must match the "
+                      "checkpoint's.")
+RESUME_FORCE = typer.Option(False, "--resume-force",
+                            help="Resume even though the recipe or data changed since the checkpoint.")
+
+
+def _launch_sets(num_processes, backend, nodes, main_addr, main_port) -> list[str]:
+    given = {"num_processes": num_processes, "backend": backend, "nodes": nodes, "main_addr": main_addr,
+             "main_port": main_port}
+    return [f"launch.{key}={value}" for key, value in given.items() if value is not None]
+
+
+def _fail(problems: list[str], code: int = 2, details: str = ""):
+    from .launch.rank import record_failure
+
+    if not record_failure(problems, code, details):  # a launched process hands its error to the launcher
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        if details:
+            typer.echo(details, err=True)
     raise typer.Exit(code)
 
 
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
-           dry_run: bool) -> None:
+           dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
+           extra_args=(), show: bool = False, always: bool = False) -> None:
+    from .launch import rank
     from .recipe.check import resolve
 
+    if resume_force and resume is None:
+        _fail(["--resume-force goes with --resume auto|PATH"])
     try:
         resolved = resolve(recipe, sets or [], verb=verb)
         if dry_run:
@@ -40,23 +75,43 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
             from .recipe.loader import redact
 
             data = load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                             locate=resolved.locate)
+                             locate=resolved.locate, model=resolved.config["model"])
             typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
             for s in data.sources:
                 typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.rows} rows, {s.used} used")
             return
-        from .run import summarize
+        from .run import read_manifest, summarize
         from .train import TrainingFailed, run
 
-        metrics = run(resolved, sys.argv, output_dir=output_dir, overwrite=overwrite)
+        if not rank.launched():  # many processes: run this command again in each, under accelerate
+            from .launch.launcher import start
+
+            code = start(resolved, verb or "train", str(recipe), sets, output_dir=output_dir, overwrite=overwrite,
+                         resume=resume, resume_force=resume_force, node_rank=node_rank, extra_args=extra_args,
+                         show=show, always=always)
+            if code is not None:
+                if code == 0 and not show and node_rank == 0:
+                    path = Path(output_dir or resolved.config["output_dir"])
+                    summarize(path, read_manifest(path).get("metrics") or {})
+                raise typer.Exit(code)
+        metrics = run(resolved, sys.argv, output_dir=output_dir, overwrite=overwrite, resume=resume,
+                      resume_force=resume_force)
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
-        _fail([f"training failed: {err}", f"full traceback: {err.log}"], code=1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if rank.rank() == 0:
+            _fail([f"training failed: {err}", *([err.hint] if err.hint else []), f"full traceback: {err.log}"],
+                  code=1)
+        import traceback  # only rank 0 writes train.log: another rank's traceback goes with its error
+
+        _fail([f"training failed: {err}", *([err.hint] if err.hint else [])], code=1,
+              details="".join(traceback.format_exception(err.__cause__)))
+    except KeyboardInterrupt as err:
+        if rank.rank() == 0:
+            typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
         raise typer.Exit(130)
-    summarize(Path(output_dir or resolved.config["output_dir"]), metrics)
+    if rank.prints_summary():
+        summarize(Path(output_dir or resolved.config["output_dir"]), metrics)
 
 
 def _method_verb(name: Optional[str], doc: str):
@@ -68,17 +123,43 @@ def _method_verb(name: Optional[str], doc: str):
         output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Write into an output directory that is not empty."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check recipe and data, print the resolved recipe."),
+        resume: Optional[str] = RESUME, resume_force: bool = RESUME_FORCE,
+        num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND,
+        nodes: Optional[int] = NODES, node_rank: int = NODE_RANK, main_addr: Optional[str] = MAIN_ADDR,
+        main_port: Optional[int] = MAIN_PORT,
     ):
-        _train(recipe, set_, name, output_dir, overwrite, dry_run)
+        sets = [*set_, *_launch_sets(num_processes, backend, nodes, main_addr, main_port)]
+        _train(recipe, sets, name, output_dir, overwrite, dry_run, resume=resume, resume_force=resume_force,
+               node_rank=node_rank)
 
     verb.__doc__ = doc
     return verb
 
 
 for _name, _method in METHODS.items():
-    app.command(_name)(_method_verb(_name, _method.summary + (" [experimental in TRL]" if _method.experimental
+    app.command(_name)(_method_verb(_name, _method.summary + (" (experimental in TRL)" if _method.experimental
                                                                 else "")))
 app.command("train")(_method_verb(None, "Train with the method named by the recipe's `method:`."))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an output directory that is not empty."),
+    resume: Optional[str] = RESUME, resume_force: bool = RESUME_FORCE,
+    num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND,
+    nodes: Optional[int] = NODES, node_rank: int = NODE_RANK, main_addr: Optional[str] = MAIN_ADDR,
+    main_port: Optional[int] = MAIN_PORT,
+    show: bool = typer.Option(False, "--print", help="Print the accelerate command and write the config it uses; "
+                              "run nothing."),
+):
+    """Run the recipe's method under `accelerate launch` (even as one process); options after `--` go to accelerate."""
+    sets = [*set_, *_launch_sets(num_processes, backend, nodes, main_addr, main_port)]
+    _train(recipe, sets, None, output_dir, overwrite, False, resume=resume, resume_force=resume_force,
+           node_rank=node_rank, extra_args=ctx.args, show=show, always=True)
 
 
 @app.command()
@@ -95,16 +176,25 @@ def validate(
         try:
             resolved = resolve(recipe, set_)
             if not no_data:
-                from .data import load_data
+                from .data import check_data
 
-                load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                          locate=resolved.locate)
+                check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
+                           locate=resolved.locate, model=resolved.config["model"])
         except UserError as err:
             problems.extend(err.problems)
         else:
             typer.echo(f"ok: {recipe}")
     if problems:
         _fail(problems)
+
+
+@app.command()
+def schema():
+    """Print the recipe's JSON Schema (llmtune's sections, each method's TRL config fields, each adapter type's PEFT
+    fields, with their help text) for YAML editors: `llmtune schema > recipe.schema.json`."""
+    from .recipe.jsonschema import render
+
+    typer.echo(render(), nl=False)
 
 
 @app.command()
@@ -115,6 +205,157 @@ def env():
     from .run import devices, package_versions
 
     typer.echo(json.dumps({"packages": package_versions(), "devices": devices()}, indent=2))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    rows: int = typer.Option(1, "--rows", "-n", help="Sample rows to render per source."),
+    color: Optional[bool] = typer.Option(None, "--color/--no-color",
+                                         help="Colour the trained tokens (default: when writing to a terminal; "
+                                         "otherwise they are shown in [[ ]])."),
+):
+    """Per source: format and why, token lengths, sample rows through the real chat template with the trained
+    tokens marked, the stop token; warnings about templates, masks and truncation. Exit 0, or 2 on bad data."""
+    from .recipe.check import resolve
+
+    try:
+        from .data.inspect import inspect
+
+        color = sys.stdout.isatty() if color is None else color
+        lines, warnings = inspect(resolve(recipe, set_), rows, color)
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines), color=color)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 24GiB: says whether "
+                                             "the run fits and what to change if not."),
+    num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND, nodes: Optional[int] = NODES,
+):
+    """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
+    launch command, without loading any weights."""
+    from .recipe.check import resolve
+
+    sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
+    try:
+        from .plan import plan as make_plan
+
+        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def merge(
+    run_dir: Path = typer.Argument(..., help="Run directory holding an adapter."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model "
+                                       "[default: RUN_DIR/merged]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+):
+    """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
+    (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
+    from .export import merge as merge_run
+
+    try:
+        written, notes = merge_run(run_dir, out, overwrite)
+    except UserError as err:
+        _fail(err.problems)
+    for note in notes:
+        typer.echo(note)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory (an adapter is merged first) or a merged model folder."),
+    format_: str = typer.Option("gguf", "--format", help="Output format; `gguf` (llama.cpp, Ollama)."),
+    quant: str = typer.Option("f16", "--quant", help="Tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: RUN_DIR/NAME-QUANT.gguf]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+):
+    """Write the trained model as one GGUF file with its tokenizer and chat template (Llama architecture)."""
+    if format_ != "gguf":
+        _fail([f"--format {format_}: the only export format is `gguf`"])
+    try:
+        from .export import export_gguf
+
+        written, notes = export_gguf(run_dir, out, quant, overwrite)
+    except ImportError as err:
+        _fail([f"GGUF export needs the `gguf` package: pip install 'llmtune-recipes[export]' ({err})"])
+    except UserError as err:
+        _fail(err.problems)
+    for note in notes:
+        typer.echo(note)
+    typer.echo(f"wrote {written}")
+
+
+MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")
+TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (deterministic); higher samples more freely.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this probability.")
+TOP_K = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = no limit).")
+REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens.")
+SEED = typer.Option(None, "--seed", help="Seed for sampling.")
+SYSTEM = typer.Option(None, "--system", help="A system message before the conversation.")
+
+
+def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+    from .infer import Sampling
+
+    return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable: one answer each)."),
+    system: Optional[str] = SYSTEM,
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as plain text, without the chat template."),
+    max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
+):
+    """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
+    from .infer import generate as run_generate
+    from .infer import load, prompt_ids
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    try:
+        loaded = load(run_dir)
+        for i, text in enumerate(prompt):
+            messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": text}]
+            new = run_generate(loaded, prompt_ids(loaded.tokenizer, messages, text), sampling)
+            if len(prompt) > 1:
+                typer.echo(f"{'' if i == 0 else chr(10)}### {text}")
+            typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
+    except UserError as err:
+        _fail(err.problems)
+
+
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),
+    system: Optional[str] = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
+):
+    """Chat with the trained model in the terminal, through the run's own chat template."""
+    from .infer import chat as run_chat
+    from .infer import load
+
+    try:
+        run_chat(load(run_dir), _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+                 system)
+    except UserError as err:
+        _fail(err.problems)
 
 
 @recipes_app.command("list")

@@ -8,6 +8,7 @@ offline and a run directory made from it reloads like any other.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -171,32 +172,124 @@ def quantization_config(quant: dict | None):
         bnb_4bit_quant_storage=torch_dtype(quant["quant_storage"]) if quant.get("quant_storage") else None)
 
 
-def load_model(config: dict):
-    """The base model as the recipe describes it (not yet wrapped in an adapter)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def adapter_run(model: dict) -> dict | None:
+    """The adapter config of a run directory named by `model.name` (e.g. an SFT LoRA run), else None."""
+    path = Path(model["name"]).expanduser() / "adapter_config.json"
+    if model["name"].startswith(BUILTIN_PREFIX) or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_model(config: dict, head: str = "CausalLM"):
+    """The model as the recipe describes it, as `AutoModelFor<head>` (not yet wrapped in the recipe's adapter).
+
+    A run directory holding an adapter is loaded on the adapter's base, and the adapter is folded
+    into it (`model.run_adapter: merge`) or kept as the trainable adapter (`stack`).
+    """
+    import transformers
 
     model = config["model"]
     kwargs = dict(revision=model.get("revision"), trust_remote_code=model["trust_remote_code"],
                   dtype=torch_dtype(model["dtype"]))
+    if head == "SequenceClassification":
+        kwargs["num_labels"] = 1  # a reward model: one score per sequence
     if model.get("attn_implementation"):
         kwargs["attn_implementation"] = model["attn_implementation"]
     quant = quantization_config(config.get("quantization"))
     if quant is not None:
         kwargs["quantization_config"] = quant
-        # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(model_path(model), **kwargs)
+        # bitsandbytes quantizes while placing weights, so the device is chosen at load time: this process's
+        # own (under a launch too), or none when FSDP/ZeRO-3 shard the model.
+        from .launch.rank import device_map
+
+        placement = device_map()
+        if placement is not None:
+            kwargs["device_map"] = placement
+    auto = getattr(transformers, f"AutoModelFor{head}")
+    run = adapter_run(model)
+    if run is None:
+        return auto.from_pretrained(model_path(model), **kwargs)
+    from peft import PeftConfig, PeftModel
+
+    base = auto.from_pretrained(run["base_model_name_or_path"], **{**kwargs, "revision": run.get("revision")})
+    if model["run_adapter"] == "merge":
+        # Without its task type the adapter fits any head on the same body (an SFT adapter into a reward model).
+        adapter = PeftConfig.from_pretrained(model["name"])
+        adapter.task_type = None
+        merged = PeftModel.from_pretrained(base, model["name"], config=adapter).merge_and_unload()
+        return merged.requires_grad_(True)  # loading froze it; merging leaves a model to fine-tune fully
+    return PeftModel.from_pretrained(base, model["name"], is_trainable=True)
 
 
-def peft_config(adapter: dict | None):
-    """The recipe's `adapter:` section as PEFT's LoraConfig (None = full fine-tuning)."""
+def peft_config(adapter: dict | None, head: str = "CausalLM", model: dict | None = None):
+    """The recipe's `adapter:` section as its type's PEFT config class (None = full fine-tuning)."""
     if adapter is None:
         return None
-    from peft import LoraConfig
+    import dataclasses
 
-    options = {k: v for k, v in adapter.items() if k != "type"}
-    options.setdefault("target_modules", "all-linear")
-    return LoraConfig(task_type="CAUSAL_LM", use_dora=adapter["type"] == "dora",
-                      use_rslora=adapter["type"] == "rslora", **options)
+    from .recipe.schema import ADAPTERS, AdapterSection
+    from .train import config_class
+
+    kind = ADAPTERS[adapter["type"]]
+    mine = {f.name for f in dataclasses.fields(AdapterSection)}
+    options = {**kind.defaults, **{k: v for k, v in adapter.items() if k not in mine}, **kind.sets}
+    cls = config_class(kind.config)
+    if model is not None and "tokenizer_name_or_path" in {f.name for f in dataclasses.fields(cls)}:
+        options["tokenizer_name_or_path"] = model_path(model)  # prompt tuning's `TEXT` init tokenizes with it
+    # SEQ_CLS also trains and saves the new score head (PEFT adds it to modules_to_save).
+    task_type = {"CausalLM": "CAUSAL_LM", "SequenceClassification": "SEQ_CLS"}[head]
+    return cls(task_type=task_type, **options)
+
+
+def mergeable(adapter_type: str) -> bool:
+    """Whether an adapter can be folded into its base weights (`llmtune merge`); prompt learning cannot.
+
+    `adapter_type` is the recipe's `adapter.type` (`lora`, `prefix`, ...) or PEFT's `peft_type` from a run's
+    adapter_config.json (`LORA`, `PREFIX_TUNING`, ...).
+    """
+    from .recipe.schema import ADAPTERS
+
+    if adapter_type in ADAPTERS:
+        return ADAPTERS[adapter_type].mergeable
+    from peft import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[adapter_type]
+    kinds = [kind for kind in ADAPTERS.values() if kind.config.split(":")[1] == cls.__name__]
+    return kinds[0].mergeable if kinds else not issubclass(cls, PromptLearningConfig)
+
+
+# LoRA initialisations that move part of each base weight into the adapter (W = W_res + BA): the trained adapter
+# fits only the residual base, so it is saved converted (PEFT) to a plain LoRA of rank 2r that fits the original.
+BASE_REWRITING_INITS = ("pissa", "olora")
+INITIAL_ADAPTER = "initial_adapter"  # PEFT loads it back as an adapter by this folder name: no dots
+
+
+def save_initial_adapter(model, run_dir: Path) -> Path | None:
+    """A PiSSA/OLoRA adapter saved as initialised, before training, for `convert_adapter`; None for others."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if not str(getattr(config, "init_lora_weights", "")).lower().startswith(BASE_REWRITING_INITS):
+        return None
+    config.init_lora_weights = True  # saved so that loading it does not decompose the base a second time
+    model.save_pretrained(run_dir / INITIAL_ADAPTER)
+    return run_dir / INITIAL_ADAPTER
+
+
+def convert_adapter(model, run_dir: Path, initial: Path) -> None:
+    """Replace the saved adapter of `run_dir` by its plain-LoRA form, which loads on the original base."""
+    staging = run_dir / f".{INITIAL_ADAPTER}-converted"
+    model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(initial))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(staging / name, run_dir / name)
+    shutil.rmtree(staging)
+    shutil.rmtree(initial)
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """LoRA+ (peft.optimizers): the optimizer `train:` configures, with LoRA's B matrices at `ratio` x its rate."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = dict(kwargs)
+    return create_loraplus_optimizer(trainer.model, optimizer_cls, lr=kwargs.pop("lr"), loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=trainer.args.weight_decay, **kwargs)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, lock
 from .errors import UserError
 from .recipe.loader import SECRET_NAME, redact
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
-ARTIFACTS = ("adapter_config.json", "config.json", "manifest.json")
+ARTIFACTS = ("adapter_config.json", "config.json")  # a final model: the run finished
 
 
 def _now() -> str:
@@ -45,6 +45,18 @@ def scrub(text: str) -> str:
         if value and len(value) >= 6 and SECRET_NAME.search(var):
             text = text.replace(value, f"${{env:{var}}}")
     return text
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (RANK is set by the launcher before torch.distributed starts), or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def package_versions() -> dict:
@@ -83,18 +95,35 @@ def devices() -> dict:
 class RunDir:
     """Everything llmtune writes for one run, in one folder."""
 
-    def __init__(self, path: Path, resolved, overwrite: bool = False):
+    def __init__(self, path: Path, resolved, overwrite: bool = False, resume: str | None = None):
         self.path = Path(path)
         self.resolved = resolved
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            finished = any((self.path / name).exists() for name in ARTIFACTS)
-            what = "holds a finished run" if finished else "is not empty"
-            raise UserError(f"{self.path}: output directory {what}; pass --output-dir DIR for a new run or "
-                            "--overwrite to write into it")
+        if is_main_process():
+            lock.refuse_if_held(self.path)
+        # Under a launch only rank 0 writes here, so only it checks (the others would see its first files).
+        if is_main_process() and self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            status = read_manifest(self.path).get("status")
+            finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
+            if finished or not (resume and status):  # resuming writes into the unfinished run it continues
+                what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
+                    else "is not empty"
+                again = "--resume auto to continue it, " if status and not finished else ""
+                raise UserError(f"{self.path}: output directory {what}; pass {again}--output-dir DIR for a new run "
+                                "or --overwrite to write into it")
         self.manifest: dict = {}
+        self.lock: Path | None = None
 
-    def start(self, data, argv: list[str]) -> None:
+    def start(self, data, argv: list[str], checkpoint: Path | None = None) -> None:
+        """Take the directory (lock), clear what an earlier run left, write recipe and manifest."""
+        from .resume import prepare
+
+        if not is_main_process():
+            return
+
         self.path.mkdir(parents=True, exist_ok=True)
+        previous = read_manifest(self.path) if checkpoint is not None else {}
+        self.lock = lock.acquire(self.path)
+        prepare(self.path, checkpoint)
         recipe = redact({**self.resolved.config, "output_dir": str(self.path)}, self.resolved.recipe.secrets)
         text = "# Resolved by llmtune: every default filled in; rerun with `llmtune train recipe.yaml`.\n"
         (self.path / "recipe.yaml").write_text(text + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -109,29 +138,47 @@ class RunDir:
             "packages": package_versions(),
             "devices": devices(),
             "data": [vars(s) for s in data.sources],
-            "started": _now(),
+            "trust_remote_code": self.resolved.config["model"]["trust_remote_code"],
+            "started": previous.get("started", _now()),
             "status": "running",
         }
+        if checkpoint is not None:
+            self.manifest["resumed"] = [*previous.get("resumed", []), {"from": str(checkpoint), "at": _now()}]
         write_json(self.path / "manifest.json", self.manifest)
 
     def finish(self, status: str, metrics: dict) -> None:
+        if not is_main_process():
+            return
         self.manifest.update(status=status, finished=_now(), metrics=metrics)
         write_json(self.path / "manifest.json", self.manifest)
+        lock.release(self.lock)
 
     def log_handler(self) -> logging.Handler:
-        """A file handler for `train.log`; warnings go there, not to the terminal."""
+        """A file handler for `train.log`; warnings go there, not to the terminal (rank 0's only)."""
+        if not is_main_process():
+            return logging.NullHandler()
+        class Scrubbed(logging.Formatter):  # a traceback or warning may quote a token from the environment
+            def format(self, record):
+                return scrub(super().format(record))
+
         handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         return handler
 
     def write_card(self, metrics: dict, data) -> None:
+        if not is_main_process():
+            return
         config = self.resolved.config
         adapter = config.get("adapter")
         quant = config.get("quantization")
-        kind = "full fine-tune" if adapter is None else (
+        saved_adapter = (self.path / "adapter_config.json").is_file()  # also a stacked run's (model.run_adapter)
+        kind = "full fine-tune" if not saved_adapter else "adapter" if adapter is None else (
             f"{'Q' if quant else ''}{adapter['type'].upper()} adapter (r={adapter.get('r', 'PEFT default')})")
-        loader = "AutoModelForCausalLM" if adapter is None else "AutoPeftModelForCausalLM"
-        package = "transformers" if adapter is None else "peft"
+        head = self.resolved.method.head
+        loader = f"AutoModelFor{head}" if not saved_adapter else f"AutoPeftModelFor{head}"
+        package = "transformers" if not saved_adapter else "peft"
+        # The base's own config has no one-label head: a reward adapter's score head needs it spelled out.
+        extra = ", num_labels=1, pad_token_id=tokenizer.pad_token_id" if saved_adapter and head != "CausalLM" else ""
         rows = "\n".join(f"| `{s.path}` | {s.format} | {s.used} | {s.sha256 or s.revision or ''} |"
                          for s in data.sources)
         shown = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -167,8 +214,8 @@ The full resolved recipe is in `recipe.yaml`; package versions and devices in `m
 from {package} import {loader}
 from transformers import AutoTokenizer
 
-model = {loader}.from_pretrained("{self.path}")
 tokenizer = AutoTokenizer.from_pretrained("{self.path}")  # carries the chat template used in training
+model = {loader}.from_pretrained("{self.path}"{extra})
 ```
 """
         (self.path / "README.md").write_text(scrub(card), encoding="utf-8")
@@ -194,7 +241,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics: list[dict], out: Path) -> bool:
-    """Training (and eval) loss against step; False when nothing was logged."""
+    """Training (and eval) loss against step; False when nothing was logged (or not rank 0)."""
+    if not is_main_process():
+        return False
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     if not train and not evals:
@@ -231,6 +280,7 @@ def quiet() -> None:
     logging.captureWarnings(True)
     for name in ("trl", "peft", "accelerate", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("llmtune").setLevel(logging.INFO)  # llmtune's own notes (e.g. a cache hit) reach train.log
 
 
 def progress_callback():
@@ -243,7 +293,8 @@ def progress_callback():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                shown = {k: f"{logs[k]:.4f}" for k in ("loss", "reward") if k in logs}  # reward: ppo, grpo, rloo
+                self.training_bar.set_postfix(shown, refresh=False)
 
     return Bar
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 
 from .errors import UserError
@@ -18,8 +20,9 @@ from .recipe.check import Resolved
 class TrainingFailed(Exception):
     """Training raised; the traceback is in the run directory's train.log."""
 
-    def __init__(self, log: Path, cause: BaseException):
+    def __init__(self, log: Path, cause: BaseException, hint: str | None = None):
         self.log = log
+        self.hint = hint  # what to try, for failures users can fix (disk full, out of memory)
         super().__init__(f"{type(cause).__name__}: {cause}")
 
 
@@ -32,6 +35,9 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
     """The method's TRL config: llmtune's defaults, under what the recipe's `train:` says."""
     import torch
 
+    from . import stopping
+    from .launch.rank import training_args as launched_args
+
     config = resolved.config
     args = {
         "output_dir": str(run_dir),
@@ -40,7 +46,9 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
         "disable_tqdm": False,  # transformers ties the bar to its log level, which quiet() lowers
         # Mixed precision only where the hardware has it; TRL would turn bf16 on regardless.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        **launched_args(),  # a launch on a machine without GPUs: CPU processes over gloo
         **defaults,
+        **stopping.settings(config, resolved.method),
         **config["train"],
     }
     try:
@@ -50,58 +58,106 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
                         f"`train:` settings: {err}") from None
 
 
-def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, overwrite: bool = False) -> dict:
+def require_chat_template(resolved: Resolved, shape: str, tokenizer) -> None:
+    if shape.startswith("conversational") and not tokenizer.chat_template:
+        raise UserError(f"{resolved.locate(('model', 'name'))}: the data is conversational but the tokenizer of "
+                        f"'{resolved.config['model']['name']}' has no chat template; set `model.chat_template:` to "
+                        "a named template or a .jinja file")
+
+
+def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, overwrite: bool = False,
+        resume: str | None = None, resume_force: bool = False) -> dict:
     from .data import load_data
-    from .model import load_model, load_tokenizer, peft_config
-    from .run import RunDir, metrics_callback, plot_loss, progress_callback, quiet, read_metrics
+    from .faults import explain
+    from .interrupt import Interrupted, Interruption
+    from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
+    from . import stopping
+    from .model import (convert_adapter, load_model, load_tokenizer, loraplus_optimizer, peft_config,
+                        save_initial_adapter)
+    from .launch.rank import launched, report_callback
+    from .run import RunDir, is_main_process, metrics_callback, plot_loss, progress_callback, quiet, read_metrics
 
     config = resolved.config
-    run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite)
-    data = load_data(config["data"], method=resolved.method.name, seed=config["seed"], locate=resolved.locate)
+    run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
+    data = load_data(config["data"], method=resolved.method.name, seed=config["seed"], locate=resolved.locate,
+                     model=config["model"])
     quiet()
     tokenizer = load_tokenizer(config["model"])
-    if data.shape.startswith("conversational") and not tokenizer.chat_template:
-        raise UserError(f"{resolved.locate(('model', 'name'))}: the data is conversational but the tokenizer of "
-                        f"'{config['model']['name']}' has no chat template; set `model.chat_template:` to a "
-                        "named template or a .jinja file")
+    require_chat_template(resolved, data.shape, tokenizer)
     method = importlib.import_module(resolved.method.runner)
     args = training_args(resolved, run_dir.path, method.defaults(config, data))
+    stamp = fingerprint(resolved, data, args)
+    checkpoint = checkpoint_to_resume(run_dir.path, resume, stamp, resume_force)
+    if resume and is_main_process():
+        print(f"resuming from {checkpoint}" if checkpoint else
+              f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
 
-    run_dir.start(data, argv)
+    run_dir.start(data, argv, checkpoint)
+    interruption = Interruption().install()  # SIGINT/SIGTERM: checkpoint at the step's end, exit 130
     handler = run_dir.log_handler()
     logging.getLogger().addHandler(handler)
-    for warning in data.warnings:
+    for warning in data.warnings:  # few and worth reading: on the terminal and in train.log
         logging.getLogger("llmtune").warning(warning)
+        if is_main_process():  # once per launch, not once per rank
+            print(f"warning: {warning}", file=sys.stderr)
+    if resolved.method.experimental:
+        logging.getLogger("llmtune").warning(
+            f"`{resolved.method.name}` uses {resolved.method.config.split(':')[0]}, which TRL ships as experimental "
+            f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
     try:
-        model = load_model(config)
+        from transformers import set_seed
+
+        set_seed(config["seed"])  # new weights (a LoRA, a reward head) start the same on every run
+        model = load_model(config, resolved.method.head)
+        extra = {}
+        if config.get("ref_model"):  # frozen, so a run adapter in it is merged
+            ref = {**config["model"], "name": config["ref_model"], "revision": None, "run_adapter": "merge"}
+            extra["ref_model"] = load_model({**config, "model": ref}, resolved.method.head)
+        if resolved.method.rewards:  # reward (and value) models load with the recipe's model settings
+            extra["recipe"] = config
         trainer = method.build_trainer(
-            args=args, model=model, tokenizer=tokenizer, data=data, peft_config=peft_config(config.get("adapter")),
-            callbacks=[metrics_callback(run_dir.path / "metrics.jsonl")])
+            args=args, model=model, tokenizer=tokenizer, data=data,
+            peft_config=peft_config(config.get("adapter"), resolved.method.head, config["model"]),
+            callbacks=[metrics_callback(run_dir.path / "metrics.jsonl"), *stopping.callbacks(config),
+                       *([report_callback(run_dir, data)] if launched() else [])], **extra)
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
             trainer.add_callback(progress_callback())
-        result = trainer.train()
+        interruption.attach(trainer)
+        make_resumable(trainer, stamp, checkpoint)
+        if (config.get("adapter") or {}).get("loraplus_lr_ratio"):
+            trainer.optimizer = loraplus_optimizer(trainer, config["adapter"]["loraplus_lr_ratio"])
+        initial = save_initial_adapter(trainer.model, run_dir.path) if args.should_save else None  # PiSSA, OLoRA
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if interruption.step is not None:
+            plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
+            raise Interrupted(f"stopped at step {interruption.step}, checkpoint saved in "
+                              f"{run_dir.path / f'checkpoint-{interruption.step}'}; continue with the same "
+                              "command plus `--resume auto`")
         metrics = dict(result.metrics)
         if data.eval is not None:
             metrics.update(trainer.evaluate())
         logged = [m["loss"] for m in read_metrics(run_dir.path / "metrics.jsonl") if "loss" in m]
         if logged:
             metrics.update(first_loss=logged[0], last_loss=logged[-1])
-        trainer.save_model(str(run_dir.path))
-        # A pickle of the arguments: not loadable without llmtune's exact versions, and recipe.yaml says it all.
-        (run_dir.path / "training_args.bin").unlink(missing_ok=True)
-        tokenizer.save_pretrained(str(run_dir.path))
+        save_final(trainer, tokenizer, run_dir.path)
+        if initial:
+            convert_adapter(trainer.model, run_dir.path, initial)
         plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
         run_dir.write_card(metrics, data)
         run_dir.finish("completed", metrics)
         return metrics
+    except KeyboardInterrupt:
+        run_dir.finish("interrupted", {"step": interruption.step})
+        raise
     except Exception as err:
         logging.getLogger("llmtune").error("training failed\n%s", traceback.format_exc())
         run_dir.finish("failed", {})
-        raise TrainingFailed(run_dir.path / "train.log", err) from err
+        raise TrainingFailed(run_dir.path / "train.log", err, explain(err, run_dir.path, resolved, args)) from err
     finally:
+        interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -172,7 +172,7 @@ def test_columns_matching_no_format_list_the_columns_and_every_format(tmp_path):
     (problem,) = problems(path)
     assert problem.startswith(f"{path}: columns question, reply match no data format")
     assert "  alpaca: instruction, output (optional: input, system)" in problem
-    assert "  preference: chosen, rejected (optional: prompt)" in problem
+    assert "  preference: chosen, rejected (optional: prompt, score_chosen, score_rejected)" in problem
     assert "  kto: prompt, completion, label" in problem
 
 
@@ -258,12 +258,14 @@ def test_empty_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "header.csv").write_text("instruction,output\n")
 
     for name in ("empty.jsonl", "blank.jsonl", "header.csv"):
-        assert problems(tmp_path / name) == [f"{tmp_path / name}: file has no rows"]
+        assert problems(tmp_path / name) == [f"{tmp_path / name}: file has no rows; add rows to it or remove it "
+                                             "from `data:`"]
 
 
 def test_missing_file_is_an_error_at_its_recipe_line(tmp_path):
-    assert problems("data/chat.jsonl") == ["recipe.yaml@data.train.0.path: data file 'data/chat.jsonl' not found"]
-    assert problems("./data") == ["recipe.yaml@data.train.0.path: data file './data' not found"]
+    found = "; a relative path is looked up next to the recipe, then in the working directory"
+    assert problems("data/chat.jsonl") == [f"recipe.yaml@data.train.0.path: data file 'data/chat.jsonl' not found{found}"]
+    assert problems("./data") == [f"recipe.yaml@data.train.0.path: data file './data' not found{found}"]
     assert problems(f"{tmp_path}/*.jsonl") == [
         f"recipe.yaml@data.train.0.path: no .jsonl, .json, .csv, .parquet files match '{tmp_path}/*.jsonl'"
     ]
@@ -273,7 +275,8 @@ def test_problems_of_every_source_come_in_one_error(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": 1}])
 
     assert problems("gone.jsonl", bad, {"path": bad, "format": "messages"}) == [
-        "recipe.yaml@data.train.0.path: data file 'gone.jsonl' not found",
+        "recipe.yaml@data.train.0.path: data file 'gone.jsonl' not found; a relative path is looked up next to "
+        "the recipe, then in the working directory",
         f"{bad}:1: 'text' must be a string, got number",
         f"{bad}: format 'messages' needs column(s) messages; columns found: text",
     ]
@@ -284,7 +287,8 @@ def test_csv_rows_are_read_with_their_line_numbers(tmp_path):
     path.write_text('instruction,input,output\nAdd,"1\n+ 1",2\n\nSay hi.,,\nSpell it,x\n')
 
     # Problems reading the file come before problems with the rows read.
-    assert problems(path) == [f"{path}:6: 2 fields, but the header has 3", f"{path}:5: 'output' is empty"]
+    assert problems(path) == [f"{path}:6: 2 fields, but the header has 3; quote fields that hold commas or line "
+                              "breaks", f"{path}:5: 'output' is empty"]
     path.write_text('instruction,input,output\nAdd,"1\n+ 1",2\n')
     assert load(path).train[0]["prompt"] == [{"role": "user", "content": "Add\n\n1\n+ 1"}]
 

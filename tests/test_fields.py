@@ -270,3 +270,9 @@ def test_reading_fields_imports_no_ml_package_and_is_fast():
     result = json.loads(out.stdout)
     assert result["heavy"] is False
     assert result["seconds"] < 0.5
+
+
+def test_a_lone_value_is_accepted_where_a_list_is_expected():
+    info = f.dataclass_fields("trl:DPOConfig")["loss_type"]
+    assert f.check_value(info, "ipo") is None and f.coerce(info, "ipo") == ["ipo"]
+    assert f.check_value(info, 3) is not None

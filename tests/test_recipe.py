@@ -48,7 +48,8 @@ adapter: {r: 32, target_modules: [o_proj]}
 train: {learning_rate: 5.0e-5}
 """)
     config = resolve(child).config
-    assert config["adapter"] == {"type": "lora", "r": 32, "lora_alpha": 16, "target_modules": ["o_proj"]}
+    assert config["adapter"] == {"type": "lora", "loraplus_lr_ratio": None, "r": 32, "lora_alpha": 16,
+                                 "target_modules": ["o_proj"]}
     assert config["train"] == {"learning_rate": 5e-5, "num_train_epochs": 2.0}
     assert config["name"] == "child" and config["output_dir"] == "runs/child"
 
@@ -145,7 +146,8 @@ train:
         "bad.yaml:4:3: `model.dtype` must be one of: 'auto', 'bfloat16', 'float16', 'float32'; got 'bf16' "
         "(did you mean 'bfloat16'?)",
         "bad.yaml:5:3: unknown key 'attn' in model",
-        "bad.yaml:7:3: `adapter.type` must be one of: lora, dora, rslora; got 'lorra' (did you mean 'lora'?)",
+        "bad.yaml:7:3: `adapter.type` must be one of: 'lora', 'dora', 'rslora', 'ia3', 'prefix', 'prompt', "
+        "'p_tuning'; got 'lorra' (did you mean 'lora'?)",
         "bad.yaml:11:7: `data.train.0.weight` must be a number, got str 'heavy'",
         "bad.yaml:13:3: unknown key 'learing_rate' in train (did you mean 'learning_rate'?)",
         "bad.yaml:14:3: `train.num_train_epochs`: expected float, got str 'many'",
@@ -185,10 +187,13 @@ def test_validate_cli_checks_many_files_and_exits_2(tmp_path, data_file):
 
 
 def test_verb_must_match_the_recipe_method(tmp_path, data_file):
+    unknown = write_recipe(tmp_path / "u.yaml", BASE.format(data=data_file).replace("method: sft", "method: sftt"))
+    assert "u.yaml:1:1: `method` must be one of: 'sft'" in problems(unknown)[0]
+    assert "(did you mean 'sft'?)" in problems(unknown)[0]
     recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file).replace("method: sft", "method: dpo"))
     result = cli("sft", recipe, cwd=tmp_path)
     assert result.returncode == 2
-    assert "r.yaml:1:1: `method` must be one of: 'sft'; got 'dpo'" in result.stderr
+    assert "r.yaml:1:1: this recipe is for `llmtune dpo` (method: dpo), not `llmtune sft`" in result.stderr
 
 
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml") if not {"base", "launch"} & set(p.relative_to(RECIPES).parts))

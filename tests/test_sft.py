@@ -24,6 +24,7 @@ data:
     - path: {data}
   eval: {eval}
   max_length: 128
+  packing: false
 train:
   learning_rate: {lr}
   max_steps: {steps}
@@ -134,8 +135,8 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path):
     seen = {}
     original = model_module.load_model
 
-    def spy(config):
-        loaded = original(config)
+    def spy(*args, **kwargs):
+        loaded = original(*args, **kwargs)
         import bitsandbytes as bnb
 
         seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
@@ -262,3 +263,18 @@ def test_cli_refuses_a_finished_run_directory(lora_run, tmp_path):
     out, _ = lora_run
     result = cli("sft", RECIPES / "quickstart.yaml", "--output-dir", out)
     assert result.returncode == 2 and "holds a finished run" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_packing_defaults_on_only_with_varlen_attention():
+    from types import SimpleNamespace
+
+    from llmtune.methods import sft
+
+    data = SimpleNamespace(shape="conversational_language_modeling", warnings=[], eval=None)
+    config = {"data": {"max_length": 64, "packing": None},
+              "model": {"trust_remote_code": False, "attn_implementation": "flash_attention_2"}}
+    assert sft.defaults(config, data)["packing"] is True and data.warnings == []
+    config["model"]["attn_implementation"] = "sdpa"
+    assert sft.defaults(config, data)["packing"] is False and data.warnings == []  # quiet, documented fallback
+    config["data"]["packing"] = True  # the recipe's word wins, with a warning about the cost
+    assert sft.defaults(config, data)["packing"] is True and "packing without flash attention" in data.warnings[0]

@@ -10,9 +10,9 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from llmtune.data import cache, mix
+from llmtune.data import cache, curate, mix
 from llmtune.data.formats import (
     FORMATS,
     METHOD_FORMATS,
@@ -45,6 +45,7 @@ class SourceReport:
     sha256: str | None  # over the bytes of `files` in order; None for the Hub
     revision: str | None  # Hub commit the data was loaded at; None for local files
     files: list[str]  # local files read
+    curated: dict = field(default_factory=dict)  # `data.curate` step -> {count, removed, examples} (curate.py)
 
 
 @dataclass
@@ -62,23 +63,25 @@ class _Source:
     rows: list  # converted rows
     kind: tuple  # (shape, columns) of the rows
     weight: float
+    locations: list  # FILE:LINE of each row, kept aligned with `rows` until the eval hold-out
 
 
-def check_data(data, *, method, seed, locate=lambda path: "recipe"):
+def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     """Raise UserError if the data has problems; data that a run prepared before is known good."""
-    cache_key = cache.key(data, method, seed)
+    cache_key = cache.key(data, method, seed, model)
     if not (cache_key and cache.has(cache_key)):
-        load_data(data, method=method, seed=seed, locate=locate)
+        load_data(data, method=method, seed=seed, locate=locate, model=model)
 
 
-def load_data(data, *, method, seed, locate=lambda path: "recipe"):
+def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     """Build the train (and eval) sets of a validated `data:` section for `method`.
 
     `locate(("data", "train", 0, "path"))` names where a key is in the recipe
     (``recipe.yaml:14:11``); it prefixes problems about the recipe rather than a data row.
-    The result depends only on the data and `seed`.
+    `model` (the recipe's `model:` section) gives the tokenizer `data.curate` counts tokens with.
+    The result depends only on the data, `seed` and, for token counts, the tokenizer.
     """
-    cache_key = cache.key(data, method, seed)
+    cache_key = cache.key(data, method, seed, model)
     hit = cache_key and cache.load(cache_key)
     if hit:
         train_set, eval_set, meta = hit
@@ -100,6 +103,10 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe"):
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
+    spec = data.get("curate")
+    if spec:
+        curate.clean([train, evals], spec, max_length=data.get("max_length"), model=model)
+        curate.require_rows(train, locate(("data", "curate")))
 
     rng = random.Random(seed)
     if evals:
@@ -108,11 +115,12 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe"):
         eval_rows = _hold_out(train, eval_spec, rng, locate(("data", "eval")))
     else:
         eval_rows = None
+    notes = curate.decontaminate(train, eval_rows or [], spec) if spec else []
     train_rows = _mixed(train, rng)
     if not train_rows:
         raise UserError(f"{locate(('data', 'train'))}: no training rows are left after weighting; raise a `weight:`")
 
-    warnings = []
+    warnings = notes
     if len(train_rows) < MIN_TRAIN_ROWS:
         warnings.append(
             f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "
@@ -176,7 +184,7 @@ def _load_source(spec, key, method, locate):
     if read.problems or row_problems:
         raise UserError(read.problems + row_problems)
     report = SourceReport(path, fmt, reason, len(converted), 0, read.sha256, read.revision, read.files)
-    return _Source(report, converted, kind, spec.get("weight", 1.0))
+    return _Source(report, converted, kind, spec.get("weight", 1.0), [where for where, _ in rows])
 
 
 def _columns(rows):
@@ -231,10 +239,10 @@ def _hold_out(train, fraction, rng, where):
             f"{where}: `eval: {fraction}` holds out training rows, but there is only {total}; "
             "add data or set `eval: 0`"
         )
-    kept, held = mix.hold_out([source.rows for source in train], fraction, rng)
-    for source, rows in zip(train, kept):
-        source.rows = rows
-    return held
+    kept, held = mix.hold_out([list(zip(source.rows, source.locations)) for source in train], fraction, rng)
+    for source, pairs in zip(train, kept):
+        source.rows, source.locations = [row for row, _ in pairs], [where for _, where in pairs]
+    return [row for row, _ in held]
 
 
 def _mixed(sources, rng):

@@ -21,8 +21,12 @@ from llmtune.errors import UserError
 VERSION = 1  # bump when conversion changes what a cached dataset holds
 
 
-def key(data, method, seed):
-    """The cache key of a `data:` section, or None when a source is not local."""
+def key(data, method, seed, model=None):
+    """The cache key of a `data:` section, or None when a source is not local.
+
+    `model` (the recipe's `model:` section) counts only when `data.curate` measures token lengths with its
+    tokenizer.
+    """
     specs = data["train"] + (data["eval"] if isinstance(data.get("eval"), list) else [])
     try:
         digests = [local_fingerprint(spec["path"], "") for spec in specs]
@@ -31,6 +35,12 @@ def key(data, method, seed):
     if None in digests:
         return None
     recipe = {k: data.get(k) for k in ("train", "eval")}
+    spec = data.get("curate")
+    if spec:
+        recipe["curate"] = spec
+        if spec.get("min_tokens") is not None or spec.get("max_tokens") is not None:
+            recipe["tokenizer"] = {k: (model or {}).get(k) for k in ("name", "revision", "chat_template")}
+            recipe["max_length"] = data.get("max_length")  # rows over it are counted as truncated
     payload = json.dumps([VERSION, method, seed, recipe, digests], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

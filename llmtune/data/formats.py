@@ -131,6 +131,14 @@ def _preference(row, bad):
     values = _text_or_chat(row, fields, bad)
     if not bad and values["chosen"] == values["rejected"]:
         bad.append("'chosen' and 'rejected' are identical")
+    scores = [row.get(key) for key in ("score_chosen", "score_rejected")]
+    if scores != [None, None]:
+        # TRL's RewardTrainer reads a `margin` column: chosen must outscore rejected by at least that much.
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+            bad.append(f"'score_chosen' and 'score_rejected' must both be numbers, got {json_type(scores[0])} "
+                       f"and {json_type(scores[1])}")
+        else:
+            values["margin"] = float(scores[0] - scores[1])
     return values
 
 
@@ -164,7 +172,8 @@ _FORMATS = {
     "alpaca": Format(("instruction", "output"), "prompt_completion", _alpaca, optional=("input", "system")),
     "prompt_completion": Format(("prompt", "completion"), "prompt_completion", _prompt_completion, excludes=("label",)),
     "text": Format(("text",), "language_modeling", _text_row),
-    "preference": Format(("chosen", "rejected"), "preference", _preference, optional=("prompt",)),
+    "preference": Format(("chosen", "rejected"), "preference", _preference,
+                         optional=("prompt", "score_chosen", "score_rejected")),
     "kto": Format(("prompt", "completion", "label"), "unpaired_preference", _kto),
     # A prompt next to half a pair or triple is broken preference/KTO data, not prompts.
     "prompt": Format(("prompt",), "prompt_only", _prompt, excludes=("completion", "chosen", "rejected", "label")),

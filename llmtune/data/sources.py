@@ -48,13 +48,26 @@ def read_source(path, *, name, split, revision, where):
         reader = _READERS[os.path.splitext(real)[1].lower()]
         try:
             file_rows, file_problems = reader(real, shown) if os.path.getsize(real) else ([], [])
-        except (UnicodeDecodeError, csv.Error) as error:
+        except UnicodeDecodeError:
+            file_rows, file_problems = [], [f"{shown}:{_first_undecodable_line(real)}: not UTF-8 text (binary data, "
+                                            "or another encoding); save the file as UTF-8"]
+        except csv.Error as error:
             file_rows, file_problems = [], [f"{shown}: cannot read the file: {error}"]
         if not file_rows and not file_problems:
-            file_problems = [f"{shown}: file has no rows"]
+            file_problems = [f"{shown}: file has no rows; add rows to it or remove it from `data:`"]
         rows += file_rows
         problems += file_problems
     return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
+
+
+def _first_undecodable_line(real):
+    with open(real, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
 
 
 def local_fingerprint(path, where):
@@ -87,7 +100,8 @@ def _local_files(path, where):
             raise UserError(f"{where}: no {_EXTENSION_LIST} files match '{path}'")
         return [(m, m) for m in matches]
     if path.startswith((".", "/", "~")) or _supported(path):
-        raise UserError(f"{where}: data file '{path}' not found")
+        raise UserError(f"{where}: data file '{path}' not found; a relative path is looked up next to the recipe, "
+                        "then in the working directory")
     return None
 
 
@@ -155,7 +169,8 @@ def _read_csv(real, shown):
             if not record:  # a blank line
                 continue
             if len(record) != len(header):
-                problems.append(f"{where}: {len(record)} fields, but the header has {len(header)}")
+                problems.append(f"{where}: {len(record)} fields, but the header has {len(header)}; quote fields "
+                                "that hold commas or line breaks")
                 continue
             rows.append((where, dict(zip(header, record))))
     return rows, problems

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 from ..errors import UserError
+from ..launch.rules import check_recipe
+from .. import stopping
+from ..data import curate
 from ..methods import METHODS, Method
 from . import fields, loader
-from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTER_TYPES, Checker, RecipeSection, did_you_mean)
+from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection,
+                     did_you_mean)
 
 # TrainingArguments fields that llmtune fills from its own sections; setting them in
 # `train:` as well would leave two sources of truth.
@@ -51,6 +57,12 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     if config.get("adapter") is not None:
         config["adapter"] = _check_adapter(check, config["adapter"])
     _cross_checks(check, config)
+    check_recipe(check, config)  # the launch rules that need only the recipe (llmtune/launch/rules.py)
+    if method is not None:
+        _method_checks(check, method, config)
+        _reward_checks(check, method, config)
+    stopping.check(check, method, config)
+    curate.check(check, config)
     if check.problems:
         raise UserError(check.problems)
     return Resolved(recipe=recipe, config=config, method=method)
@@ -82,14 +94,42 @@ def _check_train(check: Checker, method: Method, train: dict) -> dict:
     return _check_fields(check, "train", method.config, train, TRAIN_OWNED)
 
 
+# LoRA initialisations that need a step llmtune does not take: PEFT would fail, or save an adapter that fits no base.
+UNSUPPORTED_INITS = {
+    "loftq": "it replaces the base weights by LoftQ's own quantization of them, so the saved adapter would not fit "
+             "the base it is loaded on; for a quantized base use `quantization: {bits: 4}` (QLoRA)",
+    "eva": "it needs a pass over the data (peft.initialize_lora_eva_weights) that llmtune does not run",
+    "corda": "it needs a calibration pass (peft's CorDA preprocess) that llmtune does not run",
+}
+
+
 def _check_adapter(check: Checker, adapter: dict) -> dict:
-    kind = adapter.get("type", "lora")
-    if kind not in ADAPTER_TYPES:
-        check.error(("adapter", "type"), f"`adapter.type` must be one of: {', '.join(ADAPTER_TYPES)}; got "
-                    f"{kind!r}{did_you_mean(str(kind), ADAPTER_TYPES)}")
-    rest = {k: v for k, v in adapter.items() if k != "type"}
-    return {"type": kind, **_check_fields(check, "adapter", "peft:LoraConfig", rest, ADAPTER_OWNED,
-                                          ADAPTER_ALIASES)}
+    """llmtune's own keys (AdapterSection), then every other key against the type's PEFT config class."""
+    mine = {f.name for f in dataclass_fields(AdapterSection)}
+    own = check.section(AdapterSection, {k: v for k, v in adapter.items() if k in mine}, ("adapter",))
+    kind = ADAPTERS.get(own["type"]) if own else None
+    if kind is None:  # a bad `type:` was reported; there is no class to check the rest against
+        return own or {}
+    known = fields.dataclass_fields(kind.config)
+    aliases = {alias: name for alias, name in ADAPTER_ALIASES.items() if name in known}
+    owned = {**ADAPTER_OWNED, **{name: f"set by `type: {own['type']}`" for name in kind.sets}}
+    rest = {k: v for k, v in adapter.items() if k not in mine}
+    out = {**own, **_check_fields(check, "adapter", kind.config, rest, owned, aliases)}
+    for name in kind.required:
+        if out.get(name) is None:
+            check.error(("adapter",), f"`adapter.type: {own['type']}` needs `adapter.{name}` ({known[name].help})")
+    init = out.get("init_lora_weights")
+    if init in UNSUPPORTED_INITS:
+        check.error(("adapter", "init_lora_weights"), f"`init_lora_weights: {init}` is not supported: "
+                    f"{UNSUPPORTED_INITS[init]}. `gaussian`, `orthogonal`, `pissa` and `olora` are (PiSSA and OLoRA "
+                    "adapters are saved converted to plain LoRA, which loads on the original base)")
+    ratio = own["loraplus_lr_ratio"]
+    if ratio is not None and kind.config != "peft:LoraConfig":
+        check.error(("adapter", "loraplus_lr_ratio"), f"LoRA+ scales the learning rate of LoRA's B matrices; "
+                    f"`type: {own['type']}` has none: remove `loraplus_lr_ratio` or use `type: lora`")
+    elif ratio is not None and ratio <= 0:
+        check.error(("adapter", "loraplus_lr_ratio"), f"`adapter.loraplus_lr_ratio` must be > 0; got {ratio}")
+    return out
 
 
 def _cross_checks(check: Checker, config: dict) -> None:
@@ -114,3 +154,63 @@ def _cross_checks(check: Checker, config: dict) -> None:
             check.error(("data", "train", i, "weight"), f"`weight` must be > 0; got {source['weight']}")
     if isinstance(data.get("max_length"), int) and data["max_length"] < 1:
         check.error(("data", "max_length"), f"`data.max_length` must be >= 1; got {data['max_length']}")
+
+
+def _method_checks(check: Checker, method: Method, config: dict) -> None:
+    """Settings the method's trainer has no use for, and how `model.name` continues a run's adapter."""
+    target = method.config.split(":")[1]
+    if (config.get("data") or {}).get("packing") and "packing" not in fields.dataclass_fields(method.config):
+        check.error(("data", "packing"), f"`llmtune {method.name}` cannot pack rows ({target} has no `packing`); "
+                    "set `data.packing: false`")
+    if config.get("ref_model") is not None and not method.reference:
+        check.error(("ref_model",), f"`llmtune {method.name}` trains without a reference model; remove `ref_model:`")
+    from ..model import adapter_run, mergeable
+
+    model = config.get("model") or {}
+    run = adapter_run(model) if isinstance(model.get("name"), str) else None
+    if run is None:
+        return
+    where = ("model", "run_adapter")
+    if model["run_adapter"] == "merge" and not mergeable(run["peft_type"]):
+        check.error(where, f"the {run['peft_type']} adapter in '{model['name']}' cannot be folded into its base; "
+                    "set `model.run_adapter: stack` to keep training it")
+    if model["run_adapter"] == "stack":
+        if config.get("adapter") is not None:
+            check.error(("adapter",), f"'{model['name']}' holds an adapter, and `model.run_adapter: stack` keeps "
+                        "training it with its own settings; remove `adapter:`, or set `model.run_adapter: merge` "
+                        "to fold it into its base and fully fine-tune")
+        if method.head != "CausalLM":
+            check.error(where, f"`llmtune {method.name}` adds a new {method.head} head, so the run's adapter cannot "
+                        "be stacked; set `model.run_adapter: merge` to fold it into its base first")
+    elif config.get("adapter") is not None or config.get("quantization") is not None:
+        check.error(where, "`model.run_adapter: merge` fully fine-tunes the merged model; remove `adapter:` and "
+                    "`quantization:`, or set `model.run_adapter: stack` to keep training the run's adapter")
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _reward_checks(check: Checker, method: Method, config: dict) -> None:
+    """What scores the responses of the RL methods, and nothing of it for the others."""
+    model, functions = config.get("reward_model"), config.get("reward_functions") or []
+    if not method.rewards:
+        for key, value in (("reward_model", model), ("reward_functions", functions)):
+            if value:
+                check.error((key,), f"`llmtune {method.name}` scores no responses; remove `{key}:` (it is for "
+                            f"{', '.join(m.name for m in METHODS.values() if m.rewards)})")
+        return
+    if method.name == "ppo":
+        if model is None:
+            check.error(("method",), "`method: ppo` needs a reward model to score its responses: add "
+                        "`reward_model: runs/my-reward` (a run directory of `llmtune reward`) or a Hub "
+                        "sequence-classification model id")
+        if functions:
+            check.error(("reward_functions",), "`llmtune ppo` scores with `reward_model:` only; reward functions "
+                        "work with `method: grpo` or `method: rloo`")
+    elif model is None and not functions:
+        check.error(("method",), f"`method: {method.name}` needs something to score its responses: add "
+                    "`reward_model: runs/my-reward` and/or `reward_functions: [my_module:my_reward]`")
+    for i, name in enumerate(functions):
+        if not _FUNCTION_NAME.fullmatch(name):
+            check.error(("reward_functions", i), f"`reward_functions` takes `module:function` names, e.g. "
+                        f"`my_rewards:length_bonus`; got {name!r}")

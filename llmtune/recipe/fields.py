@@ -72,7 +72,7 @@ def check_value(info: FieldInfo, value) -> str | None:
     classes, unknown generics) accept anything.  A float given as text such as
     ``"1e-4"`` is accepted; :func:`coerce` converts it.
     """
-    if _is_float_text_for(info, value):
+    if _is_float_text_for(info, value) or _lone_item_for(info, value):
         return None
     if not _fits(_annotation_node(info.annotation), value):
         return f"expected {info.annotation}, got {_describe(value)}"
@@ -87,7 +87,15 @@ def coerce(info: FieldInfo, value):
     PyYAML follows YAML 1.1, which needs a dot in a float, so ``1e-4`` loads as
     the string ``"1e-4"``.
     """
+    if _lone_item_for(info, value):
+        return [value]
     return float(value) if _is_float_text_for(info, value) else value
+
+
+def _lone_item_for(info: FieldInfo, value) -> bool:
+    """A single value where the field takes a list (`loss_type: ipo`), as TRL's own parser accepts."""
+    node = _annotation_node(info.annotation)
+    return not isinstance(value, (list, tuple, dict)) and not _fits(node, value) and _fits(node, [value])
 
 
 # --- locating and parsing source files ---------------------------------------

@@ -101,6 +101,9 @@ def _read_yaml(path: Path, problems: list) -> tuple[object, dict]:
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
         problems.append(f"{where}: YAML syntax error: {err.problem or err.context}")
         return None, {}
+    except (UnicodeDecodeError, yaml.YAMLError) as err:  # binary garbage, control characters
+        problems.append(f"{shown}: not a YAML text file ({err}); a recipe is UTF-8 text")
+        return None, {}
     if node is None:
         return {}, {}
     locs: dict = {}
@@ -108,13 +111,35 @@ def _read_yaml(path: Path, problems: list) -> tuple[object, dict]:
     return value, locs
 
 
+# The tags a recipe's values may have (almost always implicitly). Any other, such as
+# `!!python/object/apply:os.system`, asks the loader to build an object: refused, not ignored.
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")}
+
+
+def _node_loc(shown: str, node) -> Loc:
+    return Loc(shown, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _plain(node, shown: str, problems: list) -> bool:
+    if node.tag in PLAIN_TAGS:
+        return True
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    problems.append(f"{_node_loc(shown, node)}: YAML tag '{tag}' is not allowed: a recipe holds plain values "
+                    "(text, numbers, true/false, null, lists, mappings); remove the tag")
+    return False
+
+
 def _build(node, path: tuple, shown: str, loader, locs: dict, problems: list):
+    if not _plain(node, shown, problems):
+        return None
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys like PyYAML does
         out: dict = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            where = Loc(shown, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if not _plain(key_node, shown, problems):
+                continue
+            key = _scalar_value(key_node, shown, loader, problems)
+            where = _node_loc(shown, key_node)
             if not isinstance(key, str):
                 problems.append(f"{where}: keys must be strings, got {key!r}")
                 continue
@@ -130,7 +155,16 @@ def _build(node, path: tuple, shown: str, loader, locs: dict, problems: list):
             locs[path + (i,)] = Loc(shown, item.start_mark.line + 1, item.start_mark.column + 1)
             items.append(_build(item, path + (i,), shown, loader, locs, problems))
         return items
-    return loader.construct_object(node, deep=True)
+    return _scalar_value(node, shown, loader, problems)
+
+
+def _scalar_value(node, shown: str, loader, problems: list):
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, KeyError) as err:  # e.g. `!!int abc`
+        problems.append(f"{_node_loc(shown, node)}: cannot read {node.value!r} as "
+                        f"{node.tag.replace('tag:yaml.org,2002:', '!!')} ({err}); remove the tag or fix the value")
+        return None
 
 
 def _merge(base, base_locs: dict, over, over_locs: dict, path: tuple = ()):
@@ -213,6 +247,9 @@ def _absolutize_paths(data: dict, here: Path) -> None:
     if isinstance(model, dict) and isinstance(model.get("chat_template"), str) and \
             model["chat_template"].endswith((".jinja", ".j2")):
         model["chat_template"] = str((here / os.path.expanduser(model["chat_template"])).resolve())
+    launch = data.get("launch")
+    if isinstance(launch, dict) and isinstance(launch.get("deepspeed_config"), str):
+        launch["deepspeed_config"] = str((here / os.path.expanduser(launch["deepspeed_config"])).resolve())
     section = data.get("data")
     if not isinstance(section, dict):
         return
@@ -336,6 +373,9 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = path.resolve()
     problems: list[str] = []
     data, locs = _load_tree(path, (path,), problems)
+    if not data and not problems:
+        problems.append(f"{_display(path)}: the recipe is empty; start from a shipped one with "
+                        f"`llmtune recipes copy quickstart {_display(path)}`")
     for item in overrides:
         _apply_set(data, locs, item, problems)
     data.setdefault("name", path.stem)

@@ -6,14 +6,16 @@
 import typing
 from dataclasses import MISSING, fields
 
-from .schema import DataSection, ModelSection, QuantizationSection, RecipeSection, SourceSection, _type_name
+from .schema import (AdapterSection, CurateSection, DataSection, EarlyStoppingSection, LaunchSection, ModelSection,
+                     QuantizationSection, RecipeSection, SourceSection, _type_name)
 
 
 def _default(f) -> str:
     if f.default is not MISSING:
         return "null" if f.default is None else f"`{f.default}`"
     if f.default_factory is not MISSING:
-        return f"`{f.default_factory()}`"
+        value = f.default_factory()
+        return "each key's default" if isinstance(value, dict) and value else f"`{value}`"
     return "required"
 
 
@@ -28,7 +30,9 @@ def table(cls, prefix: str) -> str:
 
 def render() -> str:
     parts = [table(RecipeSection, ""), table(ModelSection, "model."), table(QuantizationSection, "quantization."),
-             table(DataSection, "data."), table(SourceSection, "data.train[].")]
+             table(AdapterSection, "adapter."), table(DataSection, "data."), table(SourceSection, "data.train[]."),
+             table(CurateSection, "data.curate."), table(EarlyStoppingSection, "early_stopping."),
+             table(LaunchSection, "launch.")]
     return "\n\n".join(parts) + "\n"
 
 

@@ -38,6 +38,10 @@ class ModelSection:
         None, help="null = the tokenizer's own; a `.jinja` file, or a template TRL ships, by name "
         "(llama3, qwen2_5, phi3, gemma, ...).")
     trust_remote_code: bool = opt(False, help="Run Python code shipped with a Hub model. Off unless you set it.")
+    run_adapter: Literal["stack", "merge"] = opt(
+        "stack", help="When `name` is a run directory holding an adapter (e.g. `runs/sft-x`): `stack` keeps "
+        "training that adapter on its base (no `adapter:` section; DPO/KTO's reference is its frozen copy), "
+        "`merge` folds it into the base and fully fine-tunes the result (no `adapter:`, no `quantization:`).")
 
 
 @dataclass
@@ -51,13 +55,52 @@ class QuantizationSection:
         None, help="Storage dtype of packed 4-bit weights; FSDP/ZeRO-3 need it equal to compute_dtype.")
 
 
-ADAPTER_TYPES = ("lora", "dora", "rslora")
-# Short names DESIGN.md uses for PEFT's `LoraConfig` fields.
+@dataclass(frozen=True)
+class AdapterType:
+    """An `adapter.type`: the PEFT config class the rest of the section is passed to."""
+
+    config: str  # "peft:LoraConfig": the section's other keys are this class's fields
+    sets: dict = field(default_factory=dict)  # fields the type itself fixes (dora = LoRA with use_dora)
+    defaults: dict = field(default_factory=dict)  # llmtune's defaults where PEFT has none that fits
+    required: tuple = ()  # fields PEFT leaves unset and cannot build the adapter without
+    mergeable: bool = True  # `llmtune merge` can fold it into the base weights
+
+
+_LORA_DEFAULTS = {"target_modules": "all-linear"}
+_VIRTUAL_TOKENS = ("num_virtual_tokens",)
+# The one table of adapter types; the checks, `peft_config`, `merge` and the JSON schema read it.
+ADAPTERS = {
+    "lora": AdapterType("peft:LoraConfig", defaults=_LORA_DEFAULTS),
+    "dora": AdapterType("peft:LoraConfig", {"use_dora": True}, _LORA_DEFAULTS),
+    "rslora": AdapterType("peft:LoraConfig", {"use_rslora": True}, _LORA_DEFAULTS),
+    "ia3": AdapterType("peft:IA3Config"),
+    # Prompt learning: trained virtual tokens in front of the input, nothing to fold into weights.
+    "prefix": AdapterType("peft:PrefixTuningConfig", required=_VIRTUAL_TOKENS, mergeable=False),
+    "prompt": AdapterType("peft:PromptTuningConfig", required=_VIRTUAL_TOKENS, mergeable=False),
+    "p_tuning": AdapterType("peft:PromptEncoderConfig", required=_VIRTUAL_TOKENS, mergeable=False),
+}
+ADAPTER_TYPES = tuple(ADAPTERS)
+# Short names DESIGN.md uses for PEFT's `LoraConfig` fields (where the type's class has them).
 ADAPTER_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
-# LoraConfig fields llmtune sets itself (from `type:` or the model); users set `type:` instead.
+# PEFT config fields llmtune sets itself (from `type:` or the model); users set `type:` instead.
 ADAPTER_OWNED = {"task_type": "set by the method", "peft_type": "set by `type:`", "use_dora": "use `type: dora`",
                  "use_rslora": "use `type: rslora`", "base_model_name_or_path": "set from `model.name`",
-                 "revision": "set from `model.revision`", "inference_mode": "set by llmtune"}
+                 "revision": "set from `model.revision`", "inference_mode": "set by llmtune",
+                 "auto_mapping": "set by PEFT", "peft_version": "set by PEFT",
+                 "tokenizer_name_or_path": "set from `model.name`"}
+
+
+@dataclass
+class AdapterSection:
+    """llmtune's own `adapter:` keys; every other key is a field of the type's PEFT config class."""
+
+    type: Literal[ADAPTER_TYPES] = opt(
+        "lora", help="`lora`, `dora`, `rslora` (peft.LoraConfig), `ia3` (IA3Config), `prefix` (PrefixTuningConfig), "
+        "`prompt` (PromptTuningConfig) or `p_tuning` (PromptEncoderConfig); the other keys are that class's fields. "
+        "prefix/prompt/p_tuning need `num_virtual_tokens` and cannot be merged into the base.")
+    loraplus_lr_ratio: Union[float, None] = opt(
+        None, help="LoRA+ (lora, dora, rslora): the B matrices learn this many times faster than "
+        "`train.learning_rate` (the LoRA+ paper suggests 16); null = plain LoRA.")
 
 
 @dataclass
@@ -73,13 +116,77 @@ class SourceSection:
     revision: Union[str, None] = opt(None, help="Hub dataset revision (branch, tag or commit).")
 
 
+# Responses `curate.drop_empty` treats as empty (compared lower-case, surrounding whitespace ignored).
+PLACEHOLDERS = ["n/a", "na", "none", "null", "nan", "-", "...", "todo", "tbd", "<noinput>", "no response"]
+
+
+@dataclass
+class CurateSection:
+    dedup: bool = opt(False, help="Drop rows identical to an earlier row (train sources together, eval sources "
+                      "together).")
+    near_dedup: Union[float, None] = opt(
+        None, help="Drop rows whose word 3-gram Jaccard similarity to an earlier row is at least this, e.g. 0.8 "
+        "(MinHash with LSH); null = off.")
+    drop_empty: bool = opt(False, help="Drop rows with an empty or placeholder response (any assistant turn, "
+                           "completion, chosen or rejected; the text of `text` rows).")
+    placeholders: list[str] = opt(factory=lambda: list(PLACEHOLDERS),
+                                  help="Responses `drop_empty` counts as empty, compared lower-case.")
+    min_tokens: Union[int, None] = opt(
+        None, help="Drop rows shorter than this many tokens, counted with the model's tokenizer and chat template "
+        "as training renders them (preference rows: the longer of chosen and rejected).")
+    max_tokens: Union[int, None] = opt(
+        None, help="Drop rows longer than this many tokens (counted as for `min_tokens`) instead of letting "
+        "`max_length` truncate them.")
+    contamination: Literal["off", "report", "remove"] = opt(
+        "off", help="Train rows sharing a `contamination_ngram`-word n-gram with an eval row: counted and listed "
+        "(`report`), or also dropped (`remove`). Needs `data.eval`.")
+    contamination_ngram: int = opt(13, help="Words per n-gram of the contamination check (13, as GPT-3's; lower "
+                                   "finds more overlap).")
+
+
 @dataclass
 class DataSection:
     train: list[SourceSection] = opt(help="Training sources; several are mixed by `weight`.")
     eval: Union[float, list[SourceSection], None] = opt(
         None, help="A fraction of `train` held out (e.g. 0.05), or a list of sources like `train`.")
     max_length: Union[int, None] = opt(2048, help="Token length rows are truncated to (or packed into).")
-    packing: bool = opt(False, help="Pack several rows into each sequence of `max_length` tokens.")
+    packing: Union[bool, None] = opt(
+        None, help="Pack several rows into each sequence of `max_length` tokens, padding-free (position ids keep "
+        "packed rows apart). null = on for SFT with a flash-attention `model.attn_implementation`, whose varlen "
+        "kernels make it pay; off otherwise (sdpa/eager would attend over the whole packed batch).")
+    curate: Union[CurateSection, None] = opt(
+        None, help="Clean the data before training: duplicates, near duplicates, empty responses, token "
+        "lengths, train/eval contamination; the counts go to the manifest and `llmtune data inspect`.")
+
+
+# The launch backends, each a config under recipes/launch/ (llmtune/launch reads them).
+BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload")
+
+
+@dataclass
+class LaunchSection:
+    num_processes: Union[Literal["auto"], int] = opt(
+        "auto", help="Processes per machine: `auto` = every visible GPU (1 on a host without one); on a host "
+        "without GPUs, N runs N CPU processes (gloo).")
+    backend: Literal[BACKENDS] = opt(
+        "ddp", help="`ddp` (a copy per GPU), `fsdp` (FSDP2), `zero1`/`zero2`/`zero3` (DeepSpeed ZeRO), "
+        "`zero3-offload` (ZeRO-3, optimizer and parameters in CPU memory).")
+    nodes: int = opt(1, help="Machines; start llmtune on each with `--node-rank R` (recipes/launch/slurm.sh).")
+    main_addr: Union[str, None] = opt(None, help="Address of the machine with node rank 0 (nodes > 1).")
+    main_port: Union[int, None] = opt(None, help="Its rendezvous port; null = 29500 across machines, a free "
+                                      "port on one machine.")
+    deepspeed_config: Union[str, None] = opt(
+        None, help="A DeepSpeed JSON of your own instead of recipes/launch/<backend>.json (zero backends; "
+        "relative to the recipe). Keep \"auto\" where it should follow `train:`.")
+
+
+@dataclass
+class EarlyStoppingSection:
+    patience: int = opt(help="Stop after this many evaluations in a row without an improvement of `metric`.")
+    threshold: float = opt(0.0, help="How much `metric` must improve to count as an improvement.")
+    metric: str = opt("eval_loss", help="The eval metric watched, as the trainer logs it (`eval_loss`, "
+                      "`eval_rewards/accuracies`, ...); lower is better for names ending in `loss`, higher otherwise "
+                      "(`train.greater_is_better` overrides).")
 
 
 @dataclass
@@ -90,10 +197,26 @@ class RecipeSection:
     name: str = opt(help="Run name, usable as `${name}`; defaults to the recipe file's name.")
     quantization: Union[QuantizationSection, None] = opt(None, help="bitsandbytes quantization; omitted = none.")
     adapter: Union[dict, None] = opt(
-        None, help=f"PEFT adapter: `type:` ({', '.join(ADAPTER_TYPES)}) plus any `peft.LoraConfig` field "
-        "(`r`, `alpha`, `dropout`, `target_modules`, ...); omitted = full fine-tuning.")
+        None, help=f"PEFT adapter: `type:` ({', '.join(ADAPTER_TYPES)}) plus any field of that type's PEFT config "
+        "class (for LoRA: `r`, `alpha`, `dropout`, `target_modules`, `init_lora_weights`, `modules_to_save`, ...); "
+        "omitted = full fine-tuning.")
     train: dict = opt(factory=dict,
                       help="Passed to the method's TRL config class (SFTConfig, ...), any of its fields.")
+    early_stopping: Union[EarlyStoppingSection, None] = opt(
+        None, help="Stop when the eval metric stops improving, and load the best checkpoint at the end "
+        "(transformers' EarlyStoppingCallback). Needs `data.eval`; sets `load_best_model_at_end`, "
+        "`metric_for_best_model` and a save schedule matching the evaluations unless `train:` sets them.")
+    ref_model: Union[str, None] = opt(
+        None, help="dpo, kto: the frozen reference model (Hub id, folder or run directory); null = the starting "
+        "model (with an adapter: the base with the adapter switched off).")
+    reward_model: Union[str, None] = opt(
+        None, help="ppo, grpo, rloo: the model that scores responses, a run directory of `llmtune reward` (e.g. "
+        "`runs/my-reward`) or a local or Hub sequence-classification model with one output.")
+    reward_functions: list[str] = opt(
+        factory=list, help="grpo, rloo: Python reward functions as `module:function` (importable from the working "
+        "directory), each called as TRL calls them: `f(prompts, completions, **columns) -> list[float]`.")
+    launch: LaunchSection = opt(factory=lambda: {f.name: f.default for f in fields(LaunchSection)}, help="How many processes run the recipe, and how they "
+                                "share the model (`llmtune launch`).")
     output_dir: str = opt("runs/${name}", help="Run directory.")
     seed: int = opt(42, help="Seed for data mixing, splits and training.")
 

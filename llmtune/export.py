@@ -1,0 +1,275 @@
+"""After training: fold an adapter into its base (`merge`) and write GGUF for llama.cpp (`export`).
+
+A QLoRA adapter was trained against the *dequantized* 4-bit weights, not the original
+ones, so merging loads the base quantized exactly as in training, dequantizes it and
+folds the adapter into that: the merged model computes what the adapter model computes.
+
+GGUF is written with the `gguf` package (llama.cpp's own writer library), following
+llama.cpp's `convert_hf_to_gguf.py` for the Llama architecture: tensor names from gguf's
+name map, q/k rows permuted to llama.cpp's rotary layout, norms kept in f32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+# Architectures the GGUF writer handles (transformers class -> llama.cpp architecture).
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+# --quant values: what `gguf` itself can write (k-quants need llama.cpp's `llama-quantize`).
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# Llama 3's pre-tokenizer split; llama.cpp calls it "llama-bpe".
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+def _fresh_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: output directory is not empty; pass --out DIR for another one or --overwrite")
+
+
+def merged_model(run_dir: Path):
+    """(model, tokenizer, recipe, notes): the run's model with any adapter folded in, in memory."""
+    from .infer import load
+
+    loaded = load(run_dir, quantized=False)
+    notes = list(loaded.notes)
+    model = loaded.model
+    if loaded.adapter:
+        config = model.peft_config["default"]
+        if config.is_prompt_learning:
+            raise UserError(f"{run_dir}: a {config.peft_type.value.lower().replace('_', ' ')} adapter adds virtual "
+                            "tokens rather than weight updates: there is nothing to fold into the base; use the run "
+                            "directory as it is (`llmtune generate` loads it)")
+        kind = "DoRA" if getattr(config, "use_dora", False) else config.peft_type.value.replace("LORA", "LoRA")
+        model = model.merge_and_unload()
+        notes.append(f"folded the {kind} adapter into the base")
+    return model, loaded.tokenizer, loaded.recipe, notes
+
+
+def merge(run_dir, out=None, overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write the run's adapter merged into its base as a full model folder (default RUN_DIR/merged)."""
+    from .infer import is_adapter, stop_token_ids
+    from .run import package_versions, write_json
+
+    run_dir = Path(run_dir)
+    if not is_adapter(run_dir):
+        raise UserError(f"{run_dir}: holds a full model (config.json, no adapter_config.json); there is nothing to "
+                        "merge, use the directory as it is")
+    out = Path(out) if out else run_dir / "merged"
+    _fresh_dir(out, overwrite)
+    model, tokenizer, recipe, notes = merged_model(run_dir)
+    # Other inference engines read the stop tokens from generation_config.json: include the template's end of turn.
+    model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
+    # Written beside the target and renamed into place: an interrupted merge leaves nothing half-written.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # with the chat template used in training
+        if (run_dir / "recipe.yaml").is_file():
+            shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")
+        write_json(tmp / "manifest.json",
+                   {"merged_from": str(run_dir.resolve()), "notes": notes, "packages": package_versions()})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, notes
+
+
+def _permute(weights, n_head: int):
+    """HF's rotate-half q/k layout to llama.cpp's interleaved one (as convert_hf_to_gguf.py does)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _llama3_rope_factors(config, head_dim: int):
+    """Per-frequency factors llama.cpp reads from `rope_freqs.weight` for Llama 3 rope scaling."""
+    import numpy as np
+
+    rope = config.rope_parameters
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer (how text is split before merges)."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    splits = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split"]
+    if splits == [LLAMA3_SPLIT]:
+        return "llama-bpe"
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if not splits and byte_level and byte_level[0].get("use_regex", True):
+        return "gpt-2"
+    if not splits and not spec["model"].get("merges"):
+        return "default"  # no merges: every byte is its own token however the text is split
+    raise UserError("GGUF export: this tokenizer's pre-tokenizer is not one llmtune can name for llama.cpp "
+                    "(supported: Llama 3's, GPT-2's, or byte-level without merges); convert with llama.cpp's "
+                    "convert_hf_to_gguf.py on the output of `llmtune merge`")
+
+
+def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str]:
+    import gguf
+
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    if spec["model"].get("type") != "BPE" or not any(
+            p.get("type") == "ByteLevel" for p in [spec.get("decoder") or {}] + (spec["decoder"] or {}).get(
+                "decoders", [])):
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama 3 style); this one is "
+                        f"{spec['model'].get('type')}; convert with llama.cpp's convert_hf_to_gguf.py on the output "
+                        "of `llmtune merge`")
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = bool(spec["model"].get("merges"))
+    if not merges:
+        # llama.cpp refuses a BPE vocabulary without merges, and gguf cannot write an empty list. "~~" is no
+        # token, so llama.cpp splits the merged pair back into its two bytes: the merge changes nothing.
+        writer.add_token_merges(["~ ~"])
+    special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=vocab_size)
+    # What the tokenizer itself adds when encoding (the tiny one adds nothing: its template writes <s>).
+    probe = tokenizer("x")["input_ids"]
+    special.add_special_token.update(bos=probe[0] == tokenizer.bos_token_id, eos=probe[-1] == tokenizer.eos_token_id)
+    notes = []
+    template = tokenizer.chat_template
+    if template:
+        # `{% generation %}` only marks trained tokens; llama.cpp's template engine does not know the tag.
+        special.chat_template = GENERATION_TAG.sub("", template)
+        notes.append("chat template embedded (training-only {% generation %} tags removed)")
+    special.add_to_gguf(writer, quiet=True)
+    from .infer import end_of_turn_token
+
+    turn = end_of_turn_token(tokenizer) if template else None
+    if turn and turn[0] != tokenizer.eos_token_id:  # llama.cpp also stops at the end-of-turn token
+        writer.add_eot_token_id(turn[0])
+        notes.append(f"end-of-turn token {turn[1]!r} recorded as eot_token_id")
+    return notes
+
+
+def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write the run's model (adapter merged in memory) as one GGUF file for llama.cpp."""
+    import gguf
+    import numpy as np
+    import torch
+
+    run_dir = Path(run_dir)
+    if quant not in GGUF_QUANTS:
+        raise UserError(f"--quant {quant}: not one of {', '.join(GGUF_QUANTS)} (k-quants such as q4_k_m: run "
+                        "llama.cpp's llama-quantize on an f16 export)")
+    from .infer import is_adapter
+
+    is_adapter(run_dir)  # a clear error for a folder that holds no model
+    model, tokenizer, recipe, notes = merged_model(run_dir)
+    config = model.config
+    arch = next((a for a in (config.architectures or []) if a in GGUF_ARCHITECTURES), None)
+    if arch is None:
+        raise UserError(f"{run_dir}: GGUF export supports the {', '.join(GGUF_ARCHITECTURES)} architecture; this "
+                        f"model is {', '.join(config.architectures or ['unknown'])}. Run `llmtune merge` and "
+                        "convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"{run_dir}: GGUF export does not handle rope scaling '{rope_type}' yet (default and "
+                        "llama3 are supported)")
+    name = (recipe or {}).get("name") or run_dir.name
+    out = Path(out) if out else run_dir / f"{name}-{quant}.gguf"
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: file exists; pass --out FILE or --overwrite")
+
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[arch])
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    notes += _add_tokenizer(writer, tokenizer, run_dir, config.vocab_size)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    fallback = 0
+    if rope_type == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(config, head_dim))
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when there is no output tensor
+        target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise UserError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute(data, n_kv)
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(target, data)  # norms stay f32, as llama.cpp's converter keeps them
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(target, data.astype(np.float16))
+        else:
+            try:
+                writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            except gguf.quants.QuantError:  # rows not a multiple of the block size
+                writer.add_tensor(target, data.astype(np.float16))
+                fallback += 1
+    if fallback:
+        notes.append(f"{fallback} tensor(s) kept in f16: their rows do not divide into {quant} blocks")
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out, notes

@@ -1,0 +1,12 @@
+"""GRPO: the recipe as `trl.GRPOConfig` + `trl.GRPOTrainer`, scored by `reward_model:` and/or
+`reward_functions:` (see rewards.py)."""
+
+from .rewards import online_defaults as defaults  # noqa: F401 - the method interface
+
+
+def build_trainer(**inputs):
+    from trl import GRPOTrainer
+
+    from .rewards import online_trainer
+
+    return online_trainer(GRPOTrainer, **inputs)

@@ -1,0 +1,21 @@
+"""ORPO: the recipe as `trl.experimental.orpo.ORPOConfig` + `ORPOTrainer`.
+
+ORPO adds an odds-ratio preference term to the SFT loss, so it needs no reference model and
+usually starts from a base model. TRL ships it under `trl.experimental` without a stability
+contract: the verb table marks it experimental, and llmtune shows that in `--help`, the run log
+and the manifest.
+"""
+
+from . import shared_defaults
+
+
+def defaults(config: dict, data) -> dict:
+    """ORPOConfig values llmtune sets unless the recipe's `train:` does."""
+    return shared_defaults(config, data)
+
+
+def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks):
+    from trl.experimental.orpo import ORPOTrainer
+
+    return ORPOTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

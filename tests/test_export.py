@@ -1,0 +1,254 @@
+"""After training: merge (LoRA, DoRA, QLoRA), generate/chat, and GGUF export read back and run by llama.cpp."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmtune.infer import Sampling, generate, load, prompt_ids
+from llmtune.recipe.check import resolve
+from llmtune.train import run
+
+from .conftest import cli, write_jsonl, write_recipe
+
+PAIRS = [("Say hi", "hi!"), ("Say bye", "bye!"), ("Count to 3", "1 2 3"), ("Name a color", "blue")]
+PROMPTS = [p for p, _ in PAIRS] + ["What is up", "Say hello"]
+RECIPE = """\
+method: sft
+model: {{name: "builtin:tiny", dtype: float32}}
+adapter: {{type: {adapter}, r: 8, alpha: 16}}
+{extra}
+data:
+  train:
+    - path: {data}
+  max_length: 64
+train:
+  learning_rate: 1.0e-2
+  max_steps: 30
+  per_device_train_batch_size: 8
+  gradient_checkpointing: false
+  logging_steps: 10
+  save_strategy: "no"
+  disable_tqdm: true
+"""
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def train(tmp, adapter="lora", extra=""):
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
+    data = write_jsonl(tmp / "pairs.jsonl", rows * 8)
+    recipe = write_recipe(tmp / f"{adapter}.yaml", RECIPE.format(adapter=adapter, extra=extra, data=data))
+    out = tmp / adapter
+    run(resolve(recipe), ["llmtune", "sft", str(recipe)], output_dir=str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, llmtune_cache):
+    return train(tmp_path_factory.mktemp("lora"))
+
+
+def answers(loaded, prompts=PROMPTS, max_new_tokens=12):
+    return [generate(loaded, prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}]),
+                     Sampling(max_new_tokens=max_new_tokens)) for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_merged_model_generates_what_the_adapter_generates(tmp_path, kind):
+    run_dir = train(tmp_path, *{"lora": ("lora",), "dora": ("dora",),
+                                "qlora": ("lora", "quantization: {bits: 4, compute_dtype: float32}")}[kind])
+    result = cli("merge", run_dir)
+    assert result.returncode == 0, result.stderr
+    merged = run_dir / "merged"
+    assert f"wrote {merged}" in result.stdout
+    assert ("dequantized the 4-bit base" in result.stdout) == (kind == "qlora")
+    assert ("DoRA" if kind == "dora" else "LoRA") in result.stdout
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+
+    adapter, full = load(run_dir), load(merged)
+    assert not full.adapter and "{% generation %}" in full.tokenizer.chat_template
+    assert answers(full) == answers(adapter)  # token for token
+    assert answers(adapter, PROMPTS[:1]) == [adapter.tokenizer.encode("hi!")]  # it learned something to compare
+
+
+def test_qlora_merge_folds_into_the_dequantized_weights_it_trained_against(tmp_path):
+    """Folding into the original float weights instead would change what the model computes."""
+    run_dir = train(tmp_path, extra="quantization: {bits: 4, compute_dtype: float32}")
+    adapter = load(run_dir)
+    ids = prompt_ids(adapter.tokenizer, [{"role": "user", "content": "Count to 3"}])
+    with torch.no_grad():
+        reference = adapter.model(input_ids=ids).logits
+        from llmtune.export import merged_model
+
+        ours = merged_model(run_dir)[0](input_ids=ids).logits
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from llmtune.model import builtin_path
+
+        naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_path("tiny")),
+                                          run_dir).merge_and_unload()(input_ids=ids).logits
+    # What is left is the 4-bit kernel's own rounding (the quantized base alone differs as much from its
+    # dequantized weights); folding into the original weights is off by 60x that on this run.
+    assert (ours - reference).abs().max() < 0.1
+    assert (naive - reference).abs().max() > 10 * (ours - reference).abs().max()
+
+
+def test_generate_stops_at_the_trained_stop_token(lora_run):
+    result = cli("generate", lora_run, "-p", "Say hi", "-p", "Count to 3", "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == ["### Say hi", "hi!", "", "### Count to 3", "1 2 3"]
+    # Without stop tokens the model goes on after its answer, with the stop token first.
+    loaded = load(lora_run)
+    ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": "Say hi"}])
+    raw = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    assert raw[:4] == loaded.tokenizer.encode("hi!") + [loaded.tokenizer.convert_tokens_to_ids("<|end|>")]
+    assert len(raw) == 6
+
+
+def test_sampling_flags_and_seed(lora_run):
+    loaded = load(lora_run)
+    ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": "What is up"}])
+    hot = Sampling(max_new_tokens=20, temperature=5.0, seed=1)
+    first, again = generate(loaded, ids, hot), generate(loaded, ids, hot)
+    assert first == again  # the seed makes sampling repeatable
+    assert any(generate(loaded, ids, Sampling(max_new_tokens=20, temperature=5.0, seed=s)) != first
+               for s in range(2, 6))
+
+
+def test_chat_answers_each_turn_on_a_merged_dir(lora_run, tmp_path):
+    result = cli("merge", lora_run, "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    import subprocess
+    import sys
+
+    chat = subprocess.run([sys.executable, "-m", "llmtune", "chat", tmp_path / "merged"],
+                          input="Say hi\n/reset\nSay bye\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "hi!" in chat.stdout and "bye!" in chat.stdout
+
+
+def test_merge_refuses_what_it_cannot_merge(lora_run, tmp_path):
+    result = cli("merge", tmp_path)
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+    assert cli("merge", lora_run, "--out", tmp_path / "m").returncode == 0
+    again = cli("merge", tmp_path / "m")
+    assert again.returncode == 2 and "holds a full model" in again.stderr
+    busy = cli("merge", lora_run, "--out", tmp_path / "m")
+    assert busy.returncode == 2 and "--overwrite" in busy.stderr
+
+
+def unpermute(data, n_head):
+    """Undo llama.cpp's q/k row order, back to Hugging Face's."""
+    return data.reshape(n_head, data.shape[0] // n_head // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_gguf_round_trips_through_the_gguf_reader(lora_run, tmp_path, quant):
+    import gguf
+
+    out = tmp_path / f"tiny-{quant}.gguf"
+    result = cli("export", lora_run, "--format", "gguf", "--quant", quant, "--out", out)
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(out)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    tokenizer = load(lora_run).tokenizer
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
+    assert meta["llama.embedding_length"] == 64 and meta["llama.attention.head_count_kv"] == 2
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.tokens"] == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", "")
+
+    from llmtune.export import merged_model
+
+    weights = merged_model(lora_run)[0].state_dict()
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == len(weights) == 21
+    q = tensors["blk.0.attn_q.weight"]
+    assert q.tensor_type.name == quant.upper() and tuple(reversed(q.shape.tolist())) == (64, 64)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    for name, hf, heads in (("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight", 2),
+                            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", None),
+                            ("output.weight", "lm_head.weight", None)):
+        data = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(weights[hf].shape)
+        data = unpermute(data, heads) if heads else data
+        tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}[quant]
+        assert np.abs(data - weights[hf].numpy()).max() <= tolerance * np.abs(weights[hf].numpy()).max() + 1e-7, name
+
+
+def test_unsupported_architecture_fails_clearly(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmtune.model import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    result = cli("export", tmp_path, "--quant", "f16")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "supports the LlamaForCausalLM architecture; this model is GPT2LMHeadModel" in result.stderr
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def llama_greedy(path, ids, n):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False)
+    try:
+        out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1):
+            if token == llm.token_eos() or len(out) == n:
+                break
+            out.append(token)
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_llama_cpp_generates_the_same_greedy_tokens(lora_run, tmp_path, quant):
+    from llama_cpp import Llama
+
+    out = tmp_path / f"tiny-{quant}.gguf"
+    assert cli("export", lora_run, "--quant", quant, "--out", out).returncode == 0
+    loaded = load(lora_run)
+    for prompt in PROMPTS:
+        ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
+        ours = generate(loaded, ids, Sampling(max_new_tokens=12))
+        theirs = llama_greedy(out, ids[0].tolist(), 12)
+        assert theirs == ours, prompt
+    llm = Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False)
+    text = "Hello, wörld! ~~ <|end|> 123"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == loaded.tokenizer(text)["input_ids"]
+    llm.close()
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
+    """Llama 3.x shapes: rope_freqs from llama3 rope scaling, output head tied to the embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmtune.model import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert cli("export", tmp_path, "--quant", "f32", "--out", tmp_path / "m.gguf").returncode == 0
+    ids = tokenizer("The quick brown fox jumps over the lazy dog, past the original context of 64 tokens.")["input_ids"]
+    ours = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert llama_greedy(tmp_path / "m.gguf", ids, 16) == ours
