@@ -13,7 +13,7 @@ from .methods import METHODS
 
 app = typer.Typer(
     help="Fine-tune language models from YAML recipes (TRL, PEFT, bitsandbytes, accelerate).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
 recipes_app = typer.Typer(help="Shipped recipes: list, show, copy.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
@@ -137,8 +137,9 @@ def _method_verb(name: Optional[str], doc: str):
 
 
 for _name, _method in METHODS.items():
-    app.command(_name)(_method_verb(_name, _method.summary + (" (experimental in TRL)" if _method.experimental
-                                                                else "")))
+    # The marker leads, so the one-line command list (which cuts summaries short) still shows it.
+    app.command(_name)(_method_verb(_name, ("(experimental in TRL) " if _method.experimental else "")
+                                    + _method.summary))
 app.command("train")(_method_verb(None, "Train with the method named by the recipe's `method:`."))
 
 
