@@ -384,9 +384,9 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name from `llmtune
 @recipes_app.command("copy")
 def recipes_copy(
     name: str = typer.Argument(..., help="Recipe name from `llmtune recipes list`."),
-    dest: Path = typer.Argument(..., help="Where to write it (a file, or a folder)."),
+    dest: Path = typer.Argument(..., help="A .yaml file, or a folder (created if missing)."),
 ):
-    """Copy a shipped recipe, and the sample data files it names, to edit as your own."""
+    """Copy a shipped recipe to edit as your own; the sample data it names goes to data/ beside it."""
     from .recipe.copy import copy_recipe
 
     try:

@@ -233,6 +233,13 @@ def test_recipes_list_show_copy(tmp_path):
     assert cli("validate", tmp_path / "quickstart.yaml").returncode == 0
     again = cli("recipes", "copy", "quickstart", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+    # A recipe in a subfolder with `../data/...` paths, into a folder that does not exist yet.
+    nested = tmp_path / "new" / "dir"
+    assert cli("recipes", "copy", "dpo/tiny-lora", nested).returncode == 0
+    copied = (nested / "tiny-lora.yaml").read_text()
+    assert "path: data/preference.jsonl" in copied and (nested / "data" / "preference.jsonl").is_file()
+    assert f"$schema={(RECIPES / 'recipe.schema.json').resolve().as_uri()}" in copied
+    assert cli("validate", nested / "tiny-lora.yaml").returncode == 0
 
 
 def test_readme_reference_matches_the_schema():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 class Method:
     name: str
     config: str          # the TRL config class the recipe's `train:` section becomes
-    runner: str          # module with `run(resolved, run_dir) -> dict of final metrics`
+    runner: str          # module with `defaults(config, data)` and `build_trainer(...)` (see train.py)
     summary: str
     experimental: bool = False  # TRL ships the trainer under `trl.experimental`, without a stability contract
     head: str = "CausalLM"  # the model class is `AutoModelFor<head>` (reward: SequenceClassification)

@@ -2,37 +2,43 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from .loader import _read_yaml, shipped_recipe
+from .loader import SHIPPED, _read_yaml, shipped_recipe
 
 
 def copy_recipe(name: str, dest: Path) -> list[Path]:
+    """Copy to `dest` (a folder unless it names a .yaml file); sample data goes to `data/` beside it."""
     source = shipped_recipe(name)
     if source is None:
         raise UserError(f"no shipped recipe '{name}'; see `llmtune recipes list`")
-    target = dest / source.name if dest.is_dir() else dest
+    target = dest if dest.suffix in (".yaml", ".yml") else dest / source.name
     if target.exists():
         raise UserError(f"{target} already exists; choose another destination")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    text = source.read_text(encoding="utf-8")
     written = [target]
-    # Relative data paths keep working when the files they name travel with the recipe.
+    # Data files travel with the recipe, so its relative paths keep working wherever it lands.
     problems: list = []
     data, _ = _read_yaml(source, problems)
     sections = (data or {}).get("data") or {}
     for split in ("train", "eval"):
-        for item in sections.get(split) or [] if isinstance(sections.get(split), list) else []:
+        for item in sections.get(split) if isinstance(sections.get(split), list) else []:
             rel = item.get("path") if isinstance(item, dict) else None
             if not rel or Path(rel).is_absolute() or not (source.parent / rel).is_file():
                 continue
-            out = target.parent / rel
+            local = f"data/{Path(rel).name}"
+            text = text.replace(f"path: {rel}", f"path: {local}")
+            out = target.parent / local
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source.parent / rel, out)
                 written.append(out)
+    # The editor modeline points at the schema shipped with llmtune, not at a file that did not travel.
+    schema = (SHIPPED / "recipe.schema.json").resolve()
+    text = re.sub(r"(\$schema=)\S+", lambda m: m.group(1) + schema.as_uri(), text, count=1)
+    target.write_text(text, encoding="utf-8")
     return written
-
-
