@@ -116,6 +116,10 @@ def checkpoint_to_resume(run_dir: Path, resume: str | None, current: dict, force
     return checkpoint
 
 
+EARLIER_MODEL = ("adapter_config.json", "adapter_model.*", "model*.safetensors*", "pytorch_model*.bin*",
+                 "config.json", "generation_config.json", "loss.png")
+
+
 def prepare(run_dir: Path, checkpoint: Path | None) -> None:
     """Clear what an earlier run left that does not belong to this one.
 
@@ -130,6 +134,11 @@ def prepare(run_dir: Path, checkpoint: Path | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
         metrics.unlink(missing_ok=True)
         (run_dir / "train.log").unlink(missing_ok=True)
+        # The earlier run's model: a full run over a LoRA one must not leave an adapter_config.json
+        # that makes loaders take the folder for an adapter (and the other way round).
+        for pattern in EARLIER_MODEL:
+            for old in run_dir.glob(pattern):
+                old.unlink(missing_ok=True)
     elif metrics.is_file() and checkpoint.resolve().parent == run_dir.resolve():
         step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
         kept = []

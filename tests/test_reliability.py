@@ -581,3 +581,13 @@ def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatc
         assert a.keys() == b.keys(), name
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_run_clears_the_earlier_runs_model_files(tmp_path):
+    from llmtune.resume import prepare
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
+                 "tokenizer.json", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    prepare(tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tokenizer.json"]
