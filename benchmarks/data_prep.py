@@ -3,6 +3,11 @@
 For each SFT format: rows/s on a first run and on a second run with the prepared-data
 cache warm (goal: second run >= 10x faster), and the first run at several sizes to show
 the cost grows linearly with rows. Run: python benchmarks/data_prep.py [--rows 100000]
+
+`--num-proc N` instead compares TRL's tokenization in one process (its default,
+`dataset_num_proc: null`) with N worker processes, at several row counts, next to what
+llmtune picks for each: where the workers' start-up pays off. Run:
+python benchmarks/data_prep.py --num-proc 2 [--sizes 5000 10000 ...]
 """
 
 import argparse
@@ -15,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, ROOT
+from common import PYTHON, ROOT, summary
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
@@ -31,7 +36,7 @@ def row(fmt: str, i: int, rng: random.Random) -> dict:
     }[fmt]
 
 
-def child(path: str) -> None:
+def child(path: str, num_proc: int | None = None) -> None:
     """One run in a fresh process: prints seconds for load_data and for TRL's tokenization."""
     sys.path.insert(0, str(ROOT))
     from llmtune.data import load_data
@@ -48,7 +53,7 @@ def child(path: str) -> None:
     from trl import SFTConfig
 
     config = {"model": {"name": "builtin:tiny", "trust_remote_code": False, "dtype": "float32"}, "data": section}
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), report_to="none", bf16=False, dataset_num_proc=None,
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), report_to="none", bf16=False, dataset_num_proc=num_proc,
                      **sft.defaults(config, data))
     tokenizer = load_tokenizer(config["model"])
     model = load_model(config)
@@ -57,8 +62,9 @@ def child(path: str) -> None:
     print(json.dumps({"load": loaded - start, "tokenize": time.perf_counter() - before, "rows": len(data.train)}))
 
 
-def measure(path: Path, cache: Path) -> dict:
-    done = subprocess.run([PYTHON, __file__, "--child", str(path)], capture_output=True, text=True,
+def measure(path: Path, cache: Path, num_proc: int | None = None) -> dict:
+    extra = ["--child-num-proc", str(num_proc)] if num_proc else []
+    done = subprocess.run([PYTHON, __file__, "--child", str(path), *extra], capture_output=True, text=True,
                           env={**os.environ, "LLMTUNE_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
     if done.returncode:
         sys.exit(done.stderr[-3000:])
@@ -68,10 +74,17 @@ def measure(path: Path, cache: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, help="compare tokenizing in 1 and in N processes")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 10_000, 20_000, 50_000, 100_000],
+                        help="row counts of the --num-proc comparison")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child")
+    parser.add_argument("--child-num-proc", type=int)
     opts = parser.parse_args()
     if opts.child:
-        return child(opts.child)
+        return child(opts.child, opts.child_num_proc)
+    if opts.num_proc:
+        return compare_processes(opts.num_proc, opts.sizes, opts.repeats)
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -92,6 +105,29 @@ def main() -> None:
             first = measure(path, work / f"cache-scale-{n}")
             total = first["load"] + first["tokenize"]
             print(f"  {n:>7} rows: {total:6.2f}s  ({total / n * 1e6:.1f} us/row)")
+
+
+def compare_processes(n: int, sizes: list[int], repeats: int) -> None:
+    """TRL's tokenization (first run, cold caches) in one process and in `n`, per row count."""
+    sys.path.insert(0, str(ROOT))
+    from llmtune.fast import tokenize_processes
+
+    rng = random.Random(0)
+    print(f"tokenizing `messages` rows, first run; {len(os.sched_getaffinity(0))} usable cores; seconds, median "
+          f"of {repeats} [min .. max]")
+    print(f"{'rows':>7} {'1 process (TRL)':>26} {f'{n} processes':>26} {'ratio':>6}  llmtune picks")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for rows in sizes:
+            path = work / f"rows-{rows}.jsonl"
+            path.write_text("".join(json.dumps(row("messages", i, rng)) + "\n" for i in range(rows)))
+            times = {None: [], n: []}
+            for r in range(repeats):  # interleaved, so a busy spell on the machine hits both alike
+                for procs in times:
+                    times[procs].append(measure(path, work / f"cache-{rows}-{procs}-{r}", procs)["tokenize"])
+            (one, lo1, hi1), (many, lo2, hi2) = summary(times[None]), summary(times[n])
+            print(f"{rows:>7} {one:>9.2f} [{lo1:.2f} .. {hi1:.2f}] {many:>9.2f} [{lo2:.2f} .. {hi2:.2f}] "
+                  f"{one / many:>5.2f}x  {tokenize_processes(rows) or 1}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ from llmtune.recipe.check import resolve
 from llmtune.train import run
 metrics = run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
 print(json.dumps({{"runtime": metrics["train_runtime"], "peak": torch.cuda.max_memory_allocated(),
-                  "tokens": json.loads(open({out!r} + "/metrics.jsonl").readlines()[-1]).get("num_tokens")}}))
+                  "tokens": json.loads(open({out!r} + "/metrics.jsonl").readlines()[-1]).get("num_tokens"),
+                  "speed": json.load(open({out!r} + "/manifest.json"))["speed"]}}))
 """
 
 TRL_CHILD = """
@@ -107,7 +108,7 @@ print(json.dumps({{"runtime": result.metrics["train_runtime"], "peak": torch.cud
 
 RECIPE = """
 method: sft
-model: {{name: {model}, dtype: bfloat16, attn_implementation: {attn}}}
+model: {{name: {model}, dtype: bfloat16}}  # attention (and Liger) picked by llmtune for this GPU
 {quant}
 adapter: {{type: lora, r: 16, alpha: 32, target_modules: all-linear}}
 data: {{train: [{{path: {data}}}], max_length: {seq}}}
@@ -143,7 +144,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     attn = attention()
-    print(f"GPU: {name}; attention: {attn}; seq {SEQ}; batch 1 x 4 accumulation; {opts.steps} steps")
+    print(f"GPU: {name}; plain TRL attention: {attn} (llmtune picks its own: `llmtune plan` shows it); seq {SEQ}; "
+          f"batch 1 x 4 accumulation; {opts.steps} steps")
     print(f"{'model':<6} {'kind':<6} {'who':<9} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6}  plan estimate")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -155,8 +157,7 @@ def main() -> None:
             for kind in ("lora", "qlora"):
                 quant = "quantization: {bits: 4, compute_dtype: bfloat16}" if kind == "qlora" else ""
                 recipe = work / f"{size}-{kind}.yaml"
-                recipe.write_text(RECIPE.format(model=model_dir, attn=attn, quant=quant, data=data, seq=SEQ,
-                                                steps=opts.steps))
+                recipe.write_text(RECIPE.format(model=model_dir, quant=quant, data=data, seq=SEQ, steps=opts.steps))
                 runs = {
                     "plain TRL": child(TRL_CHILD.format(qlora=kind == "qlora", model=str(model_dir), attn=attn,
                                                        out=str(work / "trl"), steps=opts.steps, seq=SEQ,
@@ -171,6 +172,7 @@ def main() -> None:
                     mfu = f"{tps * 4 * params / (peak * 1e12):.1%}" if peak else "n/a"
                     print(f"{size:<6} {kind:<6} {who:<9} {tps:>9.0f} {result['peak'] / 2**30:>9.2f} {mfu:>6}  "
                           f"{estimate if who == 'llmtune' else ''}")
+                print(f"       llmtune used: {runs['llmtune']['speed']}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,19 @@ def adapter_run(model: dict) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def auto_config(model: dict):
+    """The transformers config of the recipe's model (of its base, for a run directory holding an adapter)."""
+    import transformers
+
+    stacked = adapter_run(model)
+    source = stacked["base_model_name_or_path"] if stacked else model_path(model)
+    try:
+        return transformers.AutoConfig.from_pretrained(source, revision=model.get("revision"),
+                                                       trust_remote_code=model["trust_remote_code"])
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name: cannot read the config of '{model['name']}': {err}") from None
+
+
 def load_model(config: dict, head: str = "CausalLM"):
     """The model as the recipe describes it, as `AutoModelFor<head>` (not yet wrapped in the recipe's adapter).
 
@@ -193,8 +206,11 @@ def load_model(config: dict, head: str = "CausalLM"):
                   dtype=torch_dtype(model["dtype"]))
     if head == "SequenceClassification":
         kwargs["num_labels"] = 1  # a reward model: one score per sequence
-    if model.get("attn_implementation"):
-        kwargs["attn_implementation"] = model["attn_implementation"]
+    from .fast import attention
+
+    attn = attention(model).value  # the recipe's, or flash attention where this machine has it
+    if attn:
+        kwargs["attn_implementation"] = attn
     quant = quantization_config(config.get("quantization"))
     if quant is not None:
         kwargs["quantization_config"] = quant

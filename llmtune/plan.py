@@ -49,6 +49,7 @@ class Shape:
     vocab: int
     dtype: str  # weights dtype of the checkpoint (or the recipe's `model.dtype`)
     architecture: str
+    attention: str = "sdpa"  # the attention transformers picks for the model by default
 
 
 @dataclass
@@ -81,21 +82,17 @@ def model_shape(config: dict, head: str = "CausalLM") -> Shape:
     import transformers
     from accelerate import init_empty_weights
 
-    from .model import adapter_run, model_path, peft_config
+    from .model import adapter_run, auto_config, peft_config
 
     model = config["model"]
     adapter = config.get("adapter")
     stacked = adapter_run(model)
-    source = stacked["base_model_name_or_path"] if stacked else model_path(model)
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(source, revision=model.get("revision"),
-                                                            trust_remote_code=model["trust_remote_code"])
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.name: cannot read the config of '{model['name']}': {err}") from None
+    hf_config = auto_config(model)
     with init_empty_weights():  # parameters on the meta device: shapes without memory
         net = getattr(transformers, f"AutoModelFor{head}").from_config(
             hf_config, trust_remote_code=model["trust_remote_code"])
     net.tie_weights()  # from_config leaves tied embeddings as two tensors (and cannot tie under init_empty_weights)
+    attention = net.config._attn_implementation
     params = sum(p.numel() for p in net.parameters())
     output = net.get_output_embeddings()
     linears = [m for m in net.modules() if isinstance(m, nn.Linear) and m is not output]
@@ -119,7 +116,8 @@ def model_shape(config: dict, head: str = "CausalLM") -> Shape:
                  layers=text.num_hidden_layers, hidden=text.hidden_size,
                  intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                  kv_width=getattr(text, "num_key_value_heads", heads) * head_dim, vocab=text.vocab_size,
-                 dtype=dtype.removeprefix("torch."), architecture=(hf_config.architectures or ["?"])[0])
+                 dtype=dtype.removeprefix("torch."), architecture=(hf_config.architectures or ["?"])[0],
+                 attention=attention)
 
 
 def _decoder_layers(net):
@@ -278,7 +276,7 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
 
     import yaml
 
-    from .data.inspect import percentiles, source_stats
+    from .data.inspect import percentiles, sampled, source_stats
     from .recipe.loader import redact
     from .run import quiet
     from .train import training_args
@@ -299,36 +297,44 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
         r = stats.report
         p = percentiles(stats.lengths)
         longest = max(longest, p["max"])
-        tokens += sum(min(n, max_length or n) for n in stats.lengths) * r.rows / max(stats.measured, 1)
-        sampled = f" (a sample of {stats.measured})" if stats.measured < r.rows else ""
-        lines.append(f"{r.path}: {r.format} ({r.reason}), {r.rows} rows; tokens per row{sampled}: p50 {p['p50']}, "
+        tokens += sum(min(n, max_length or n) for n in stats.lengths) * (r.rows or 0) / max(stats.measured, 1)
+        counted = "streamed" if r.rows is None else f"{r.rows} rows"
+        lines.append(f"{r.path}: {r.format} ({r.reason}), {counted}; tokens per row{sampled(stats)}: p50 {p['p50']}, "
                      f"p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; {stats.truncated} rows over max_length "
                      f"{max_length}")
-    rows = len(data.train)
-    lines.append(f"training rows after eval hold-out and weights: {rows}"
+    streamed = data.sources[0].rows is None  # no count before the run: train.max_steps sets its length
+    rows = None if streamed else len(data.train)
+    lines.append(f"training rows after eval hold-out and weights: {'streamed' if streamed else rows}"
                  + (f"; eval rows: {len(data.eval)}" if data.eval is not None else ""))
 
     shape = model_shape(config, method.head)
     runner = importlib.import_module(method.runner)
-    args = training_args(resolved, Path(".llmtune-plan"), runner.defaults(config, data))  # creates nothing
+    args = training_args(resolved, Path(".llmtune-plan"), runner.defaults(config, data), data)  # creates nothing
     kind = "full fine-tuning" if config.get("adapter") is None else f"{config['adapter']['type']} adapter"
     lines += ["\n# model", f"{config['model']['name']} ({shape.architecture}), weights in {shape.dtype}",
               f"parameters: {shape.params:,} total; {shape.trainable:,} trainable "
               f"({100 * shape.trainable / shape.params:.2f}%, {kind})"]
+    from .fast import describe
+
+    lines += ["\n# speed (picked for this machine where the recipe leaves it open)",
+              *describe(resolved, args, data, shape.attention)]
 
     per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     effective = effective_batch(config, processes)
     packed = bool(getattr(args, "packing", False))
-    sequences = math.ceil(tokens / max_length) if packed and max_length else rows
-    batches = math.ceil(sequences / (per_device * processes))
-    per_epoch = max(math.ceil(batches / accumulation), 1)
-    total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
     lines += ["\n# batch",
               f"effective batch: {per_device} per device x {accumulation} accumulation x {processes} process(es) "
-              f"= {effective} {'packed sequences' if packed else 'rows'} per optimizer step",
-              f"steps: {per_epoch} per epoch{' (packing: about ' + str(sequences) + ' sequences)' if packed else ''}, "
-              f"{total} in total" + (" (train.max_steps)" if args.max_steps > 0 else
-                                     f" ({args.num_train_epochs:g} epochs)")]
+              f"= {effective} {'packed sequences' if packed else 'rows'} per optimizer step"]
+    if streamed:
+        lines.append(f"steps: {args.max_steps} in total (train.max_steps; a stream has no epochs to count)")
+    else:
+        sequences = math.ceil(tokens / max_length) if packed and max_length else rows
+        batches = math.ceil(sequences / (per_device * processes))
+        per_epoch = max(math.ceil(batches / accumulation), 1)
+        total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+        lines.append(f"steps: {per_epoch} per epoch"
+                     f"{' (packing: about ' + str(sequences) + ' sequences)' if packed else ''}, {total} in total"
+                     + (" (train.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"))
 
     seq_len = max_length if packed and max_length else min(longest, max_length or longest)
     batch = per_device * (2 if method.name in PAIRED else 1)

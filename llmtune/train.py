@@ -31,11 +31,14 @@ def config_class(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
-    """The method's TRL config: llmtune's defaults, under what the recipe's `train:` says."""
+def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
+    """The method's TRL config: llmtune's defaults, under what the recipe's `train:` says.
+
+    `data` (the prepared data) sizes the tokenizing workers; without it, TRL tokenizes in one process.
+    """
     import torch
 
-    from . import stopping
+    from . import fast, stopping
     from .launch.rank import training_args as launched_args
 
     config = resolved.config
@@ -47,6 +50,7 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict):
         # Mixed precision only where the hardware has it; TRL would turn bf16 on regardless.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         **launched_args(),  # a launch on a machine without GPUs: CPU processes over gloo
+        **fast.defaults(resolved, data),  # picked for this machine: tokenizing workers, Liger kernels
         **defaults,
         **stopping.settings(config, resolved.method),
         **config["train"],
@@ -85,7 +89,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
     method = importlib.import_module(resolved.method.runner)
-    args = training_args(resolved, run_dir.path, method.defaults(config, data))
+    args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
     checkpoint = checkpoint_to_resume(run_dir.path, resume, stamp, resume_force)
     if resume and is_main_process():
@@ -120,6 +124,10 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
             peft_config=peft_config(config.get("adapter"), resolved.method.head, config["model"]),
             callbacks=[metrics_callback(run_dir.path / "metrics.jsonl"), *stopping.callbacks(config),
                        *([report_callback(run_dir, data)] if launched() else [])], **extra)
+        # What this run really uses: the recipe's settings, or those picked for this machine.
+        run_dir.record(speed={"attn_implementation": getattr(model.config, "_attn_implementation", None),
+                              "use_liger_kernel": args.use_liger_kernel,
+                              "dataset_num_proc": getattr(args, "dataset_num_proc", None)})
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)
@@ -149,7 +157,6 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
         run_dir.write_card(metrics, data)
         run_dir.finish("completed", metrics)
-        return metrics
     except KeyboardInterrupt:
         run_dir.finish("interrupted", {"step": interruption.step})
         raise
@@ -161,3 +168,8 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()
+    if config.get("hub") and is_main_process():  # the run is complete first: a failed upload loses nothing
+        from .hub import after_training
+
+        after_training(run_dir.path, config["hub"])
+    return metrics

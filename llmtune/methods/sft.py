@@ -8,16 +8,19 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 def defaults(config: dict, data) -> dict:
     """SFTConfig values llmtune sets unless the recipe's `train:` does."""
+    from ..fast import attention
+
     model = config["model"]
-    varlen = model.get("attn_implementation") in VARLEN_ATTENTION and not model["trust_remote_code"]
+    # The attention the run will use: the recipe's, or flash attention picked for this machine.
+    varlen = attention(model).value in VARLEN_ATTENTION and not model["trust_remote_code"]
     packing = config["data"]["packing"]
     if packing is None:
         packing = varlen
     elif packing and not varlen:
         data.warnings.append(
             "packing without flash attention: rows stay apart, but attention is computed over the whole packed "
-            "batch, often slower than no packing on short rows (trl#3910); use `model.attn_implementation: "
-            "flash_attention_2` on a GPU, or `data.packing: false`")
+            "batch, often slower than no packing on short rows (trl#3910); on a GPU, install flash-attn (picked "
+            "while `model.attn_implementation` is null), or set `data.packing: false`")
     out = {"max_length": config["data"]["max_length"], "packing": packing}
     if data.shape == "conversational_language_modeling":
         # Train the assistant turns only (their stop token included), not the prompts.
