@@ -132,6 +132,12 @@ def _pre_tokenizer(spec: dict) -> str:
                     "convert_hf_to_gguf.py on the output of `llmtune merge`")
 
 
+def _adds_special(tokenizer) -> dict:
+    """What the tokenizer itself adds when encoding (the tiny one adds nothing: its template writes <s>)."""
+    probe = tokenizer("x")["input_ids"]
+    return {"bos": probe[0] == tokenizer.bos_token_id, "eos": probe[-1] == tokenizer.eos_token_id}
+
+
 def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str]:
     import gguf
 
@@ -163,9 +169,7 @@ def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str
         # token, so llama.cpp splits the merged pair back into its two bytes: the merge changes nothing.
         writer.add_token_merges(["~ ~"])
     special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=vocab_size)
-    # What the tokenizer itself adds when encoding (the tiny one adds nothing: its template writes <s>).
-    probe = tokenizer("x")["input_ids"]
-    special.add_special_token.update(bos=probe[0] == tokenizer.bos_token_id, eos=probe[-1] == tokenizer.eos_token_id)
+    special.add_special_token.update(_adds_special(tokenizer))
     notes = []
     template = tokenizer.chat_template
     if template:
@@ -182,8 +186,13 @@ def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str
     return notes
 
 
-def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Write the run's model (adapter merged in memory) as one GGUF file for llama.cpp."""
+def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
+                ollama: bool = True) -> tuple[Path, list[str], list[str]]:
+    """Write the run's model (adapter merged in memory) as one GGUF file for llama.cpp: (path, notes, warnings).
+
+    With `ollama`, an Ollama Modelfile goes next to it (NAME.Modelfile beside NAME.gguf, so exports of
+    several quants do not overwrite each other's), when the chat template can be written as one.
+    """
     import gguf
     import numpy as np
     import torch
@@ -209,8 +218,10 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False) 
                         "llama3 are supported)")
     name = (recipe or {}).get("name") or run_dir.name
     out = Path(out) if out else run_dir / f"{name}-{quant}.gguf"
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: file exists; pass --out FILE or --overwrite")
+    modelfile = out.with_suffix(".Modelfile") if ollama else None
+    for path in (out, modelfile):
+        if path and path.exists() and not overwrite:
+            raise UserError(f"{path}: file exists; pass --out FILE or --overwrite")
 
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
@@ -272,4 +283,23 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out, notes
+    warnings = []
+    if ollama:
+        warnings = _write_modelfile(modelfile, out, model, tokenizer, notes)
+    return out, notes, warnings
+
+
+def _write_modelfile(path: Path, gguf_file: Path, model, tokenizer, notes: list[str]) -> list[str]:
+    """Write the Ollama Modelfile for `gguf_file`; else the warning saying why not."""
+    from .infer import stop_token_ids
+    from .ollama import NotDecomposable, modelfile
+
+    try:
+        text, more = modelfile(tokenizer, gguf_file, stop_token_ids(model, tokenizer), _adds_special(tokenizer)["bos"])
+    except NotDecomposable as err:
+        return [f"no Ollama Modelfile: {err}"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    notes += more + [f"wrote {path} (for Ollama: ollama create NAME -f {path})"]
+    return []

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +254,212 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
     ids = tokenizer("The quick brown fox jumps over the lazy dog, past the original context of 64 tokens.")["input_ids"]
     ours = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
     assert llama_greedy(tmp_path / "m.gguf", ids, 16) == ours
+
+
+# Ollama Modelfile: its TEMPLATE is executed as Go's text/template would (tests/gotemplate.py, and Go itself
+# when installed) and compared with transformers' rendering of the chat template the run trained with.
+CHATS = [  # (messages, ends in an answer Ollama continues); other texts than llmtune.ollama checks itself with
+    ([{"role": "user", "content": "Say hi"}], False),
+    ([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi!"},
+      {"role": "user", "content": "And\nbye?"}], False),
+    ([{"role": "system", "content": "Answer in {one} word."}, {"role": "user", "content": "Say hi"},
+      {"role": "assistant", "content": "hi!"}, {"role": "user", "content": "Count to 3"},
+      {"role": "assistant", "content": "1 2 3"}, {"role": "user", "content": 'A "color"?'}], False),
+    ([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}], True),
+    ([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Name a color"},
+      {"role": "assistant", "content": "blue"}, {"role": "user", "content": "Another"},
+      {"role": "assistant", "content": "re"}], True),
+]
+TINY_OLLAMA_TEMPLATE = """<s>{{ range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}<|system|>
+{{ .Content }}<|end|>
+{{ else if eq .Role "user" }}<|user|>
+{{ .Content }}<|end|>
+{{ else if eq .Role "assistant" }}<|assistant|>
+{{ .Content }}{{ if not $last }}<|end|>
+{{ end }}{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|assistant|>
+{{ end }}
+{{- end }}"""
+
+
+def read_modelfile(text: str) -> dict:
+    """Commands -> values, unquoted as Ollama's parser does (triple or single double quotes)."""
+    import re
+
+    commands = {}
+    for name, value in re.findall(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER) ("""[\s\S]*?"""|[^\n]*)$', text, re.M):
+        value = value[3:-3] if value.startswith('"""') else value
+        commands.setdefault(name, []).append(value.replace('"', "") if name == "PARAMETER" else value)
+    return commands
+
+
+def ollama_data(chat, system):
+    """What Ollama hands the template: the Modelfile's SYSTEM first when the chat has no system message."""
+    if system and chat[0]["role"] != "system":
+        chat = [{"role": "system", "content": system}, *chat]
+    return {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in chat],
+            "System": "\n\n".join(m["content"] for m in chat if m["role"] == "system")}
+
+
+def hf_render(tokenizer, chat, prefill):
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=not prefill,
+                                         continue_final_message=prefill)
+
+
+def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from llmtune.infer import end_of_turn_token
+
+    from .gotemplate import execute
+
+    out = tmp_path / "tiny-q8_0.gguf"
+    result = cli("export", lora_run, "--quant", "q8_0", "--out", out)
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    path = tmp_path / "tiny-q8_0.Modelfile"
+    assert f"ollama create NAME -f {path}" in result.stdout
+    commands = read_modelfile(path.read_text())
+    assert commands["FROM"] == ["./tiny-q8_0.gguf"] and (path.parent / commands["FROM"][0]).is_file()
+    tokenizer = AutoTokenizer.from_pretrained(lora_run)  # the template the run trained with
+    assert commands["PARAMETER"] == [f"stop {end_of_turn_token(tokenizer)[1]}"] == ["stop <|end|>"]
+    assert "SYSTEM" not in commands  # the tiny template has no default system message
+    assert commands["TEMPLATE"] == [TINY_OLLAMA_TEMPLATE]
+    # The tokenizer adds no BOS and neither does llama.cpp (GGUF metadata): the template writes <s> itself.
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.add_bos_token"].contents() is False
+    prompts = [execute(commands["TEMPLATE"][0], ollama_data(chat, None)) for chat, _ in CHATS]
+    assert prompts == [hf_render(tokenizer, chat, prefill) for chat, prefill in CHATS]
+    if HAS_LLAMA_CPP:  # what Ollama's llama.cpp runner feeds the model: these prompts' tokens, as in training
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+        assert [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts] == \
+            [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        llm.close()
+
+
+def test_no_modelfile_without_a_decomposable_template_and_never_a_stale_one(lora_run, tmp_path):
+    from llmtune.model import read_chat_template
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run, run_dir)
+    (run_dir / "chat_template.jinja").write_text(read_chat_template("llama3_2"))  # writes today's date
+    result = cli("export", run_dir, "--quant", "f16")
+    assert result.returncode == 0, result.stderr
+    assert "warning: no Ollama Modelfile: the chat template cannot be written as an Ollama template: it writes " \
+           "today's date" in result.stderr and "The GGUF itself is fine" in result.stderr
+    assert [p.name for p in run_dir.glob("*.gguf")] == ["lora-f16.gguf"] and not list(run_dir.glob("*Modelfile*"))
+
+    from llmtune.errors import UserError
+    from llmtune.export import export_gguf
+
+    assert export_gguf(lora_run, tmp_path / "a.gguf", ollama=False)[2] == []  # --no-ollama
+    assert (tmp_path / "a.gguf").is_file() and not (tmp_path / "a.Modelfile").exists()
+    (tmp_path / "b.Modelfile").write_text("FROM ./other.gguf\n")
+    with pytest.raises(UserError, match="b.Modelfile: file exists; pass --out FILE or --overwrite"):
+        export_gguf(lora_run, tmp_path / "b.gguf")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+# TRL's shipped chat templates: these decompose (with what the Modelfile then says about them) ...
+TRIM, NO_SYSTEM = "strips whitespace around each message", "takes no system message"
+DECOMPOSABLE = {"llama3": [TRIM], "llama3_1": [TRIM], "qwen2_5": [], "phi3": [], "gemma": [NO_SYSTEM, TRIM],
+                "qwen3_instruct_2507": []}
+# ... and these do not, for the reason given: no Modelfile rather than a wrong one.
+REFUSED = {"llama3_2": "writes today's date", "gemma3": "depends on the turns around it",
+           "qwen3": "is not a fixed text around each message", "smolvlm": "rewrites or repeats message content",
+           "deepseekv3": "fails on a 4-message conversation"}
+
+
+def trl_template_modelfiles(adds_bos):
+    """(name, tokenizer, Modelfile commands, notes, BOS llama.cpp adds) per decomposable TRL template (tiny vocab)."""
+    from llmtune.model import build_tiny_tokenizer, read_chat_template
+    from llmtune.ollama import modelfile
+
+    for name in DECOMPOSABLE:
+        tokenizer = build_tiny_tokenizer()
+        tokenizer.chat_template = read_chat_template(name)
+        text, notes = modelfile(tokenizer, Path("m.gguf"), [tokenizer.eos_token_id], adds_bos)
+        writes_bos = hf_render(tokenizer, *CHATS[0]).startswith(tokenizer.bos_token)
+        yield name, tokenizer, read_modelfile(text), notes, tokenizer.bos_token if adds_bos and writes_bos else ""
+
+
+def expected_renders(tokenizer, commands, bos):
+    """(Ollama's data, transformers' rendering less the BOS llama.cpp adds) for each chat the template takes."""
+    system = (commands.get("SYSTEM") or [None])[0]
+    pairs = []
+    for chat, prefill in CHATS:
+        if "system" not in commands["TEMPLATE"][0] and chat[0]["role"] == "system":
+            continue  # e.g. Gemma: transformers raises on a system message; Ollama's are left out
+        pairs.append((ollama_data(chat, system), hf_render(tokenizer, chat, prefill)[len(bos):]))
+    return pairs
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_trl_chat_templates_become_ollama_templates_or_a_reason(adds_bos):
+    from llmtune.model import build_tiny_tokenizer, read_chat_template
+    from llmtune.ollama import NotDecomposable, modelfile
+
+    from .gotemplate import execute
+
+    for name, tokenizer, commands, notes, bos in trl_template_modelfiles(adds_bos):
+        writes_bos = hf_render(tokenizer, *CHATS[0]).startswith("<s>")
+        expected_notes = DECOMPOSABLE[name] + (["one token more than in training"] if adds_bos and not writes_bos
+                                               else [])
+        assert len(notes) == len(expected_notes) and all(
+            any(part in note for note in notes) for part in expected_notes), (name, notes)
+        assert commands.get("SYSTEM") == (["You are Qwen, created by Alibaba Cloud. You are a helpful assistant."]
+                                          if name == "qwen2_5" else None), name
+        template = commands["TEMPLATE"][0]
+        assert not (bos and template.startswith(bos)), name  # llama.cpp adds it: never twice
+        for data, expected in expected_renders(tokenizer, commands, bos):
+            assert execute(template, data) == expected, (name, data)
+    for name, reason in REFUSED.items():
+        tokenizer = build_tiny_tokenizer()
+        tokenizer.chat_template = read_chat_template(name)
+        with pytest.raises(NotDecomposable, match=reason):
+            modelfile(tokenizer, Path("m.gguf"), [tokenizer.eos_token_id], adds_bos)
+
+
+def test_every_shipped_trl_template_gets_a_verified_modelfile_or_a_reason():
+    """No template TRL ships (their `_training` variants included) crashes the export or gets a wrong template."""
+    from llmtune.model import _trl_templates_dir, build_tiny_tokenizer
+    from llmtune.ollama import NotDecomposable, modelfile
+
+    from .gotemplate import execute
+
+    written, tokenizer = 0, build_tiny_tokenizer()
+    for path in sorted(_trl_templates_dir().glob("*.jinja")):
+        tokenizer.chat_template = path.read_text()
+        try:
+            commands = read_modelfile(modelfile(tokenizer, Path("m.gguf"), [tokenizer.eos_token_id], False)[0])
+        except NotDecomposable as err:
+            assert "The GGUF itself is fine" in str(err)
+            continue
+        written += 1
+        for data, expected in expected_renders(tokenizer, commands, ""):
+            assert execute(commands["TEMPLATE"][0], data) == expected, (path.stem, data)
+    assert written >= len(DECOMPOSABLE)
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
+def test_modelfile_templates_render_the_same_in_go_text_template():
+    """The same templates through Go's own text/template, as Ollama executes them (tests/ollama_render.go)."""
+    import subprocess
+
+    from llmtune.model import build_tiny_tokenizer
+
+    tiny = build_tiny_tokenizer()
+    jobs = [{"Template": TINY_OLLAMA_TEMPLATE, "Chats": [ollama_data(chat, None)["Messages"] for chat, _ in CHATS]}]
+    expected = [[hf_render(tiny, chat, prefill) for chat, prefill in CHATS]]
+    for adds_bos in (False, True):
+        for _, tokenizer, commands, _, bos in trl_template_modelfiles(adds_bos):
+            pairs = expected_renders(tokenizer, commands, bos)
+            jobs.append({"Template": commands["TEMPLATE"][0], "Chats": [data["Messages"] for data, _ in pairs]})
+            expected.append([text for _, text in pairs])
+    result = subprocess.run(["go", "run", str(Path(__file__).with_name("ollama_render.go"))], input=json.dumps(jobs),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == expected
