@@ -16,7 +16,8 @@ from .conftest import RECIPES, cli
 
 SCHEMA_FILE = RECIPES / "recipe.schema.json"
 MODELINE = "# yaml-language-server: $schema="
-RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml") if not {"launch", "data"} & set(p.relative_to(RECIPES).parts))
+RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml")
+                      if not {"launch", "data", "eval"} & set(p.relative_to(RECIPES).parts))
 
 
 @pytest.fixture(scope="module")
