@@ -22,6 +22,7 @@ import yaml
 
 from . import __version__, lock
 from .errors import UserError
+from .hub import is_repo_id
 from .recipe.loader import SECRET_NAME, redact
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
@@ -138,12 +139,20 @@ class RunDir:
             "packages": package_versions(),
             "devices": devices(),
             "data": [vars(s) for s in data.sources],
+            "data_shape": data.shape,  # conversational or not: `llmtune eval` applies the chat template to match
             "trust_remote_code": self.resolved.config["model"]["trust_remote_code"],
             "started": previous.get("started", _now()),
             "status": "running",
         }
         if checkpoint is not None:
             self.manifest["resumed"] = [*previous.get("resumed", []), {"from": str(checkpoint), "at": _now()}]
+        write_json(self.path / "manifest.json", self.manifest)
+
+    def record(self, **fields) -> None:
+        """Add `fields` to the manifest now (e.g. settings known only once the model is loaded)."""
+        if not is_main_process():
+            return
+        self.manifest.update(fields)
         write_json(self.path / "manifest.json", self.manifest)
 
     def finish(self, status: str, metrics: dict) -> None:
@@ -179,14 +188,20 @@ class RunDir:
         package = "transformers" if not saved_adapter else "peft"
         # The base's own config has no one-label head: a reward adapter's score head needs it spelled out.
         extra = ", num_labels=1, pad_token_id=tokenizer.pad_token_id" if saved_adapter and head != "CausalLM" else ""
-        rows = "\n".join(f"| `{s.path}` | {s.format} | {s.used} | {s.sha256 or s.revision or ''} |"
+        rows = "\n".join(f"| `{s.path}` | {s.format} | {s.counted} | {s.sha256 or s.revision or ''} |"
                          for s in data.sources)
         shown = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                           for k, v in metrics.items())
+        method, base = self.resolved.method, config["model"]["name"]
+        tags = ["llmtune", *(["trl"] if method.config.startswith("trl") else []), method.name,
+                *([adapter["type"]] if adapter else []), *(["qlora"] if quant and adapter else [])]
+        # The Hub's metadata takes a Hub model id only, not a local folder or builtin:tiny.
+        base_model = f"base_model: {base}\n" if is_repo_id(base) and not Path(base).exists() else ""
+        pipeline = "text-generation" if head == "CausalLM" else "text-classification"
         card = f"""---
 library_name: {package}
-base_model: {config['model']['name']}
-tags: [llmtune, {self.resolved.method.name}]
+{base_model}pipeline_tag: {pipeline}
+tags: [{', '.join(tags)}]
 ---
 # {config['name']}
 
@@ -194,7 +209,7 @@ tags: [llmtune, {self.resolved.method.name}]
 
 ## Data
 
-| source | format | rows used | sha256 / revision |
+| source | format | rows | sha256 / revision |
 |---|---|---|---|
 {rows}
 
@@ -299,8 +314,10 @@ def progress_callback():
     return Bar
 
 
-def summarize(run_dir: Path, metrics: dict, stream=sys.stdout) -> None:
+def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
     keys = [k for k in ("train_loss", "eval_loss", "train_runtime") if k in metrics]
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
-    stream.write(f"\nrun directory: {run_dir}\n{shown}\n")
+    hub = read_manifest(run_dir).get("hub")  # where `hub:` uploaded the run
+    (stream or sys.stdout).write(f"\nrun directory: {run_dir}\n{shown}\n" +
+                                 (f"on the Hub: {hub['url']}\n" if hub else ""))
 

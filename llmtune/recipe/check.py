@@ -8,7 +8,7 @@ from dataclasses import fields as dataclass_fields
 
 from ..errors import UserError
 from ..launch.rules import check_recipe
-from .. import stopping
+from .. import hub, stopping
 from ..data import curate
 from ..methods import METHODS, Method
 from . import fields, loader
@@ -26,6 +26,13 @@ TRAIN_OWNED = {
     "trust_remote_code": "set `model.trust_remote_code:`",
     "chat_template_path": "set `model.chat_template:`",
     "hub_token": "export HF_TOKEN instead; tokens never belong in a recipe",
+    # llmtune uploads the finished run itself (`hub:`), choosing the files; the Trainer's push would add its own.
+    "push_to_hub": "add a `hub:` section (`hub: {repo_id: namespace/name}`) instead",
+    "hub_model_id": "set `hub.repo_id:`",
+    "hub_private_repo": "set `hub.private:`",
+    "hub_revision": "set `hub.revision:`",
+    "hub_strategy": "the `hub:` section uploads the finished run (checkpoints with `hub.include_checkpoints: true`)",
+    "hub_always_push": "the `hub:` section uploads once, when the run has finished",
 }
 
 
@@ -63,6 +70,7 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
         _reward_checks(check, method, config)
     stopping.check(check, method, config)
     curate.check(check, config)
+    hub.check(check, config)
     if check.problems:
         raise UserError(check.problems)
     return Resolved(recipe=recipe, config=config, method=method)
@@ -154,6 +162,25 @@ def _cross_checks(check: Checker, config: dict) -> None:
             check.error(("data", "train", i, "weight"), f"`weight` must be > 0; got {source['weight']}")
     if isinstance(data.get("max_length"), int) and data["max_length"] < 1:
         check.error(("data", "max_length"), f"`data.max_length` must be >= 1; got {data['max_length']}")
+    if data.get("streaming"):
+        _streaming_checks(check, config, data)
+
+
+def _streaming_checks(check: Checker, config: dict, data: dict) -> None:
+    """What a stream cannot give: a length, a random hold-out, a pass over all rows."""
+    where = ("data", "streaming")
+    if config.get("method") not in (None, "sft"):
+        check.error(where, f"`llmtune {config['method']}` cannot stream its data; only sft can. Set "
+                    "`data.streaming: false`")
+    steps = (config.get("train") or {}).get("max_steps")
+    if not (isinstance(steps, int) and steps > 0):
+        check.error(where, "a stream has no length to count epochs by: set `train.max_steps:`")
+    if isinstance(data.get("eval"), float) and data["eval"]:
+        check.error(("data", "eval"), "a fraction of a stream cannot be held out: give `eval:` as a list of "
+                    "sources, or set it to null")
+    if data.get("curate"):
+        check.error(("data", "curate"), "`data.curate` needs every row before training; it cannot run on a "
+                    "stream. Curate the files first, or set `data.streaming: false`")
 
 
 def _method_checks(check: Checker, method: Method, config: dict) -> None:

@@ -6,8 +6,8 @@
 import typing
 from dataclasses import MISSING, fields
 
-from .schema import (AdapterSection, CurateSection, DataSection, EarlyStoppingSection, LaunchSection, ModelSection,
-                     QuantizationSection, RecipeSection, SourceSection, _type_name)
+from .schema import (AdapterSection, CurateSection, DataSection, EarlyStoppingSection, HubSection, LaunchSection,
+                     ModelSection, QuantizationSection, RecipeSection, SourceSection, _type_name)
 
 
 def _default(f) -> str:
@@ -32,7 +32,7 @@ def render() -> str:
     parts = [table(RecipeSection, ""), table(ModelSection, "model."), table(QuantizationSection, "quantization."),
              table(AdapterSection, "adapter."), table(DataSection, "data."), table(SourceSection, "data.train[]."),
              table(CurateSection, "data.curate."), table(EarlyStoppingSection, "early_stopping."),
-             table(LaunchSection, "launch.")]
+             table(LaunchSection, "launch."), table(HubSection, "hub.")]
     return "\n\n".join(parts) + "\n"
 
 
