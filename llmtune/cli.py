@@ -78,9 +78,10 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
                              locate=resolved.locate, model=resolved.config["model"])
             typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
             for s in data.sources:
-                typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.rows} rows, {s.used} used")
+                typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
             return
         from .run import read_manifest, summarize
+        from .hub import PushFailed
         from .train import TrainingFailed, run
 
         if not rank.launched():  # many processes: run this command again in each, under accelerate
@@ -106,6 +107,10 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
 
         _fail([f"training failed: {err}", *([err.hint] if err.hint else [])], code=1,
               details="".join(traceback.format_exception(err.__cause__)))
+    except PushFailed as err:  # training finished; only the upload did not
+        path = Path(output_dir or resolved.config["output_dir"])
+        _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {path}; retry the upload "
+               f"with `llmtune push {path}`"], code=1)
     except KeyboardInterrupt as err:
         if rank.rank() == 0:
             typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
@@ -282,21 +287,59 @@ def export(
     quant: str = typer.Option("f16", "--quant", help="Tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: RUN_DIR/NAME-QUANT.gguf]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    ollama: bool = typer.Option(True, "--ollama/--no-ollama", help="Also write NAME-QUANT.Modelfile for `ollama "
+                                "create`: the GGUF, the run's chat template as TEMPLATE, its stop tokens."),
 ):
-    """Write the trained model as one GGUF file with its tokenizer and chat template (Llama architecture)."""
+    """Write the trained model as one GGUF file with its tokenizer and chat template (Llama architecture), and an
+    Ollama Modelfile beside it."""
     if format_ != "gguf":
         _fail([f"--format {format_}: the only export format is `gguf`"])
     try:
         from .export import export_gguf
 
-        written, notes = export_gguf(run_dir, out, quant, overwrite)
+        written, notes, warnings = export_gguf(run_dir, out, quant, overwrite, ollama)
     except ImportError as err:
         _fail([f"GGUF export needs the `gguf` package: pip install 'llmtune-recipes[export]' ({err})"])
     except UserError as err:
         _fail(err.problems)
     for note in notes:
         typer.echo(note)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote {written}")
+
+
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Hub repository `namespace/name` [default: the "
+                                          "run's `hub.repo_id`]."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of the repository [default: "
+                                           "the run's `hub.private`, else private]."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to [default: the run's "
+                                           "`hub.revision`, else main]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files that would be uploaded and their sizes; "
+                                 "touch no network."),
+):
+    """Upload a finished run to the Hugging Face Hub: model or adapter, tokenizer, model card, recipe.yaml,
+    manifest.json, metrics.jsonl, loss.png (no checkpoints, no train.log). Token: HF_TOKEN or `hf auth login`."""
+    from . import hub
+
+    try:
+        settings = hub.target(run_dir, repo_id, private, revision)
+        if dry_run:
+            typer.echo("\n".join(hub.describe(run_dir, settings)))
+            return
+        secret = hub.token()
+        if secret is None:
+            raise UserError(hub.NO_TOKEN)
+        entry = hub.push(run_dir, settings, secret)
+    except UserError as err:
+        _fail(err.problems)
+    except hub.PushFailed as err:
+        _fail([f"upload to the Hub failed: {err}", f"nothing in {run_dir} changed; run the same command to retry"],
+              code=1)
+    typer.echo(f"pushed {run_dir} to {entry['url']} (commit {entry['commit'][:12]})")
 
 
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")
@@ -357,6 +400,36 @@ def chat(
                  system)
     except UserError as err:
         _fail(err.problems)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names (globs too, e.g. mmlu_*), "
+                              "task YAML files, folders of them, or a shipped task such as eval/chat-mc."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Rows per task (a fraction below 1): for a quick "
+                                          "look; the score is then not comparable with published ones."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Solved examples before each question "
+                                              "[default: the task's own]."),
+    batch_size: str = typer.Option("1", "--batch-size", metavar="N|auto", help="Rows per forward pass; `auto` "
+                                   "finds the largest that fits."),
+    apply_chat_template: Optional[bool] = typer.Option(
+        None, "--apply-chat-template/--no-apply-chat-template",
+        help="Wrap each prompt in the run's chat template [default: yes, unless the run trained on plain text or "
+        "the tokenizer has no template: a chat-trained model answers after its template's assistant marker]."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to run, e.g. cuda:1 or cpu [default: the "
+                                         "GPU when there is one]."),
+):
+    """Score the trained model on lm-evaluation-harness tasks; results go to RUN_DIR/eval/ and manifest.json."""
+    try:
+        from .evaluation import Options, evaluate
+
+        lines, written = evaluate(run_dir, tasks, Options(limit, num_fewshot, batch_size, apply_chat_template,
+                                                          device))
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+    typer.echo(f"wrote {written}")
 
 
 @recipes_app.command("list")

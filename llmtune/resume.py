@@ -38,14 +38,16 @@ def fingerprint(resolved, data, args) -> dict[str, str]:
         "adapter": _compact(config.get("adapter")),
         "quantization": _compact(config.get("quantization")),
         "data.max_length": _compact(config["data"]["max_length"]),
-        "data.packing": _compact(config["data"]["packing"]),
+        # As used, not as written: null packs or not depending on the machine's attention (fast.py).
+        "data.packing": _compact(getattr(args, "packing", config["data"]["packing"])),
         "seed": _compact(config["seed"]),
         "batch shape": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
                        f"accumulation steps x {world} processes",
     }
     for i, source in enumerate(data.sources, 1):
         content = f"sha256 {source.sha256[:12]}" if source.sha256 else f"revision {source.revision}"
-        out[f"data source {i}"] = f"{os.path.basename(source.path)} ({source.format}, {source.used} rows used, " \
+        used = "streamed" if source.used is None else f"{source.used} rows used"  # the wording old stamps hold
+        out[f"data source {i}"] = f"{os.path.basename(source.path)} ({source.format}, {used}, " \
                                   f"{content})"
     return out
 

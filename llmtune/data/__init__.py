@@ -40,12 +40,17 @@ class SourceReport:
     path: str  # as given in the recipe
     format: str  # detected or forced format name
     reason: str  # why this format was chosen
-    rows: int  # rows read (before weighting)
-    used: int  # rows contributed after eval hold-out and weighting
+    rows: int | None  # rows read (before weighting); None for a stream (data.streaming)
+    used: int | None  # rows contributed after eval hold-out and weighting; None for a stream
     sha256: str | None  # over the bytes of `files` in order; None for the Hub
     revision: str | None  # Hub commit the data was loaded at; None for local files
     files: list[str]  # local files read
     curated: dict = field(default_factory=dict)  # `data.curate` step -> {count, removed, examples} (curate.py)
+
+    @property
+    def counted(self) -> str:
+        """Rows read and used, as the run's outputs show them; a stream is not counted in advance."""
+        return "streamed" if self.rows is None else f"{self.rows} rows, {self.used} used"
 
 
 @dataclass
@@ -68,6 +73,10 @@ class _Source:
 
 def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     """Raise UserError if the data has problems; data that a run prepared before is known good."""
+    if data.get("streaming"):
+        from llmtune.data import stream
+
+        return stream.check(data, method=method, locate=locate)
     cache_key = cache.key(data, method, seed, model)
     if not (cache_key and cache.has(cache_key)):
         load_data(data, method=method, seed=seed, locate=locate, model=model)
@@ -80,7 +89,12 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     (``recipe.yaml:14:11``); it prefixes problems about the recipe rather than a data row.
     `model` (the recipe's `model:` section) gives the tokenizer `data.curate` counts tokens with.
     The result depends only on the data, `seed` and, for token counts, the tokenizer.
+    With `streaming:` the train set is a `datasets.IterableDataset` read lazily (stream.py).
     """
+    if data.get("streaming"):
+        from llmtune.data import stream
+
+        return stream.load(data, method=method, seed=seed, locate=locate)
     cache_key = cache.key(data, method, seed, model)
     hit = cache_key and cache.load(cache_key)
     if hit:
@@ -145,12 +159,12 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     return prepared
 
 
-def _load_sources(specs, key, method, locate, problems):
-    """The sources that load cleanly; the problems of the others go into `problems`."""
+def _load_sources(specs, key, method, locate, problems, load=None):
+    """The sources that `load` (default: read whole) cleanly; the problems of the others go into `problems`."""
     loaded = []
     for index, spec in enumerate(specs):
         try:
-            loaded.append(_load_source(spec, key + (index,), method, locate))
+            loaded.append((load or _load_source)(spec, key + (index,), method, locate))
         except UserError as error:
             shown = error.problems[:MAX_PROBLEMS]
             if len(error.problems) > MAX_PROBLEMS:
@@ -168,10 +182,19 @@ def _load_source(spec, key, method, locate):
         revision=spec.get("revision"),
         where=locate(key + ("path",)),
     )
-    if not read.rows:  # every file empty or unreadable: nothing to detect a format from
-        raise UserError(read.problems)
+    rows, fmt, reason, (converted, kind) = detected(spec, read.rows, read.problems, key, method, locate)
+    report = SourceReport(path, fmt, reason, len(converted), 0, read.sha256, read.revision, read.files)
+    return _Source(report, converted, kind, spec.get("weight", 1.0), [where for where, _ in rows])
+
+
+def detected(spec, rows, problems, key, method, locate):
+    """A source's `rows` renamed by `columns:`, its format and why, and the rows converted
+    with their kind; raises every problem, `problems` (what reading found) included."""
+    path = spec["path"]
+    if not rows:  # every file empty or unreadable: nothing to detect a format from
+        raise UserError(problems)
     try:
-        rows = _renamed(read.rows, spec.get("columns") or {}, path, locate(key + ("columns",)))
+        rows = _renamed(rows, spec.get("columns") or {}, path, locate(key + ("columns",)))
         fmt, reason = _format_of(spec.get("format", "auto"), _columns(rows), path)
         accepted = METHOD_FORMATS[method]
         if fmt not in accepted:
@@ -179,12 +202,11 @@ def _load_source(spec, key, method, locate):
                 f"{path}: method '{method}' cannot train on '{fmt}' data; it needs one of: {', '.join(accepted)}"
             )
     except UserError as error:  # this source's own problem first, then what reading found
-        raise UserError(error.problems + read.problems) from None
+        raise UserError(error.problems + problems) from None
     converted, kind, row_problems = convert(rows, fmt)
-    if read.problems or row_problems:
-        raise UserError(read.problems + row_problems)
-    report = SourceReport(path, fmt, reason, len(converted), 0, read.sha256, read.revision, read.files)
-    return _Source(report, converted, kind, spec.get("weight", 1.0), [where for where, _ in rows])
+    if problems or row_problems:
+        raise UserError(problems + row_problems)
+    return rows, fmt, reason, (converted, kind)
 
 
 def _columns(rows):
@@ -205,12 +227,13 @@ def _renamed(rows, renames, path, where):
         named = ", ".join(f"'{old}'" for old in unknown)
         raise UserError(f"{where}: no column {named} in {path} to rename; columns found: {', '.join(found)}")
 
-    def rename(row):
-        out = {name: value for name, value in row.items() if name not in renames}
-        out.update((renames[name], value) for name, value in row.items() if name in renames)
-        return out
+    return [(location, renamed(row, renames)) for location, row in rows]
 
-    return [(location, rename(row)) for location, row in rows]
+
+def renamed(row, renames):
+    out = {name: value for name, value in row.items() if name not in renames}
+    out.update((renames[name], value) for name, value in row.items() if name in renames)
+    return out
 
 
 def _format_of(requested, columns, path):

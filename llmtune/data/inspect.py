@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curate
+from . import curate, stream
 
 # Token lengths are measured on at most this many rows per source (a seeded random sample).
 MEASURED_ROWS = 5000
@@ -155,6 +155,13 @@ class SourceStats:
     samples: list[tuple[dict, str]]  # tokenized rows to show, with their labels
 
 
+def sampled(stats: SourceStats) -> str:
+    """How the measured rows relate to the source's, for the line showing their lengths."""
+    if stats.report.rows is None:
+        return f" (the first {stats.measured} rows of the stream)"
+    return f" (a sample of {stats.measured})" if stats.measured < stats.report.rows else ""
+
+
 def source_stats(resolved, sample_rows: int = 0):
     """(view, [SourceStats per train and eval source], the PreparedData training will use)."""
     import random
@@ -181,6 +188,8 @@ def source_stats(resolved, sample_rows: int = 0):
     view = TrainingView(resolved, tokenizer, data)
     out = []
     for prepared in per_source:
+        if prepared.sources[0].rows is None:  # a stream (data.streaming): measure its first rows
+            prepared.train = stream.head(prepared.train, MEASURED_ROWS)
         rows = view.rows(prepared.train)
         measured = rows if len(rows) <= MEASURED_ROWS else random.Random(config["seed"]).sample(rows, MEASURED_ROWS)
         tokenized = view.tokenize([r for r, _ in measured])
@@ -222,12 +231,11 @@ def inspect(resolved, rows: int = 1, color: bool = False) -> tuple[list[str], li
     stop = view.stop_token
     for stats, mixed in zip(sources, data.sources):
         report = stats.report
-        lines.append(f"\nsource {report.path}: {report.format} ({report.reason}), {report.rows} rows")
+        lines.append(f"\nsource {report.path}: {report.format} ({report.reason}), {report.counted}")
         lines += curate.lines(mixed)  # what `data.curate` takes out of this source for the run
         if stats.lengths:
             p = percentiles(stats.lengths)
-            sampled = f" (a sample of {stats.measured})" if stats.measured < report.rows else ""
-            lines.append(f"  tokens per row{sampled}: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, "
+            lines.append(f"  tokens per row{sampled(stats)}: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, "
                          f"max {p['max']}; {stats.truncated} longer than max_length {view.max_length}")
         if stats.truncated:
             what = ("packing cuts them at max_length (the rest is dropped)" if view.packing

@@ -44,20 +44,31 @@ def read_source(path, *, name, split, revision, where):
     if files is None:
         return _read_hub(path, name, split, revision, where)
     rows, problems = [], []
-    for shown, real in files:
-        reader = _READERS[os.path.splitext(real)[1].lower()]
-        try:
-            file_rows, file_problems = reader(real, shown) if os.path.getsize(real) else ([], [])
-        except UnicodeDecodeError:
-            file_rows, file_problems = [], [f"{shown}:{_first_undecodable_line(real)}: not UTF-8 text (binary data, "
-                                            "or another encoding); save the file as UTF-8"]
-        except csv.Error as error:
-            file_rows, file_problems = [], [f"{shown}: cannot read the file: {error}"]
-        if not file_rows and not file_problems:
-            file_problems = [f"{shown}: file has no rows; add rows to it or remove it from `data:`"]
-        rows += file_rows
-        problems += file_problems
+    for where, row in records(files):
+        if row is None:
+            problems.append(where)
+        else:
+            rows.append((where, row))
     return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
+
+
+def records(files):
+    """(where, row) for each row of local `files` ((shown, real) pairs), read lazily, and
+    (problem, None) for each problem, an empty file included."""
+    for shown, real in files:
+        found = False
+        try:
+            reader = _READERS[os.path.splitext(real)[1].lower()] if os.path.getsize(real) else None
+            for found, record in enumerate(reader(real, shown) if reader else (), 1):
+                yield record
+        except UnicodeDecodeError:
+            yield (f"{shown}:{_first_undecodable_line(real)}: not UTF-8 text (binary data, or another encoding); "
+                   "save the file as UTF-8"), None
+        except csv.Error as error:
+            yield f"{shown}: cannot read the file: {error}", None
+        else:
+            if not found:
+                yield f"{shown}: file has no rows; add rows to it or remove it from `data:`", None
 
 
 def _first_undecodable_line(real):
@@ -119,15 +130,7 @@ def _invalid_json(where, error):
     return f"{where}: invalid JSON: {error.msg} (column {error.colno})"
 
 
-def _add_object(rows, problems, where, value):
-    if isinstance(value, dict):
-        rows.append((where, value))
-    else:
-        problems.append(f"{where}: expected a JSON object, got {json_type(value)}")
-
-
-def _read_jsonl(real, shown):
-    rows, problems = [], []
+def _jsonl_records(real, shown):
     with open(real, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -135,31 +138,30 @@ def _read_jsonl(real, shown):
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
-                problems.append(_invalid_json(f"{shown}:{number}", error))
+                yield _invalid_json(f"{shown}:{number}", error), None
                 continue
-            _add_object(rows, problems, f"{shown}:{number}", value)
-    return rows, problems
+            yield _object(f"{shown}:{number}", value)
 
 
-def _read_json(real, shown):
+def _json_records(real, shown):
+    """A JSON array is parsed whole: only JSON Lines, CSV and Parquet files stream."""
     with open(real, encoding="utf-8-sig") as f:
         text = f.read()
     if not text.strip():
-        return [], []
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        return [], [_invalid_json(f"{shown}:{error.lineno}", error)]
+        yield _invalid_json(f"{shown}:{error.lineno}", error), None
+        return
     if not isinstance(data, list):
-        return [], [f"{shown}: expected a JSON array of objects, got {json_type(data)} (one object per line is .jsonl)"]
-    rows, problems = [], []
+        yield f"{shown}: expected a JSON array of objects, got {json_type(data)} (one object per line is .jsonl)", None
+        return
     for index, value in enumerate(data):
-        _add_object(rows, problems, f"{shown}: row {index}", value)
-    return rows, problems
+        yield _object(f"{shown}: row {index}", value)
 
 
-def _read_csv(real, shown):
-    rows, problems = [], []
+def _csv_records(real, shown):
     with open(real, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -169,25 +171,54 @@ def _read_csv(real, shown):
             if not record:  # a blank line
                 continue
             if len(record) != len(header):
-                problems.append(f"{where}: {len(record)} fields, but the header has {len(header)}; quote fields "
-                                "that hold commas or line breaks")
+                yield (f"{where}: {len(record)} fields, but the header has {len(header)}; quote fields "
+                       "that hold commas or line breaks"), None
                 continue
-            rows.append((where, dict(zip(header, record))))
-    return rows, problems
+            yield where, dict(zip(header, record))
 
 
-def _read_parquet(real, shown):
+def _parquet_records(real, shown):
     import pyarrow
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(real)
+        batches = pyarrow.parquet.ParquetFile(real).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{shown}: row {index}", row
+                index += 1
     except pyarrow.ArrowException as error:
-        return [], [f"{shown}: not a readable Parquet file: {error}"]
-    return [(f"{shown}: row {index}", row) for index, row in enumerate(table.to_pylist())], []
+        yield f"{shown}: not a readable Parquet file: {error}", None
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+def _object(where, value):
+    if isinstance(value, dict):
+        return where, value
+    return f"{where}: expected a JSON object, got {json_type(value)}", None
+
+
+# Each reader yields (where, row) for a good row and (problem, None) for a bad one, lazily.
+_READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records, ".parquet": _parquet_records}
+
+
+def stream_records(path, *, name, split, revision, where):
+    """`records()` of a source: its rows read lazily, afresh on each call; and its files as
+    (shown, real) paths (None for a Hub dataset, streamed at `revision`)."""
+    files = _local_files(path, where)
+    if files is not None:
+        return (lambda: records(files)), files
+
+    def hub():
+        import datasets
+
+        try:
+            table = datasets.load_dataset(path, name, split=split, revision=revision, streaming=True)
+            yield from ((f"{path}: row {index}", row) for index, row in enumerate(table))
+        except (OSError, ValueError) as error:  # unknown id, split or config, no network, no access
+            raise UserError(f"{where}: cannot stream Hub dataset '{path}': {error}") from error
+
+    return hub, None
 
 
 def _read_hub(path, name, split, revision, where):

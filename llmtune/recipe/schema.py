@@ -33,7 +33,9 @@ class ModelSection:
         "auto", help="Weights dtype; `auto` = the checkpoint's own (float32 for builtin:tiny).")
     attn_implementation: Union[Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                        "flex_attention"], None] = opt(
-        None, help="Attention kernel; null = transformers' default for the model.")
+        None, help="Attention kernel; null = picked for the machine: flash_attention_2 (flash_attention_3 on "
+        "Hopper with FA3) when there is a CUDA GPU, flash-attn is installed and the weights are bfloat16/float16, "
+        "else transformers' default (sdpa for most models). `llmtune plan` shows the pick and why.")
     chat_template: Union[str, None] = opt(
         None, help="null = the tokenizer's own; a `.jinja` file, or a template TRL ships, by name "
         "(llama3, qwen2_5, phi3, gemma, ...).")
@@ -152,11 +154,17 @@ class DataSection:
     max_length: Union[int, None] = opt(2048, help="Token length rows are truncated to (or packed into).")
     packing: Union[bool, None] = opt(
         None, help="Pack several rows into each sequence of `max_length` tokens, padding-free (position ids keep "
-        "packed rows apart). null = on for SFT with a flash-attention `model.attn_implementation`, whose varlen "
-        "kernels make it pay; off otherwise (sdpa/eager would attend over the whole packed batch).")
+        "packed rows apart). null = on for SFT with flash attention (set, or picked on a GPU by "
+        "`model.attn_implementation: null`), whose varlen kernels make it pay; off otherwise (sdpa/eager would "
+        "attend over the whole packed batch).")
     curate: Union[CurateSection, None] = opt(
         None, help="Clean the data before training: duplicates, near duplicates, empty responses, token "
         "lengths, train/eval contamination; the counts go to the manifest and `llmtune data inspect`.")
+    streaming: bool = opt(
+        False, help="Read the train sources while training, for data larger than memory (sft): only the first "
+        "1000 rows of each are checked before the run, later rows as they stream; several sources are "
+        "interleaved at random, `weight` giving each one's share of rows. Needs `train.max_steps` and `eval:` as "
+        "sources or null; no `curate:`; .json arrays are read whole (stream .jsonl, .csv, .parquet or the Hub).")
 
 
 # The launch backends, each a config under recipes/launch/ (llmtune/launch reads them).
@@ -190,6 +198,19 @@ class EarlyStoppingSection:
 
 
 @dataclass
+class HubSection:
+    repo_id: str = opt(help="Hub model repository the finished run is uploaded to, `namespace/name` (your user or an "
+                       "organization); created if missing.")
+    private: bool = opt(True, help="Create the repository private, and refuse to upload into an existing public one: "
+                        "a fine-tune of private data should not become public by accident. `false` = public.")
+    revision: Union[str, None] = opt(None, help="Branch to upload to (created from `main` if missing); null = `main`.")
+    include_checkpoints: bool = opt(False, help="Also upload the `checkpoint-N/` folders (with optimizer states: "
+                                    "large). Off: only the final model, tokenizer, card and run record.")
+    include: list[str] = opt(factory=list, help="More files to upload, as glob patterns relative to the run "
+                             "directory, e.g. `[\"*.gguf\"]` after `llmtune export`.")
+
+
+@dataclass
 class RecipeSection:
     method: MethodName = opt(help="Training method; the verb (`llmtune sft`) must match it.")
     model: ModelSection = opt(help="The base model.")
@@ -217,6 +238,9 @@ class RecipeSection:
         "directory), each called as TRL calls them: `f(prompts, completions, **columns) -> list[float]`.")
     launch: LaunchSection = opt(factory=lambda: {f.name: f.default for f in fields(LaunchSection)}, help="How many processes run the recipe, and how they "
                                 "share the model (`llmtune launch`).")
+    hub: Union[HubSection, None] = opt(
+        None, help="Upload the finished run to the Hugging Face Hub (needs a token: `HF_TOKEN` or `hf auth login`; "
+        "without one the upload is skipped and `llmtune push` does it later); omitted = nothing is uploaded.")
     output_dir: str = opt("runs/${name}", help="Run directory.")
     seed: int = opt(42, help="Seed for data mixing, splits and training.")
 

@@ -1,0 +1,143 @@
+"""`data.streaming: true`: training sources read as the trainer consumes them, for data
+larger than memory.
+
+Before training only the head of each source is read (``CHECK_ROWS`` rows): enough to
+detect its format and check those rows, which is all `llmtune validate` reads too. Later
+rows are checked and converted as they stream, and a bad one stops the run naming its file
+and line. Several sources are interleaved at random, each giving a share of the rows
+proportional to its `weight` (a source that runs out starts again until every source has
+run out once); a seeded buffer of ``SHUFFLE_BUFFER`` rows shuffles them, the same way on
+every pass, so a resumed run skips exactly the rows it trained on. Eval sources are small
+and read whole. Nothing is cached: the point is not to copy the data.
+"""
+
+import itertools
+import random
+from dataclasses import dataclass
+
+from llmtune.data import (
+    PreparedData,
+    SourceReport,
+    _load_sources,
+    _mixed as _mixed_whole,
+    common_kind,
+    convert,
+    describe_kind,
+    detected,
+    renamed,
+    to_kind,
+)
+from llmtune.data.sources import _sha256, stream_records
+from llmtune.errors import UserError
+
+CHECK_ROWS = 1000
+SHUFFLE_BUFFER = 10_000
+
+
+@dataclass
+class _Stream:
+    report: SourceReport
+    records: object  # () -> iterator of (where, row) and (problem, None)
+    real_files: list  # local paths to hash; empty for a Hub dataset
+    spec: dict
+    head: list  # the first rows, converted: they give the dataset's features
+    kind: tuple
+
+
+def check(data, *, method, locate):
+    """Raise UserError for problems in the heads of the train sources or in the eval sources."""
+    _open_all(data, method, locate)
+
+
+def load(data, *, method, seed, locate):
+    import datasets
+
+    streams, evals, kind = _open_all(data, method, locate)
+    features = datasets.Dataset.from_list(to_kind(streams[0].head, streams[0].kind, kind)).features
+    for stream in streams:
+        if stream.real_files:  # one pass over the bytes, no parsing: the manifest records what was read
+            stream.report.sha256 = _sha256(stream.real_files)
+    # One generator mixes and shuffles: datasets' own shuffle of a generator costs a thread
+    # hand-off per row (5x slower). A tuple, because datasets splits list arguments into shards.
+    train = datasets.IterableDataset.from_generator(
+        _mixed, features=features, gen_kwargs={"streams": tuple(streams), "target": kind, "seed": seed})
+    eval_set = None
+    if evals:
+        eval_set = datasets.Dataset.from_list(_mixed_whole(evals, random.Random(seed)), features=features)
+    return PreparedData(train, eval_set, kind[0], [s.report for s in streams] + [s.report for s in evals], [])
+
+
+def _open_all(data, method, locate):
+    problems = []
+    streams = _load_sources(data["train"], ("data", "train"), method, locate, problems, load=_open)
+    evals = _load_sources(data.get("eval") or [], ("data", "eval"), method, locate, problems)
+    if problems:
+        raise UserError(problems)
+    kind = common_kind(source.kind for source in streams + evals)
+    if kind is None:
+        listed = ", ".join(f"{s.report.path} is {describe_kind(s.kind)}" for s in streams + evals)
+        raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
+    for source in evals:
+        source.rows = to_kind(source.rows, source.kind, kind)
+    return streams, evals, kind
+
+
+def _open(spec, key, method, locate):
+    records, files = stream_records(spec["path"], name=spec.get("name"), split=spec.get("split", "train"),
+                                    revision=spec.get("revision"), where=locate(key + ("path",)))
+    head = list(itertools.islice(records(), CHECK_ROWS))
+    rows = [(where, row) for where, row in head if row is not None]
+    _, fmt, reason, (converted, kind) = detected(
+        spec, rows, [where for where, row in head if row is None], key, method, locate)
+    # Rows and files are unknown until the stream is read: None says "not counted", not zero.
+    report = SourceReport(spec["path"], fmt, reason, None, None, None, spec.get("revision"),
+                          [shown for shown, _ in files or []])
+    return _Stream(report, records, [real for _, real in files or []], spec, converted, kind)
+
+
+def _mixed(streams, target, seed):
+    """Rows drawn from the streams at random in proportion to their weights, through a
+    shuffle buffer; a stream that runs out starts again until each has run out once."""
+    rng = random.Random(seed)
+    weights = [stream.spec.get("weight", 1.0) for stream in streams]
+    readers = [_rows(stream, target) for stream in streams]
+    finished, buffer = set(), []
+    while True:
+        pick = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+        row = next(readers[pick], None)
+        if row is None:
+            finished.add(pick)
+            if len(finished) == len(streams):
+                break
+            readers[pick] = _rows(streams[pick], target)
+            row = next(readers[pick])
+        if len(buffer) < SHUFFLE_BUFFER:
+            buffer.append(row)
+        else:
+            slot = rng.randrange(SHUFFLE_BUFFER)
+            yield buffer[slot]
+            buffer[slot] = row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _rows(stream, target):
+    """The stream's rows converted to `target`; the first bad row raises with its location."""
+    renames, fmt = stream.spec.get("columns") or {}, stream.report.format
+    for where, row in stream.records():
+        if row is None:
+            raise UserError(f"{where} (found while streaming: fix the row, or drop it, and resume)")
+        converted, kind, problems = convert([(where, renamed(row, renames))], fmt)
+        if not problems and kind != stream.kind:
+            problems = [f"{where}: row is {describe_kind(kind)} but the rows before it are "
+                        f"{describe_kind(stream.kind)}; one source must hold one kind of row"]
+        if problems:
+            raise UserError([f"{problem} (found while streaming)" for problem in problems])
+        yield to_kind(converted, kind, target)[0]
+
+
+def head(dataset, rows: int):
+    """The first `rows` rows of a stream, as a Dataset (what `plan` and `data inspect` measure)."""
+    import datasets
+
+    return datasets.Dataset.from_list(list(itertools.islice(dataset, rows)), features=dataset.features)

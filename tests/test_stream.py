@@ -1,0 +1,152 @@
+"""`data.streaming: true`: sources read while training, checked at the head, mixed by weight."""
+
+import collections
+import hashlib
+import json
+
+import pytest
+
+from llmtune.data import load_data
+from llmtune.data.stream import CHECK_ROWS
+from llmtune.errors import UserError
+from llmtune.recipe.check import resolve
+from llmtune.train import TrainingFailed, run
+
+from .conftest import RECIPES, cli, write_jsonl, write_recipe
+
+CHAT = RECIPES / "data" / "chat.jsonl"
+RECIPE = """\
+method: {method}
+model: {{name: "builtin:tiny", dtype: float32}}
+adapter: {{type: lora, r: 8, alpha: 16}}
+data:
+  train:
+    - path: {data}
+  eval: {eval}
+  max_length: 128
+  streaming: true
+train:
+  learning_rate: 3.0e-3
+  max_steps: 20
+  per_device_train_batch_size: 8
+  gradient_checkpointing: false
+  logging_steps: 2
+  save_strategy: "no"
+  disable_tqdm: true
+"""
+
+
+def recipe(tmp_path, data=CHAT, method="sft", eval_="null", name="r"):
+    return write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(method=method, data=data, eval=eval_))
+
+
+def chat_rows():
+    return [json.loads(line) for line in CHAT.read_text().splitlines()]
+
+
+def test_streaming_sft_trains_and_records_the_stream(tmp_path):
+    out = tmp_path / "run"
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", chat_rows()[:16])
+    metrics = run(resolve(recipe(tmp_path, eval_=f"[{{path: {eval_file}}}]")), ["llmtune", "sft"], output_dir=str(out))
+    assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
+    assert "eval_loss" in metrics
+    manifest = json.loads((out / "manifest.json").read_text())
+    source = manifest["data"][0]
+    # Not counted in advance, but the bytes read are pinned.
+    assert source["rows"] is None and source["used"] is None
+    assert source["sha256"] == hashlib.sha256(CHAT.read_bytes()).hexdigest()
+    assert "| messages | streamed |" in (out / "README.md").read_text()
+
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_one_pass_over_the_stream_yields_each_row_once_converted(tmp_path):
+    # Spread over three file types, one of them Parquet read in batches; an alpaca source
+    # ends up as conversations like the others.
+    pytest.importorskip("pyarrow")
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = chat_rows()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[:100])
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows[100:]), folder / "b.parquet", row_group_size=16)
+    data = {"train": [{"path": str(folder)}], "eval": None, "max_length": 128, "streaming": True}
+    streamed = load_data(data, method="sft", seed=7)
+    whole = load_data({**data, "streaming": False}, method="sft", seed=7)
+
+    def key(row):
+        return json.dumps(row["messages"], sort_keys=True)
+
+    assert collections.Counter(map(key, streamed.train)) == collections.Counter(map(key, whole.train))
+    assert streamed.shape == whole.shape == "conversational_language_modeling"
+    # Shuffled with the seed: the same order on every run, not the file's order.
+    order = [key(r) for r in streamed.train]
+    assert [key(r) for r in load_data(data, method="sft", seed=7).train] == order != list(map(key, rows))
+
+
+def test_weights_are_shares_of_the_interleaved_stream(tmp_path):
+    rows = chat_rows()
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": r["messages"], "src": "a"} for r in rows])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": r["messages"][0]["content"],
+                                            "completion": r["messages"][1]["content"]} for r in rows])
+    data = {"train": [{"path": str(a), "weight": 3.0, "columns": {}}, {"path": str(b), "weight": 1.0}],
+            "eval": None, "max_length": 128, "streaming": True}
+    with pytest.raises(UserError):  # plain prompt-completion cannot mix with conversations
+        load_data(data, method="sft", seed=1)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": r["messages"][0]["content"], "input": "",
+                                            "output": "B " + r["messages"][1]["content"]} for r in rows])
+    data["train"][1]["path"] = str(b)
+    first = [row for _, row in zip(range(400), load_data(data, method="sft", seed=1).train)]
+    from_b = sum(row["messages"][-1]["content"].startswith("B ") for row in first)
+    assert 0.15 < from_b / len(first) < 0.35, from_b  # weight 1 of 4
+
+
+def test_validate_reads_the_head_and_a_later_bad_row_stops_the_run_at_its_line(tmp_path):
+    rows = chat_rows()
+    bad_line = CHECK_ROWS + 200
+    lines = [json.dumps(rows[i % len(rows)]) for i in range(bad_line + 50)]
+    lines[bad_line - 1] = json.dumps({"messages": [{"role": "robot", "content": "beep"}]})
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    path = recipe(tmp_path, data=data)
+    assert cli("validate", path).returncode == 0
+    with pytest.raises(TrainingFailed) as failed:
+        run(resolve(path, ["train.max_steps=400"]), ["llmtune", "sft"], output_dir=str(tmp_path / "run"))
+    assert f"big.jsonl:{bad_line}: unknown role 'robot'" in str(failed.value.__cause__ or failed.value)
+    # A bad row inside the head is caught before the run, like any data error.
+    lines[10] = lines[bad_line - 1]
+    data.write_text("\n".join(lines) + "\n")
+    result = cli("validate", path)
+    assert result.returncode == 2 and "big.jsonl:11: unknown role 'robot'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("sets, where, message", [
+    (["method=dpo"], ":9:3", "`llmtune dpo` cannot stream its data"),
+    (["train.max_steps=-1"], ":9:3", "set `train.max_steps:`"),
+    (["data.eval=0.1"], "--set data.eval=0.1", "a fraction of a stream cannot be held out"),
+    (["data.curate.dedup=true"], ":4:1", "cannot run on a stream"),  # the `data:` that --set extended
+])
+def test_what_a_stream_cannot_do_is_refused_at_the_key(tmp_path, sets, where, message):
+    path = recipe(tmp_path)
+    with pytest.raises(UserError) as refused:
+        resolve(path, sets)
+    (problem,) = refused.value.problems
+    assert problem.startswith(f"{path}{where}: " if where.startswith(":") else f"{where}: "), problem
+    assert message in problem, problem
+
+
+def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
+    path = recipe(tmp_path)
+    planned = cli("plan", path)
+    assert planned.returncode == 0, planned.stderr
+    assert "chat.jsonl: messages (column 'messages' found), streamed; tokens per row (the first 240 rows of the " \
+           "stream): p50" in planned.stdout
+    assert "steps: 20 in total (train.max_steps; a stream has no epochs to count)" in planned.stdout
+    inspected = cli("data", "inspect", path)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "messages (column 'messages' found), streamed" in inspected.stdout
+    assert "[[" in inspected.stdout  # trained tokens are marked in the sample, as without streaming
