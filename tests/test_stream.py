@@ -150,3 +150,20 @@ def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
     assert inspected.returncode == 0, inspected.stderr
     assert "messages (column 'messages' found), streamed" in inspected.stdout
     assert "[[" in inspected.stdout  # trained tokens are marked in the sample, as without streaming
+
+
+def test_a_resumed_stream_continues_with_the_rows_it_would_have_seen(tmp_path):
+    # 40 steps of 8 rows over 240 rows: the stream runs out and starts again after step 30.
+    sets = ["train.max_steps=40", "train.save_strategy=steps", "train.save_steps=20", "train.logging_steps=1"]
+    path = recipe(tmp_path)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(resolve(path, sets), ["llmtune", "sft"], output_dir=str(whole))
+    run(resolve(path, sets), ["llmtune", "sft"], output_dir=str(resumed), resume=str(whole / "checkpoint-20"))
+
+    def losses(folder):
+        return {m["step"]: m["loss"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "loss" in m}
+
+    after = {step: loss for step, loss in losses(whole).items() if step > 20}
+    assert sorted(after) == list(range(21, 41))
+    assert {step: losses(resumed)[step] for step in after} == pytest.approx(after, abs=1e-6)
