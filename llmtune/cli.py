@@ -322,7 +322,8 @@ def push(
                                  "touch no network."),
 ):
     """Upload a finished run to the Hugging Face Hub: model or adapter, tokenizer, model card, recipe.yaml,
-    manifest.json, metrics.jsonl, loss.png (no checkpoints, no train.log). Token: HF_TOKEN or `hf auth login`."""
+    manifest.json, metrics.jsonl, loss.png, eval results (no checkpoints, no train.log). Token: HF_TOKEN or
+    `hf auth login`."""
     from . import hub
 
     try:
