@@ -1,4 +1,5 @@
-"""Failures users can fix themselves, out of disk or out of memory, explained with what to try.
+"""Failures users can fix themselves, out of disk or out of memory or a diverged loss,
+explained with what to try.
 
 Each writer reports a full disk its own way: Python as `OSError(ENOSPC)`, safetensors as
 "os error 28", `torch.save` only as a failed stream write; all of them are recognised.
@@ -7,6 +8,7 @@ Each writer reports a full disk its own way: Python as `OSError(ENOSPC)`, safete
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -37,6 +39,31 @@ def out_of_memory(err: BaseException) -> bool:
                for e in _chain(err))
 
 
+class Diverged(Exception):
+    """A loss or gradient norm stopped being a finite number: the weights are no longer usable."""
+
+
+def divergence_guard(args):
+    """A callback that stops the run at the first logged NaN/inf loss or gradient norm.
+
+    transformers would train on: the logged `loss` hides NaN steps (`logging_nan_inf_filter`), and the
+    NaN weights would be saved as a completed run. With fp16 a non-finite gradient norm is the
+    loss scaler probing (the step is skipped), so there only the losses count.
+    """
+    from transformers import TrainerCallback
+
+    watched = ("loss", "eval_loss") + (() if args.fp16 else ("grad_norm",))
+
+    class DivergenceGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = [f"{key} = {logs[key]}" for key in watched
+                   if isinstance((logs or {}).get(key), float) and not math.isfinite(logs[key])]
+            if bad:
+                raise Diverged(f"training diverged at step {state.global_step}: {', '.join(bad)}")
+
+    return DivergenceGuard()
+
+
 def _kept(run_dir: Path) -> str:
     found = complete_checkpoints(run_dir)
     if not found:
@@ -57,6 +84,11 @@ def explain(err: BaseException, run_dir: Path, resolved, args) -> str | None:
                 f"less often. {_kept(run_dir)}")
     if out_of_memory(err):
         return f"{_memory_advice(resolved, args)}\n{_kept(run_dir)}"
+    if isinstance(err, Diverged):
+        return ("Lower `train.learning_rate` (or raise `train.warmup_steps`); check for rows cut to nothing by "
+                "`data.max_length` (`llmtune plan` counts rows over it; preference methods need room for the "
+                "completion after the prompt); prefer bfloat16 or float32 to float16. No model was saved from the "
+                f"diverged weights. {_kept(run_dir)}")
     return None
 
 

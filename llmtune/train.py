@@ -72,7 +72,7 @@ def require_chat_template(resolved: Resolved, shape: str, tokenizer) -> None:
 def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None, resume_force: bool = False) -> dict:
     from .data import load_data
-    from .faults import explain
+    from .faults import divergence_guard, explain
     from .interrupt import Interrupted, Interruption
     from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
     from . import stopping
@@ -122,8 +122,9 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         trainer = method.build_trainer(
             args=args, model=model, tokenizer=tokenizer, data=data,
             peft_config=peft_config(config.get("adapter"), resolved.method.head, config["model"]),
-            callbacks=[metrics_callback(run_dir.path / "metrics.jsonl"), *stopping.callbacks(config),
-                       *([report_callback(run_dir, data)] if launched() else [])], **extra)
+            callbacks=[metrics_callback(run_dir.path / "metrics.jsonl"), divergence_guard(args),
+                       *stopping.callbacks(config), *([report_callback(run_dir, data)] if launched() else [])],
+            **extra)
         # What this run really uses: the recipe's settings, or those picked for this machine.
         run_dir.record(speed={"attn_implementation": getattr(model.config, "_attn_implementation", None),
                               "use_liger_kernel": args.use_liger_kernel,

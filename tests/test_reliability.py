@@ -591,3 +591,28 @@ def test_a_new_run_clears_the_earlier_runs_model_files(tmp_path):
         (tmp_path / name).write_text("old")
     prepare(tmp_path, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tokenizer.json"]
+
+
+def test_a_diverged_run_stops_at_the_step_says_what_to_try_and_saves_no_model(tmp_path):
+    out = tmp_path / "run"
+    result = plain_cli("sft", "quickstart", "--output-dir", out, "--set", "train.learning_rate=1e30",
+                       "--set", "train.max_steps=8", "--set", "train.logging_steps=1", "--set", "train.eval_strategy=no")
+    assert result.returncode == 1, result.stderr
+    stopped = re.search(r"training diverged at step (\d+): grad_norm = nan", result.stderr)
+    assert stopped and int(stopped.group(1)) < 8, result.stderr
+    assert "Lower `train.learning_rate`" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert not (out / "adapter_model.safetensors").exists()  # no NaN weights left behind as a model
+
+
+def test_the_divergence_guard_leaves_fp16_loss_scaling_alone():
+    from types import SimpleNamespace
+
+    from llmtune.faults import Diverged, divergence_guard
+
+    state = SimpleNamespace(global_step=3)
+    divergence_guard(SimpleNamespace(fp16=True)).on_log(None, state, None, logs={"grad_norm": float("inf")})
+    for fp16, logs in ((True, {"loss": float("nan")}), (False, {"grad_norm": float("inf")}),
+                       (False, {"eval_loss": float("nan"), "loss": 1.0})):
+        with pytest.raises(Diverged, match="diverged at step 3"):
+            divergence_guard(SimpleNamespace(fp16=fp16)).on_log(None, state, None, logs=logs)
