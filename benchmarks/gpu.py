@@ -6,7 +6,12 @@ to a temporary folder with llmtune's byte-level tokenizer. For each model x {lor
 it prints tokens/s, peak GPU memory (torch.cuda.max_memory_allocated), model FLOPs
 utilisation and, when `llmtune plan` is available, the plan's estimate next to the peak.
 
-Run: python benchmarks/gpu.py [--steps 30] [--sizes 0.5b 1.5b]
+Then, as a check on a real architecture rather than a speed figure, it runs llmtune's QLoRA SFT and
+LoRA DPO on a Qwen2-shaped ~0.5B random-weight model carrying Qwen2.5's chat template and special
+tokens, and prints each run's first and last loss, time and peak memory, and a generation from the
+SFT run directory.
+
+Run: python benchmarks/gpu.py [--steps 30] [--sizes 0.5b 1.5b] [--no-families]
 """
 
 import argparse
@@ -51,7 +56,7 @@ def build_model(size: str, out: Path) -> int:
     return params
 
 
-def write_data(path: Path, rows: int = 4000) -> None:
+def write_data(path: Path, rows: int) -> None:
     """Chat rows of ~SEQ tokens with the byte tokenizer (one token per byte)."""
     import random
 
@@ -79,7 +84,8 @@ from llmtune.recipe.check import resolve
 from llmtune.train import run
 metrics = run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
 print(json.dumps({{"runtime": metrics["train_runtime"], "peak": torch.cuda.max_memory_allocated(),
-                  "tokens": json.loads(open({out!r} + "/metrics.jsonl").readlines()[-1]).get("num_tokens"),
+                  "tokens": [r["num_tokens"] for r in map(json.loads, open({out!r} + "/metrics.jsonl"))
+                             if "num_tokens" in r][-1],
                   "speed": json.load(open({out!r} + "/manifest.json"))["speed"]}}))
 """
 
@@ -132,10 +138,84 @@ def plan_estimate(recipe: Path) -> str:
     return lines[0].strip() if lines else "n/a"
 
 
+QWEN_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864)  # Qwen2.5-0.5B's shape
+
+RUN_CHILD = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from llmtune.recipe.check import resolve
+from llmtune.train import run
+run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
+rows = [json.loads(line) for line in open({out!r} + "/metrics.jsonl")]
+losses = [r["loss"] for r in rows if "loss" in r]
+print(json.dumps({{"first": losses[0], "last": losses[-1], "steps": len(losses),
+                  "runtime": [r for r in rows if "train_runtime" in r][-1]["train_runtime"],
+                  "peak": torch.cuda.max_memory_allocated(), "status": json.load(open({out!r} + "/manifest.json"))["status"]}}))
+"""
+
+FAMILY_RECIPE = """
+method: {method}
+model: {{name: {model}, dtype: bfloat16}}
+{quant}
+adapter: {{type: lora, r: 16, alpha: 32, target_modules: all-linear}}
+data: {{train: [{{path: {data}}}], max_length: 512}}
+train: {{max_steps: {steps}, per_device_train_batch_size: 8, learning_rate: {lr}, logging_steps: 5,
+         save_strategy: "no"{extra}}}
+"""
+
+
+def build_qwen(out: Path) -> None:
+    """Qwen2 architecture, random weights, Qwen2.5's template with its <|im_start|>/<|im_end|> special tokens."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from llmtune.model import build_tiny_tokenizer, read_chat_template
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = read_chat_template("qwen2_5")
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **QWEN_SHAPE)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def family_runs(work: Path, steps: int) -> None:
+    model = work / "qwen2-0.5b"
+    build_qwen(model)
+    data = ROOT / "recipes" / "data"
+    print(f"\nReal architecture: Qwen2 {QWEN_SHAPE['hidden_size']}x{QWEN_SHAPE['num_hidden_layers']}, random "
+          f"weights, Qwen2.5 chat template; {steps} steps, batch 8")
+    print(f"{'run':<10} {'loss first':>10} {'loss last':>10} {'seconds':>8} {'peak GiB':>9}  status")
+    for name, method, quant, source, lr, extra in (
+            ("qlora sft", "sft", "quantization: {bits: 4, compute_dtype: bfloat16}", "chat.jsonl", "2.0e-4", ""),
+            ("lora dpo", "dpo", "", "preference.jsonl", "5.0e-5", ", beta: 0.1")):
+        recipe = work / f"{method}.yaml"
+        recipe.write_text(FAMILY_RECIPE.format(method=method, model=model, quant=quant, data=data / source,
+                                               steps=steps, lr=lr, extra=extra))
+        out = work / f"run-{method}"
+        result = child(RUN_CHILD.format(root=str(ROOT), recipe=str(recipe), out=str(out)))
+        print(f"{name:<10} {result['first']:>10.4f} {result['last']:>10.4f} {result['runtime']:>8.1f} "
+              f"{result['peak'] / 2**30:>9.2f}  {result['status']}")
+        if method == "sft":
+            done = subprocess.run([PYTHON, "-m", "llmtune", "generate", str(out), "--prompt", "What is 11 + 5?",
+                                   "--max-new-tokens", "12"], capture_output=True, text=True)
+            print(f"           generate from the run directory: exit {done.returncode}, "
+                  f"{(done.stdout.strip() or done.stderr.strip()[-300:])[:200]!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--no-families", dest="families", action="store_false",
+                        help="Skip the QLoRA SFT / DPO runs on a Qwen2-shaped model.")
     opts = parser.parse_args()
     import torch
 
@@ -150,7 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data.jsonl"
-        write_data(data)
+        write_data(data, rows=opts.steps * 4 + 8)  # one pass: batch 1 x 4 accumulation per step
         for size in opts.sizes:
             model_dir = work / size
             params = build_model(size, model_dir)
@@ -173,6 +253,8 @@ def main() -> None:
                     print(f"{size:<6} {kind:<6} {who:<9} {tps:>9.0f} {result['peak'] / 2**30:>9.2f} {mfu:>6}  "
                           f"{estimate if who == 'llmtune' else ''}")
                 print(f"       llmtune used: {runs['llmtune']['speed']}")
+        if opts.families:
+            family_runs(work, opts.steps)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -471,6 +472,10 @@ def recipes_copy(
 
 
 def main() -> None:
+    # transformers 5.25 swaps Hub kernels into every model it loads on a GPU unless told not to: code fetched from
+    # the Hub at load time, and a crash offline ("not available in the local cache"). llmtune stays offline unless
+    # asked; USE_HUB_KERNELS=YES in the environment opts in.
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     app()
 
 
