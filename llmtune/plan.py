@@ -3,7 +3,7 @@
 Parameter counts come from the model's config: the model (and its PEFT adapter) is built
 on the `meta` device, which allocates nothing, so counts are exact for any architecture.
 Data is read and tokenized as `data inspect` does. Memory is an estimate per GPU, term by
-term (README, "How plan estimates memory", gives the formula and what it leaves out):
+term (docs/plan.md, "How plan estimates memory", gives the formula and what it leaves out):
 
   weights      P_lin * q + (P - P_lin) * w     q = w, 1 (8-bit), 0.5 + scales (4-bit)
   adapter      T * 4                           PEFT keeps adapter weights in float32
@@ -347,7 +347,7 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
                                                                                   False):
         est.terms["reference"] = est.terms["weights"]
         est.notes.append("a frozen reference copy of the model (full fine-tuning; an adapter would reuse the base)")
-    lines.append("\n# memory per GPU (an estimate; README explains each term)")
+    lines.append("\n# memory per GPU (an estimate; docs/plan.md explains each term)")
     explain = {
         "weights": f"{shape.params:,} parameters, {_weights_kind(shape, settings)}",
         "adapter": f"{shape.trainable:,} trainable adapter parameters in float32" if settings.adapter else "none",

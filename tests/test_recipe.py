@@ -244,9 +244,9 @@ def test_recipes_list_show_copy(tmp_path):
     assert cli("validate", nested / "tiny-lora.yaml").returncode == 0
 
 
-def test_readme_reference_matches_the_schema():
+def test_docs_reference_matches_the_schema():
     from llmtune.recipe.reference import render
 
-    readme = (RECIPES.parent / "README.md").read_text()
-    block = readme.split("<!-- reference:start -->\n")[1].split("<!-- reference:end -->")[0]
-    assert block == render(), "README.md is stale: paste `python -m llmtune.recipe.reference` between the markers"
+    page = (RECIPES.parent / "docs" / "recipes.md").read_text()
+    block = page.split("<!-- reference:start -->\n")[1].split("<!-- reference:end -->")[0]
+    assert block == render(), "docs/recipes.md is stale: paste `python -m llmtune.recipe.reference` between the markers"

@@ -2,7 +2,7 @@
 
 - `launcher`: a recipe's `launch:` section -> a shipped accelerate config (recipes/launch/)
   filled in for this machine -> `accelerate launch -m llmtune ...` through accelerate's API.
-- `rules`: compatibility rules checked before launch, one table (README renders it).
+- `rules`: compatibility rules checked before launch, one table (docs/distributed.md renders it).
 - `rank`: what a launched process does differently (rank-0-only writes, devices, failures).
 - `compat`: workarounds for the libraries, each with its expiry.
 

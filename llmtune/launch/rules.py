@@ -1,4 +1,4 @@
-"""Compatibility rules checked before anything is launched: one table, rendered in README.md.
+"""Compatibility rules checked before anything is launched: one table, rendered in docs/distributed.md.
 
 Each rule names the combination it is about, what llmtune does about it, and a check.
 `recipe` rules depend on the recipe alone, so `llmtune validate` runs them too (from
@@ -53,7 +53,7 @@ class Finding:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    when: str  # the combination, as README shows it
+    when: str  # the combination, as docs/distributed.md shows it
     does: str  # what llmtune does or asks for
     stage: str  # recipe | launch
     check: Callable[[Context], list[Finding]] | None = field(default=None, compare=False)
@@ -245,7 +245,7 @@ def check_recipe(checker, config: dict) -> None:
 
 
 def markdown() -> str:
-    """The rules as a README table."""
+    """The rules as the Markdown table in docs/distributed.md."""
     rows = ["| rule | when | llmtune |", "|---|---|---|"]
     rows += [f"| {r.name} | {r.when} | {r.does} |" for r in RULES]
     return "\n".join(rows) + "\n"

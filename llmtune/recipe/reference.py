@@ -1,6 +1,6 @@
-"""The recipe reference in README.md, rendered from the schema's own help text.
+"""The recipe reference in docs/recipes.md, rendered from the schema's own help text.
 
-`python -m llmtune.recipe.reference` prints it; a test keeps README.md in step.
+`python -m llmtune.recipe.reference` prints it; a test keeps docs/recipes.md in step.
 """
 
 import typing
