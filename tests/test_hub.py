@@ -118,6 +118,7 @@ def pushed(tmp_path_factory, llmtune_cache):
     return out, result, fake
 
 
+@pytest.mark.slow
 def test_training_uploads_exactly_the_run_files_to_a_private_repo(pushed):
     out, result, fake = pushed
     assert fake.names() == ["create_repo", "repo_info", "create_commit"]
@@ -128,6 +129,7 @@ def test_training_uploads_exactly_the_run_files_to_a_private_repo(pushed):
     assert fake.uploaded["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_token_goes_to_the_hub_only(pushed):
     out, result, fake = pushed
     assert set(fake.tokens) == {SECRET}  # taken from HF_TOKEN
@@ -139,6 +141,7 @@ def test_the_token_goes_to_the_hub_only(pushed):
     assert SECRET not in result.output
 
 
+@pytest.mark.slow
 def test_manifest_and_summary_record_the_upload(pushed):
     out, result, fake = pushed
     manifest = json.loads((out / "manifest.json").read_text())
@@ -149,6 +152,7 @@ def test_manifest_and_summary_record_the_upload(pushed):
     assert "on the Hub: https://huggingface.co/me/tiny-sft" in result.stdout
 
 
+@pytest.mark.slow
 def test_uploaded_card_is_a_hub_card(pushed):
     out, result, fake = pushed
     card = fake.uploaded["README.md"].decode()
@@ -163,6 +167,7 @@ def test_uploaded_card_is_a_hub_card(pushed):
     assert not hub.is_repo_id("Qwen2.5-0.5B") and not hub.is_repo_id("a--b/c") and not hub.is_repo_id("a/b.git")
 
 
+@pytest.mark.slow
 def test_push_dry_run_lists_files_and_sizes_without_the_network(pushed, tmp_path):
     out, _, _ = pushed
     with pytest.MonkeyPatch.context() as mp:
@@ -180,6 +185,7 @@ def test_push_dry_run_lists_files_and_sizes_without_the_network(pushed, tmp_path
         [*UPLOADED, "train.log", *(p.relative_to(out).as_posix() for p in out.glob("checkpoint-*/*"))])
 
 
+@pytest.mark.slow
 def test_without_a_token_the_run_succeeds_and_says_how_to_push(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         fake = FakeHub()
@@ -191,6 +197,7 @@ def test_without_a_token_the_run_succeeds_and_says_how_to_push(tmp_path):
     assert manifest["status"] == "completed" and "hub" not in manifest
 
 
+@pytest.mark.slow
 def test_a_failed_upload_exits_1_keeps_the_run_and_push_retries_it(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         out, result = train(mp, tmp_path, FakeHub(fail=True), steps=2)
@@ -215,6 +222,7 @@ def test_a_failed_upload_exits_1_keeps_the_run_and_push_retries_it(tmp_path):
     assert result.stdout.strip() == f"pushed {out} to https://huggingface.co/me/other/tree/exp (commit {COMMIT[:12]})"
 
 
+@pytest.mark.slow
 def test_push_refusals_exit_2_with_one_message(pushed, tmp_path):
     out, _, _ = pushed
     no_hub = tmp_path / "no-hub"

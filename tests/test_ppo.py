@@ -191,6 +191,7 @@ def lora_run(tmp_path_factory, letter_rm, prompts):
     return out, run(resolve(recipe), ["llmtune", "ppo", str(recipe)], output_dir=str(out))
 
 
+@pytest.mark.slow
 def test_lora_ppo_raises_the_reward_with_bounded_kl(lora_run):
     out, metrics = lora_run
     steps = logged(out)
@@ -209,6 +210,7 @@ def test_lora_ppo_raises_the_reward_with_bounded_kl(lora_run):
     assert "eval_reward" in metrics and math.isfinite(metrics["eval_reward"])
 
 
+@pytest.mark.slow
 def test_lora_policy_reloads_and_generates_on_an_unchanged_base(lora_run):
     out, _ = lora_run
     from peft import AutoPeftModelForCausalLM
@@ -245,6 +247,7 @@ def capture_trainer(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_keeps_a_frozen_reference_and_learns_values(tmp_path, letter_rm, prompts, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -332,6 +335,7 @@ def test_rollout_logprobs_are_those_responses_were_sampled_from(tmp_path, letter
     assert ((logprobs - sampled).abs() * mask).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_qlora_ppo_trains_on_a_4bit_base(tmp_path, letter_rm, prompts, monkeypatch):
     import bitsandbytes as bnb
 
@@ -346,6 +350,7 @@ def test_qlora_ppo_trains_on_a_4bit_base(tmp_path, letter_rm, prompts, monkeypat
     assert len(logged(out)) == 4 and (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_continues_the_same_run(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts, steps=6)
     sets = ["train.save_strategy=steps", "train.save_steps=3"]
@@ -385,6 +390,7 @@ run(resolve(sys.argv[1]), ["llmtune"], output_dir=sys.argv[2] + "/run")
 """
 
 
+@pytest.mark.distributed
 def test_two_processes_share_the_prompts_and_agree_on_the_weights(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts, steps=3)
     script = tmp_path / "ddp.py"
@@ -404,6 +410,7 @@ def test_two_processes_share_the_prompts_and_agree_on_the_weights(tmp_path, lett
 # -- bad recipes ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ppo_without_a_reward_model_or_with_other_data_exits_2(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts)
     text = recipe.read_text()
@@ -425,6 +432,7 @@ def test_ppo_without_a_reward_model_or_with_other_data_exits_2(tmp_path, letter_
     assert "llmtune reward" in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ppo_settings_are_checked_like_trl_configs(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts)
     result = cli("validate", recipe, "--set", "train.kl_coeff=0.1", "--set", "train.kl_estimator=k2",
@@ -460,6 +468,7 @@ def test_stop_token_and_a_foreign_reward_tokenizer_are_refused_before_training(t
     assert ppo.defaults(config, None) == {"max_length": 64}
 
 
+@pytest.mark.slow
 def test_shipped_tiny_pipeline_sft_reward_ppo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # each step finds the one before under ./runs
     rlhf = ROOT / "recipes" / "rlhf"

@@ -87,6 +87,7 @@ def dpo_run(tmp_path_factory, llmtune_cache):
     return train(tmp_path_factory.mktemp("dpo"), "dpo", steps=24, eval_=0.1, sets=["train.eval_steps=12"])
 
 
+@pytest.mark.slow
 def test_dpo_margins_rise_and_the_policy_prefers_chosen(dpo_run):
     out, metrics = dpo_run
     margins = logged(out, "rewards/margins")
@@ -132,6 +133,7 @@ def ref_pass_calls(monkeypatch, tmp_path, llmtune_cache):
     return calls, cache / "ref-logps"
 
 
+@pytest.mark.slow
 def test_second_run_loads_reference_log_probs_instead_of_computing_them(tmp_path, ref_pass_calls):
     calls, folder = ref_pass_calls
     first, m1 = train(tmp_path, "dpo", name="first", steps=6, eval_=0.1)
@@ -154,6 +156,7 @@ def test_second_run_loads_reference_log_probs_instead_of_computing_them(tmp_path
     assert len(list(folder.glob("*.safetensors"))) == 4
 
 
+@pytest.mark.slow
 def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monkeypatch):
     import os
     import signal
@@ -189,6 +192,7 @@ def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monke
             if "loss" in m][-1] == 8
 
 
+@pytest.mark.slow
 def test_ipo_loss_runs_and_falls(tmp_path):
     # Plain strings with an explicit prompt (the sample data is conversational).
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
@@ -200,6 +204,7 @@ def test_ipo_loss_runs_and_falls(tmp_path):
     assert logged(out, "rewards/margins")[-1] > logged(out, "rewards/margins")[0]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_dpo_reference_is_the_starting_model(tmp_path):
     # Precomputed (the default: no second copy in memory) and a frozen copy kept during training.
     for name, sets in (("precomputed", []), ("copy", ["train.precompute_ref_log_probs=false"])):
@@ -209,6 +214,7 @@ def test_full_fine_tuning_dpo_reference_is_the_starting_model(tmp_path):
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_qlora_dpo_trains_a_4bit_base(tmp_path):
     out, metrics = train(tmp_path, "dpo", extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}",
                          steps=12)
@@ -217,6 +223,7 @@ def test_qlora_dpo_trains_a_4bit_base(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_orpo_is_marked_experimental_trains_and_reloads(tmp_path):
     out, metrics = train(tmp_path, "orpo", steps=16)
     assert metrics["last_loss"] < 0.85 * metrics["first_loss"], metrics
@@ -247,6 +254,7 @@ def generates(out):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_kto_trains_on_labelled_completions_and_reloads(tmp_path):
     out, metrics = train(tmp_path, "kto", data=UNPAIRED, steps=16, eval_=0.1)
     assert metrics["last_loss"] < 0.5 * metrics["first_loss"], metrics
@@ -257,6 +265,7 @@ def test_kto_trains_on_labelled_completions_and_reloads(tmp_path):
     generates(out)
 
 
+@pytest.mark.slow
 def test_kto_takes_preference_pairs_with_an_implicit_prompt(tmp_path):
     # Message lists sharing their first turn: the prompt is implicit; KTO unpairs each pair.
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
@@ -295,6 +304,7 @@ def pair_accuracy(score, tokenizer):
     return (scores[:, 0] > scores[:, 1]).float().mean().item(), scores
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(TRAIN_CAPITALS) * 4)
     out, metrics = train(tmp_path, "reward", extra="", data=data, steps=16, lr=1e-3)
@@ -318,6 +328,7 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     assert "AutoModelForSequenceClassification" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_reward_adapter_and_score_margins(tmp_path):
     rows = reward_pairs(TRAIN_CAPITALS) * 2
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
@@ -346,6 +357,7 @@ def sft_run(tmp_path_factory, llmtune_cache):
     return train(tmp, "sft", data=CHAT, steps=10)[0]
 
 
+@pytest.mark.slow
 def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
     out, metrics = train(tmp_path, "dpo", model=sft_run, extra="", steps=8, log=1)
     # The reference is the SFT adapter's frozen copy: at step 1 the policy equals it.
@@ -363,6 +375,7 @@ def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
     generates(out)
 
 
+@pytest.mark.slow
 def test_dpo_and_reward_on_an_sft_adapter_merged_into_its_base(tmp_path, sft_run):
     # Full fine-tuning of the merged model; the frozen copy of it is the reference.
     out, metrics = train(tmp_path, "dpo", name="dpo", model=sft_run, extra="", steps=4, lr=1e-4, log=1,
@@ -377,12 +390,14 @@ def test_dpo_and_reward_on_an_sft_adapter_merged_into_its_base(tmp_path, sft_run
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
 
 
+@pytest.mark.slow
 def test_an_explicit_reference_model(tmp_path, sft_run):
     # The policy starts as the base; the SFT model (merged) judges it, so step 1 is not at ln 2.
     out, metrics = train(tmp_path, "dpo", steps=2, log=1, sets=[f"ref_model={sft_run}"])
     assert abs(metrics["first_loss"] - LN2) > 0.01
 
 
+@pytest.mark.slow
 def test_continuing_a_run_adapter_is_checked_before_training(tmp_path, sft_run):
     cases = [("dpo", LORA, [], "holds an adapter, and `model.run_adapter: stack` keeps training it"),
              ("reward", "", [], "`llmtune reward` adds a new SequenceClassification head"),

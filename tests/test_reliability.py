@@ -172,6 +172,7 @@ def copy_run(out: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_of_the_current_step_and_exits_130(interrupted):
     out, err = interrupted
     step = manifest(out)["metrics"]["step"]
@@ -186,6 +187,7 @@ def test_sigint_saves_a_checkpoint_of_the_current_step_and_exits_130(interrupted
     assert not (out / "adapter_model.safetensors").exists()  # no final model from an interrupted run
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_to_the_same_losses_and_weights(interrupted, baseline, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     step = manifest(out)["metrics"]["step"]
@@ -200,6 +202,7 @@ def test_resume_auto_continues_to_the_same_losses_and_weights(interrupted, basel
     assert "${env:WANDB_API_KEY}" in (out / "recipe.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_leaves_the_partial_save_ignored(recipe, tmp_path):
     out = tmp_path / "run"
     # The save triggered by the first signal hangs, as a slow disk would.
@@ -220,6 +223,7 @@ def test_second_signal_exits_at_once_and_leaves_the_partial_save_ignored(recipe,
     assert lock.holder(out) is None and not (out / lock.NAME).exists()  # its process is gone: stale, cleared
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(recipe, baseline, tmp_path):
     out = tmp_path / "run"
     proc = start("sft", recipe, "--output-dir", out,
@@ -238,6 +242,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(recipe, 
     assert_same_run(out, baseline)
 
 
+@pytest.mark.distributed
 def test_two_process_ddp_interrupt_and_resume_match_an_uninterrupted_run(recipe, tmp_path):
     launch = ["--set", "train.max_steps=30", "--num-processes", "2"]  # 2 CPU processes over gloo
     whole = tmp_path / "whole"
@@ -272,6 +277,7 @@ def changed_data_recipe(recipe: Path, folder: Path) -> Path:
     return write_recipe(folder / "r.yaml", recipe.read_text())
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_and_shapes_and_force_accepts(interrupted, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     step = manifest(out)["metrics"]["step"]
@@ -292,6 +298,7 @@ def test_resume_refuses_changed_data_and_shapes_and_force_accepts(interrupted, r
     assert manifest(out)["status"] == "completed" and max(losses(out)) == step + 3
 
 
+@pytest.mark.slow
 def test_resume_from_a_path_into_a_new_directory(interrupted, baseline, recipe, tmp_path):
     source, _ = interrupted
     step = manifest(source)["metrics"]["step"]
@@ -311,6 +318,7 @@ def test_resume_from_a_path_into_a_new_directory(interrupted, baseline, recipe, 
     assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(got)], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_one_run_per_directory(interrupted, baseline, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -405,6 +413,7 @@ def short_recipe(tmp_path, extra="", steps=6):
     return write_recipe(tmp_path / "r.yaml", text + extra)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, monkeypatch):
     import errno
 
@@ -429,6 +438,7 @@ def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, 
     assert manifest(out)["status"] == "failed" and not (out / lock.NAME).exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_knobs_that_lower_it(tmp_path, monkeypatch):
     import torch
     from transformers import Trainer
@@ -538,6 +548,7 @@ def rows_by_step(out: Path) -> dict:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", METHODS)
 def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatch):
     import torch
@@ -593,6 +604,7 @@ def test_a_new_run_clears_the_earlier_runs_model_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tokenizer.json"]
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_at_the_step_says_what_to_try_and_saves_no_model(tmp_path):
     out = tmp_path / "run"
     result = plain_cli("sft", "quickstart", "--output-dir", out, "--set", "train.learning_rate=1e30",

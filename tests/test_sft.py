@@ -61,6 +61,7 @@ def lora_run(tmp_path_factory, llmtune_cache):
         return train(tmp, eval_=0.1, sets=["train.eval_steps=10"])
 
 
+@pytest.mark.slow
 def test_lora_loss_falls_and_only_adapter_weights_change(lora_run):
     out, metrics = lora_run
     assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
@@ -81,6 +82,7 @@ def test_lora_loss_falls_and_only_adapter_weights_change(lora_run):
             assert torch.equal(tensor, base[key]), name
 
 
+@pytest.mark.slow
 def test_run_directory_is_complete_and_reloads_and_generates(lora_run):
     out, metrics = lora_run
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -115,6 +117,7 @@ def test_run_directory_is_complete_and_reloads_and_generates(lora_run):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
     out, metrics = lora_run
     again = tmp_path / "again"
@@ -129,6 +132,7 @@ def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
     assert rerun["last_loss"] == pytest.approx(metrics["last_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_qlora_trains_4bit_base_on_cpu(tmp_path):
     from llmtune import model as model_module
 
@@ -151,6 +155,7 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path):
     assert config["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
     out, metrics = train(tmp_path, extra="", steps=12, lr=1e-3)
     assert metrics["last_loss"] < metrics["first_loss"]
@@ -163,6 +168,7 @@ def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
     assert not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_dora_and_rslora_adapters(tmp_path):
     for kind in ("dora", "rslora"):
         out, metrics = train(tmp_path, name=kind, extra=f"adapter: {{type: {kind}, r: 4}}", steps=6)
@@ -198,6 +204,7 @@ def sft_trainer(recipe, sets=()):
     return trainer, tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     row, trained = FORMATS[fmt]
@@ -212,6 +219,7 @@ def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     assert tokenizer.decode(labels[labels != -100]) == trained
 
 
+@pytest.mark.slow
 def test_packing_keeps_rows_apart_and_masks_each(tmp_path):
     recipe = write_recipe(tmp_path / "p.yaml", RECIPE.format(extra=LORA, data=CHAT, steps=6, lr=3e-3, eval=0.0))
     trainer, tokenizer = sft_trainer(recipe, ["data.packing=true", "data.max_length=256"])
@@ -259,6 +267,7 @@ def test_columns_matching_no_format_and_empty_files(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_finished_run_directory(lora_run, tmp_path):
     out, _ = lora_run
     result = cli("sft", RECIPES / "quickstart.yaml", "--output-dir", out)

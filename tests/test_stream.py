@@ -44,6 +44,7 @@ def chat_rows():
     return [json.loads(line) for line in CHAT.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_streaming_sft_trains_and_records_the_stream(tmp_path):
     out = tmp_path / "run"
     eval_file = write_jsonl(tmp_path / "eval.jsonl", chat_rows()[:16])
@@ -105,6 +106,7 @@ def test_weights_are_shares_of_the_interleaved_stream(tmp_path):
     assert 0.15 < from_b / len(first) < 0.35, from_b  # weight 1 of 4
 
 
+@pytest.mark.slow
 def test_validate_reads_the_head_and_a_later_bad_row_stops_the_run_at_its_line(tmp_path):
     rows = chat_rows()
     bad_line = CHECK_ROWS + 200
@@ -139,6 +141,7 @@ def test_what_a_stream_cannot_do_is_refused_at_the_key(tmp_path, sets, where, me
     assert message in problem, problem
 
 
+@pytest.mark.slow
 def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
     path = recipe(tmp_path)
     planned = cli("plan", path)
@@ -152,6 +155,7 @@ def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
     assert "[[" in inspected.stdout  # trained tokens are marked in the sample, as without streaming
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_continues_with_the_rows_it_would_have_seen(tmp_path):
     # 40 steps of 8 rows over 240 rows: the stream runs out and starts again after step 30.
     sets = ["train.max_steps=40", "train.save_strategy=steps", "train.save_steps=20", "train.logging_steps=1"]
