@@ -131,8 +131,10 @@ def test_a_pissa_adapter_is_saved_as_lora_that_fits_the_original_base(tmp_path):
     ({"type": "prompt", "num_virtual_tokens": 8, "loraplus_lr_ratio": 16}, r"LoRA\+ scales .* `type: prompt` has none"),
     ({"type": "lora", "loraplus_lr_ratio": 0}, r"`adapter.loraplus_lr_ratio` must be > 0"),
     ({"type": "lora", "use_dora": True}, r"`adapter.use_dora` is managed by llmtune: use `type: dora`"),
-    ({"type": "lora", "init_lora_weights": "loftq"}, r"`init_lora_weights: loftq` is not supported: it replaces the base"),
-    ({"type": "prompt", "num_virtual_tokens": 8, "tokenizer_name_or_path": "x"}, r"managed by llmtune: set from `model.name`"),
+    ({"type": "lora", "init_lora_weights": "loftq"},
+     r"`init_lora_weights: loftq` is not supported: it replaces the base"),
+    ({"type": "prompt", "num_virtual_tokens": 8, "tokenizer_name_or_path": "x"},
+     r"managed by llmtune: set from `model.name`"),
 ])
 def test_adapter_sections_are_checked_against_their_peft_class(tmp_path, adapter, message):
     recipe = make_recipe(tmp_path, adapter=adapter)

@@ -16,27 +16,9 @@ from typer.testing import CliRunner
 from llmtune import hub
 from llmtune.cli import app
 
-from .conftest import RECIPES, cli, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_recipe
 
 SECRET = "hf_planted_token_5150"
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 4}}
-data:
-  train:
-    - path: {data}
-  max_length: 64
-  packing: false
-train:
-  max_steps: {steps}
-  per_device_train_batch_size: 4
-  logging_steps: 1
-  save_steps: 2
-  disable_tqdm: true
-hub:
-  repo_id: me/tiny-sft
-"""
 UPLOADED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
             "tokenizer_config.json", "recipe.yaml", "manifest.json", "metrics.jsonl", "loss.png"}
 COMMIT = "c0ffee" * 6 + "abcd"
@@ -102,7 +84,11 @@ def invoke(mp, tmp, args, fake: FakeHub, token: str | None = SECRET):
 
 
 def train(mp, tmp, fake, token=SECRET, steps=4):
-    recipe = write_recipe(tmp / "recipe.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl", steps=steps))
+    recipe = make_recipe(tmp, data={"max_length": 64, "packing": False}, name="recipe",
+                         adapter={"type": "lora", "r": 4},
+                         train={"max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1,
+                                "save_steps": 2, "disable_tqdm": True},
+                         hub={"repo_id": "me/tiny-sft"})
     out = tmp / "runs" / "tiny"
     return out, invoke(mp, tmp, ["sft", recipe, "--output-dir", out], fake, token)
 

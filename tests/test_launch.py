@@ -120,7 +120,8 @@ def test_accelerate_launch_of_llmtune_with_a_shipped_config(tmp_path):
 @pytest.mark.distributed
 def test_qlora_under_ddp(tmp_path):
     out = tmp_path / "out"
-    result = cli("sft", recipe(tmp_path, quantization=FOUR_BIT), "--num-processes", "2", "--output-dir", out, cwd=tmp_path)
+    result = cli("sft", recipe(tmp_path, quantization=FOUR_BIT), "--num-processes", "2", "--output-dir", out,
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ranks_agree(out)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -10,38 +10,28 @@ import torch
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
 PAIRS = RECIPES / "data" / "preference.jsonl"  # prompt + chosen/rejected message lists
 UNPAIRED = RECIPES / "data" / "kto.jsonl"  # prompt + completion message lists, label true/false
 CHAT = RECIPES / "data" / "chat.jsonl"
 LN2 = math.log(2)  # DPO's loss while the policy equals its reference
 
-RECIPE = """\
-method: {method}
-model: {{name: "{model}", dtype: float32}}
-{extra}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 128
-train:
-  learning_rate: {lr}
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: {log}
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
 
 
-def train(tmp_path, method, name="run", extra=LORA, data=PAIRS, steps=16, lr=3e-3, eval_=0.0, log=2, sets=(),
-          model="builtin:tiny"):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(
-        method=method, model=model, extra=extra, data=data, steps=steps, lr=lr, eval=eval_, log=log))
+def recipe_file(tmp_path, method, name="r", adapter=LORA, data=PAIRS, steps=2, lr=1e-3, eval_=0.0, log=1,
+                model="builtin:tiny", **sections):
+    return make_recipe(tmp_path, method, {"train": [{"path": data}], "eval": eval_, "max_length": 128}, name=name,
+                       model={"name": model}, adapter=adapter,
+                       train={"learning_rate": lr, "max_steps": steps, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "logging_steps": log, "save_strategy": "no",
+                              "disable_tqdm": True}, **sections)
+
+
+def train(tmp_path, method, name="run", adapter=LORA, data=PAIRS, steps=16, lr=3e-3, eval_=0.0, log=2, sets=(),
+          model="builtin:tiny", **sections):
+    recipe = recipe_file(tmp_path, method, name, adapter, data, steps, lr, eval_, log, model, **sections)
     out = tmp_path / "runs" / name
     metrics = run(resolve(recipe, sets), ["llmtune", method, str(recipe)], output_dir=str(out))
     return out, metrics
@@ -175,8 +165,7 @@ def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monke
         return WriterAndCtrlC()
 
     calls, _ = ref_pass_calls
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method="dpo", model="builtin:tiny", extra=LORA,
-                                                             data=PAIRS, steps=8, lr=3e-3, eval=0.0, log=1))
+    recipe = recipe_file(tmp_path, "dpo", steps=8, lr=3e-3)
     out = tmp_path / "out"
     with monkeypatch.context() as stopping:
         stopping.setattr(run_module, "metrics_callback", with_ctrl_c)
@@ -208,7 +197,7 @@ def test_ipo_loss_runs_and_falls(tmp_path):
 def test_full_fine_tuning_dpo_reference_is_the_starting_model(tmp_path):
     # Precomputed (the default: no second copy in memory) and a frozen copy kept during training.
     for name, sets in (("precomputed", []), ("copy", ["train.precompute_ref_log_probs=false"])):
-        out, metrics = train(tmp_path, "dpo", name=name, extra="", steps=6, lr=1e-4, log=1, sets=sets)
+        out, metrics = train(tmp_path, "dpo", name=name, adapter=None, steps=6, lr=1e-4, log=1, sets=sets)
         assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)  # policy == reference at step 1
         assert metrics["last_loss"] < metrics["first_loss"]
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
@@ -216,8 +205,7 @@ def test_full_fine_tuning_dpo_reference_is_the_starting_model(tmp_path):
 
 @pytest.mark.slow
 def test_qlora_dpo_trains_a_4bit_base(tmp_path):
-    out, metrics = train(tmp_path, "dpo", extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}",
-                         steps=12)
+    out, metrics = train(tmp_path, "dpo", steps=12, quantization={"bits": 4, "compute_dtype": "float32"})
     assert metrics["last_loss"] < 0.7 * metrics["first_loss"], metrics
     assert logged(out, "rewards/margins")[-1] > 0.5
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -307,7 +295,7 @@ def pair_accuracy(score, tokenizer):
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(TRAIN_CAPITALS) * 4)
-    out, metrics = train(tmp_path, "reward", extra="", data=data, steps=16, lr=1e-3)
+    out, metrics = train(tmp_path, "reward", adapter=None, data=data, steps=16, lr=1e-3)
     assert metrics["last_loss"] < 0.2 * metrics["first_loss"], metrics
     assert logged(out, "accuracy")[-1] == 1.0
 
@@ -359,7 +347,7 @@ def sft_run(tmp_path_factory, llmtune_cache):
 
 @pytest.mark.slow
 def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
-    out, metrics = train(tmp_path, "dpo", model=sft_run, extra="", steps=8, log=1)
+    out, metrics = train(tmp_path, "dpo", model=sft_run, adapter=None, steps=8, log=1)
     # The reference is the SFT adapter's frozen copy: at step 1 the policy equals it.
     assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)
     assert metrics["last_loss"] < metrics["first_loss"]
@@ -378,11 +366,11 @@ def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
 @pytest.mark.slow
 def test_dpo_and_reward_on_an_sft_adapter_merged_into_its_base(tmp_path, sft_run):
     # Full fine-tuning of the merged model; the frozen copy of it is the reference.
-    out, metrics = train(tmp_path, "dpo", name="dpo", model=sft_run, extra="", steps=4, lr=1e-4, log=1,
+    out, metrics = train(tmp_path, "dpo", name="dpo", model=sft_run, adapter=None, steps=4, lr=1e-4, log=1,
                          sets=["model.run_adapter=merge", "train.precompute_ref_log_probs=false"])
     assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)
 
-    out, metrics = train(tmp_path, "reward", name="reward", model=sft_run, extra="", steps=8, lr=1e-3,
+    out, metrics = train(tmp_path, "reward", name="reward", model=sft_run, adapter=None, steps=8, lr=1e-3,
                          sets=["model.run_adapter=merge"])
     assert metrics["last_loss"] < metrics["first_loss"]
     from transformers import AutoModelForSequenceClassification
@@ -400,13 +388,12 @@ def test_an_explicit_reference_model(tmp_path, sft_run):
 @pytest.mark.slow
 def test_continuing_a_run_adapter_is_checked_before_training(tmp_path, sft_run):
     cases = [("dpo", LORA, [], "holds an adapter, and `model.run_adapter: stack` keeps training it"),
-             ("reward", "", [], "`llmtune reward` adds a new SequenceClassification head"),
+             ("reward", None, [], "`llmtune reward` adds a new SequenceClassification head"),
              ("dpo", LORA, ["model.run_adapter=merge"], "`model.run_adapter: merge` fully fine-tunes"),
              ("orpo", LORA, ["ref_model=builtin:tiny"], "`llmtune orpo` trains without a reference model"),
              ("kto", LORA, ["data.packing=true"], "`llmtune kto` cannot pack rows (KTOConfig has no `packing`)")]
-    for method, extra, sets, message in cases:
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model=sft_run, extra=extra, data=PAIRS,
-                                                                 steps=2, lr=1e-3, eval=0.0, log=1))
+    for method, adapter, sets, message in cases:
+        recipe = recipe_file(tmp_path, method, adapter=adapter, model=sft_run)
         result = cli(method, recipe, "--output-dir", tmp_path / "out", *[a for s in sets for a in ("--set", s)])
         assert result.returncode == 2 and message in result.stderr, (method, result.stderr)
         assert "r.yaml:" in result.stderr or "--set" in result.stderr
@@ -424,8 +411,7 @@ WRONG_SHAPE = {  # method: (data it cannot take, the format found, the formats i
 @pytest.mark.parametrize("method", WRONG_SHAPE)
 def test_wrong_data_shape_exits_2_naming_method_and_formats(tmp_path, method):
     data, found, needed = WRONG_SHAPE[method]
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model="builtin:tiny", extra=LORA,
-                                                             data=data, steps=2, lr=1e-3, eval=0.0, log=1))
+    recipe = recipe_file(tmp_path, method, data=data)
     result = cli(method, recipe, "--output-dir", tmp_path / "out")
     assert result.returncode == 2, result.stderr
     assert f"method '{method}' cannot train on '{found}' data; it needs one of: {needed}" in result.stderr
@@ -441,8 +427,7 @@ def test_bad_preference_and_kto_rows_are_reported_by_line(tmp_path):
     for method, name, problems in (("dpo", "pairs.jsonl", ["pairs.jsonl:6: missing 'rejected'",
                                                            "pairs.jsonl:7: 'chosen' and 'rejected' are identical"]),
                                    ("kto", "kto.jsonl", ["kto.jsonl:4: 'label' must be true or false, got 'yes'"])):
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model="builtin:tiny", extra=LORA,
-                                                                 data=name, steps=2, lr=1e-3, eval=0.0, log=1))
+        recipe = recipe_file(tmp_path, method, data=name)
         result = cli(method, recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
         assert result.returncode == 2 and all(p in result.stderr for p in problems), result.stderr
         assert not (tmp_path / "out").exists()

@@ -240,7 +240,7 @@ def test_overlays_compose_later_ones_win_and_the_recipe_wins_over_all(tmp_path, 
     config = resolve(make_recipe(tmp_path, data=data_file, model={"dtype": None}, text=both)).config
     assert config["train"] == {"learning_rate": 2.0e-4, "gradient_checkpointing": True, "lr_scheduler_type": "cosine",
                                "warmup_steps": 0.03, "optim": "paged_adamw_8bit"}  # qlora's rate over full's
-    assert config["adapter"]["r"] == 16 and config["quantization"]["bits"] == 4  # qlora.yaml and the lora.yaml it extends
+    assert config["adapter"]["r"] == 16 and config["quantization"]["bits"] == 4  # qlora.yaml, and lora.yaml under it
     assert config["model"]["dtype"] == "bfloat16"
     mine = resolve(make_recipe(tmp_path, data=data_file, model={"dtype": "float32"}, train={"learning_rate": 5.0e-5},
                                adapter={"r": 4}, text=both)).config

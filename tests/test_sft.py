@@ -10,36 +10,24 @@ import torch
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
 CHAT = RECIPES / "data" / "chat.jsonl"
 SECRET = "hf_do_not_leak_4242"
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-{extra}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 128
-  packing: false
-train:
-  learning_rate: {lr}
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 2
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
 
 
-def train(tmp_path, name="run", extra=LORA, data=CHAT, steps=20, lr=3e-3, eval_=0.0, sets=()):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(extra=extra, data=data, steps=steps, lr=lr,
-                                                                 eval=eval_))
+def recipe_file(tmp_path, name="r", adapter=LORA, data=CHAT, steps=2, lr=1e-3, eval_=0.0, **sections):
+    return make_recipe(tmp_path, data={"train": [{"path": data}], "eval": eval_, "max_length": 128, "packing": False},
+                       name=name, adapter=adapter,
+                       train={"learning_rate": lr, "max_steps": steps, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "logging_steps": 2, "save_strategy": "no",
+                              "disable_tqdm": True}, **sections)
+
+
+def train(tmp_path, name="run", adapter=LORA, data=CHAT, steps=20, lr=3e-3, eval_=0.0, sets=(), **sections):
+    recipe = recipe_file(tmp_path, name, adapter, data, steps, lr, eval_, **sections)
     out = tmp_path / "runs" / name
     metrics = run(resolve(recipe, sets), ["llmtune", "sft", str(recipe)], output_dir=str(out))
     return out, metrics
@@ -148,7 +136,7 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_module, "load_model", spy)
-        out, metrics = train(tmp_path, extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}", steps=16)
+        out, metrics = train(tmp_path, quantization={"bits": 4, "compute_dtype": "float32"}, steps=16)
     assert seen["4bit"] == 14  # 7 linear layers x 2 blocks; lm_head stays full precision
     assert metrics["last_loss"] < 0.9 * metrics["first_loss"], metrics
     config = json.loads((out / "adapter_config.json").read_text())
@@ -157,7 +145,7 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
-    out, metrics = train(tmp_path, extra="", steps=12, lr=1e-3)
+    out, metrics = train(tmp_path, adapter=None, steps=12, lr=1e-3)
     assert metrics["last_loss"] < metrics["first_loss"]
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +159,7 @@ def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
 @pytest.mark.slow
 def test_dora_and_rslora_adapters(tmp_path):
     for kind in ("dora", "rslora"):
-        out, metrics = train(tmp_path, name=kind, extra=f"adapter: {{type: {kind}, r: 4}}", steps=6)
+        out, metrics = train(tmp_path, name=kind, adapter={"type": kind, "r": 4}, steps=6)
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["use_dora"] is (kind == "dora") and config["use_rslora"] is (kind == "rslora")
         assert metrics["last_loss"] < metrics["first_loss"]
@@ -221,7 +209,7 @@ def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
 
 @pytest.mark.slow
 def test_packing_keeps_rows_apart_and_masks_each(tmp_path):
-    recipe = write_recipe(tmp_path / "p.yaml", RECIPE.format(extra=LORA, data=CHAT, steps=6, lr=3e-3, eval=0.0))
+    recipe = recipe_file(tmp_path, "p", steps=6, lr=3e-3)
     trainer, tokenizer = sft_trainer(recipe, ["data.packing=true", "data.max_length=256"])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     starts = (batch["position_ids"][0] == 0).sum().item()
@@ -249,8 +237,7 @@ def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path, case):
     lines = [GOOD] * 40
     lines[36] = line
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data="broken.jsonl", steps=2, lr=1e-3,
-                                                             eval=0.0))
+    recipe = recipe_file(tmp_path, data="broken.jsonl")
     result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -261,7 +248,7 @@ def test_columns_matching_no_format_and_empty_files(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 3)
     (tmp_path / "empty.jsonl").write_text("")
     for name, message in (("odd.jsonl", "question, answer"), ("empty.jsonl", "empty")):
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data=name, steps=2, lr=1e-3, eval=0.0))
+        recipe = recipe_file(tmp_path, data=name)
         result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
         assert result.returncode == 2 and name in result.stderr and message in result.stderr, result.stderr
         assert not (tmp_path / "out").exists()
