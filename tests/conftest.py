@@ -1,4 +1,6 @@
-"""Shared fixtures: an isolated llmtune cache (the builtin tiny model is built there once)."""
+"""Shared fixtures: an isolated llmtune cache (the builtin tiny model is built there once), the recipe builder
+`make_recipe`, and the tiers: `pytest -m "not slow"` leaves out real training (`slow`) and multi-process
+launches (`distributed`, counted as slow too)."""
 
 import json
 import os
