@@ -1,4 +1,6 @@
-"""Shared fixtures: an isolated llmtune cache (the builtin tiny model is built there once)."""
+"""Shared fixtures: an isolated llmtune cache (the builtin tiny model is built there once), the recipe builder
+`make_recipe`, and the tiers: `pytest -m "not slow"` leaves out real training (`slow`) and multi-process
+launches (`distributed`, counted as slow too)."""
 
 import json
 import os
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Two cores, and tests (and the processes they start) run side by side: one thread each avoids
 # OpenMP oversubscription, which slows tiny-model training by orders of magnitude.
@@ -14,6 +17,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+CHAT = RECIPES / "data" / "chat.jsonl"
+
+
+def pytest_collection_modifyitems(items):
+    # A multi-process launch is slow too: `-m "not slow"` is the one fast-tier selection.
+    for item in items:
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,3 +49,47 @@ def write_jsonl(path: Path, rows) -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# Sections in the order recipes are usually written (any other section goes between `model` and `data`).
+_ORDER = {"method": 0, "model": 1, "data": 3, "train": 4, "early_stopping": 5, "hub": 5}
+
+
+def _merged(base, override):
+    """`override` on `base`: mappings merge key by key, None removes a key, anything else replaces."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(out.get(key), value)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def make_recipe(folder: Path, method: str = "sft", data=CHAT, *, name: str = "r", text: str = "",
+                **sections) -> Path:
+    """Write `folder/NAME.yaml` and return its path: `method` on builtin:tiny in float32, trained on `data`.
+
+    `data` is a file (or a list of files) to train on, or a mapping merged into the `data:` section
+    (`{"max_length": 64}` keeps the default file). Each of `sections` is merged into its section the same
+    way: mappings key by key, None removes a key (`model={"dtype": None}`), anything else replaces.
+    `text` is raw YAML appended as written, for what a mapping cannot say (`${...}`, layout, bad syntax).
+    """
+    sources = [data] if isinstance(data, (str, Path)) else data
+    if isinstance(sources, list):
+        data = {"train": [{"path": path} for path in sources]}
+    recipe = _merged({"method": method, "model": {"name": "builtin:tiny", "dtype": "float32"},
+                      "data": {"train": [{"path": CHAT}]}}, {"data": data, **sections})
+    recipe = dict(sorted(recipe.items(), key=lambda item: _ORDER.get(item[0], 2)))
+    body = yaml.safe_dump(_plain(recipe), sort_keys=False, default_flow_style=None, width=1000)
+    return write_recipe(folder / f"{name}.yaml", body + text)

@@ -11,7 +11,7 @@ from llmtune.model import builtin_path, convert_adapter, mergeable, peft_config,
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import RECIPES, write_recipe
+from .conftest import RECIPES, make_recipe
 
 SHORT = ["train.max_steps=20", "train.logging_steps=2", "data.eval=0"]
 # name: (shipped recipe, overrides, PEFT's peft_type in the saved adapter_config.json)
@@ -33,6 +33,7 @@ def tiny():
     return AutoModelForCausalLM.from_pretrained(builtin_path("tiny"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_each_adapter_trains_saves_reloads_and_generates(tmp_path, name):
     recipe, sets, peft_type = CASES[name]
@@ -64,6 +65,7 @@ def test_each_adapter_trains_saves_reloads_and_generates(tmp_path, name):
         assert head and not any("lora" in k for k in head)
 
 
+@pytest.mark.slow
 def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tmp_path):
     import llmtune.model
 
@@ -123,24 +125,18 @@ def test_a_pissa_adapter_is_saved_as_lora_that_fits_the_original_base(tmp_path):
     assert not initial.exists()
 
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny"}}
-adapter: {adapter}
-data: {{train: [{{path: {data}}}]}}
-"""
-
-
 @pytest.mark.parametrize("adapter, message", [
-    ("{type: ia3, r: 8}", r"r\.yaml:3:\d+: unknown key 'r' in adapter .*takes the fields of IA3Config"),
-    ("{type: prefix}", r"`adapter.type: prefix` needs `adapter.num_virtual_tokens` \(Number of virtual tokens\)"),
-    ("{type: prompt, num_virtual_tokens: 8, loraplus_lr_ratio: 16}", r"LoRA\+ scales .* `type: prompt` has none"),
-    ("{type: lora, loraplus_lr_ratio: 0}", r"`adapter.loraplus_lr_ratio` must be > 0"),
-    ("{type: lora, use_dora: true}", r"`adapter.use_dora` is managed by llmtune: use `type: dora`"),
-    ("{type: lora, init_lora_weights: loftq}", r"`init_lora_weights: loftq` is not supported: it replaces the base"),
-    ("{type: prompt, num_virtual_tokens: 8, tokenizer_name_or_path: x}", r"managed by llmtune: set from `model.name`"),
+    ({"type": "ia3", "r": 8}, r"r\.yaml:3:\d+: unknown key 'r' in adapter .*takes the fields of IA3Config"),
+    ({"type": "prefix"}, r"`adapter.type: prefix` needs `adapter.num_virtual_tokens` \(Number of virtual tokens\)"),
+    ({"type": "prompt", "num_virtual_tokens": 8, "loraplus_lr_ratio": 16}, r"LoRA\+ scales .* `type: prompt` has none"),
+    ({"type": "lora", "loraplus_lr_ratio": 0}, r"`adapter.loraplus_lr_ratio` must be > 0"),
+    ({"type": "lora", "use_dora": True}, r"`adapter.use_dora` is managed by llmtune: use `type: dora`"),
+    ({"type": "lora", "init_lora_weights": "loftq"},
+     r"`init_lora_weights: loftq` is not supported: it replaces the base"),
+    ({"type": "prompt", "num_virtual_tokens": 8, "tokenizer_name_or_path": "x"},
+     r"managed by llmtune: set from `model.name`"),
 ])
 def test_adapter_sections_are_checked_against_their_peft_class(tmp_path, adapter, message):
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(adapter=adapter, data=RECIPES / "data" / "chat.jsonl"))
+    recipe = make_recipe(tmp_path, adapter=adapter)
     with pytest.raises(UserError, match=message):
         resolve(recipe)

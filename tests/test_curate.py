@@ -9,26 +9,20 @@ from llmtune.data import load_data
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 
-from .conftest import write_jsonl, write_recipe
+from .conftest import make_recipe, write_jsonl
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 4}}
-data:
-  train: [{{path: train.jsonl}}]
-  eval: [{{path: eval.jsonl}}]
-  max_length: 512
-  curate: {curate}
-train:
-  max_steps: 1
-  per_device_train_batch_size: 4
-  gradient_checkpointing: false
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-ALL = ("{dedup: true, near_dedup: 0.8, drop_empty: true, min_tokens: 100, max_tokens: 800, "
-       "contamination: report}")
+ALL = {"dedup": True, "near_dedup": 0.8, "drop_empty": True, "min_tokens": 100, "max_tokens": 800,
+       "contamination": "report"}
+EVAL = [{"path": "eval.jsonl"}]
+
+
+def recipe(tmp_path, curate, eval_=EVAL):
+    """A recipe on the train.jsonl and eval.jsonl next to it, with `curate` as its `data.curate:`."""
+    return make_recipe(tmp_path, data={"train": [{"path": "train.jsonl"}], "eval": eval_, "max_length": 512,
+                                       "curate": curate},
+                       adapter={"type": "lora", "r": 4},
+                       train={"max_steps": 1, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
+                              "save_strategy": "no", "disable_tqdm": True})
 
 
 def chat(question, answer):
@@ -66,7 +60,7 @@ def fixture(tmp_path):
 
 def prepare(tmp_path, curate=ALL):
     planted, total = fixture(tmp_path)
-    config = resolve(write_recipe(tmp_path / "r.yaml", RECIPE.format(curate=curate))).config
+    config = resolve(recipe(tmp_path, curate)).config
     return load_data(config["data"], method="sft", seed=0, model=config["model"]), planted, total
 
 
@@ -101,7 +95,7 @@ def test_rows_their_byte_length_settles_are_not_tokenized(tmp_path, monkeypatch)
         return lambda rows, decides: measure(rows, recorded(decides))
 
     monkeypatch.setattr(curate, "_token_counter", spy)
-    data, planted, _ = prepare(tmp_path, "{max_tokens: 800}")
+    data, planted, _ = prepare(tmp_path, {"max_tokens": 800})
     train = data.sources[0]
     assert (lines_of(train.curated["too_long"]), lines_of(train.curated["truncated"])) == (
         planted["too_long"], planted["truncated"])
@@ -110,13 +104,14 @@ def test_rows_their_byte_length_settles_are_not_tokenized(tmp_path, monkeypatch)
 
 
 def test_contaminated_rows_are_removed_on_request(tmp_path):
-    data, planted, total = prepare(tmp_path, "{contamination: remove}")
+    data, planted, total = prepare(tmp_path, {"contamination": "remove"})
     train = data.sources[0]
     assert list(train.curated) == ["contaminated"] and lines_of(train.curated["contaminated"]) == [51, 52]
     assert train.curated["contaminated"]["removed"] and len(data.train) == total - 2
     assert not any("share a" in w for w in data.warnings)
 
 
+@pytest.mark.slow
 def test_counts_reach_the_manifest_and_data_inspect(tmp_path):
     from llmtune.data.inspect import inspect
     from llmtune.train import run
@@ -132,33 +127,32 @@ def test_counts_reach_the_manifest_and_data_inspect(tmp_path):
 
 
 def test_settings_are_part_of_the_data_cache_key(tmp_path):
-    first, _, total = prepare(tmp_path, "{dedup: true}")
-    second, _, _ = prepare(tmp_path, "{dedup: false}")
+    first, _, total = prepare(tmp_path, {"dedup": True})
+    second, _, _ = prepare(tmp_path, {"dedup": False})
     assert (len(first.train), len(second.train)) == (total - 3, total)
 
 
 @pytest.mark.parametrize("curate, message", [
-    ("{near_dedup: 1.5}", r"r\.yaml:\d+:\d+: `data.curate.near_dedup` is a similarity in \(0, 1\]"),
-    ("{min_tokens: 50, max_tokens: 10}", r"`data.curate.min_tokens: 50` is above `max_tokens: 10`"),
-    ("{dedupe: true}", r"unknown key 'dedupe' in data.curate \(did you mean 'dedup'\?\)"),
-    ("{contamination: maybe}", r"`data.curate.contamination` must be one of: 'off', 'report', 'remove'"),
+    ({"near_dedup": 1.5}, r"r\.yaml:\d+:\d+: `data.curate.near_dedup` is a similarity in \(0, 1\]"),
+    ({"min_tokens": 50, "max_tokens": 10}, r"`data.curate.min_tokens: 50` is above `max_tokens: 10`"),
+    ({"dedupe": True}, r"unknown key 'dedupe' in data.curate \(did you mean 'dedup'\?\)"),
+    ({"contamination": "maybe"}, r"`data.curate.contamination` must be one of: 'off', 'report', 'remove'"),
 ])
 def test_bad_settings_are_refused(tmp_path, curate, message):
     fixture(tmp_path)
     with pytest.raises(UserError, match=message):
-        resolve(write_recipe(tmp_path / "r.yaml", RECIPE.format(curate=curate)))
+        resolve(recipe(tmp_path, curate))
 
 
 def test_contamination_needs_an_eval_set(tmp_path):
     fixture(tmp_path)
-    text = RECIPE.format(curate="{contamination: report}").replace("  eval: [{path: eval.jsonl}]\n", "")
     with pytest.raises(UserError, match=r"the contamination check compares train with eval rows"):
-        resolve(write_recipe(tmp_path / "r.yaml", text))
+        resolve(recipe(tmp_path, {"contamination": "report"}, eval_=None))
 
 
 def test_curation_that_removes_everything_says_so(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [chat("q", "")] * 3)
     write_jsonl(tmp_path / "eval.jsonl", [chat("q", "a")])
-    config = resolve(write_recipe(tmp_path / "r.yaml", RECIPE.format(curate="{drop_empty: true}"))).config
+    config = resolve(recipe(tmp_path, {"drop_empty": True})).config
     with pytest.raises(UserError, match=r"`data.curate` removed every training row \(3 empty or placeholder"):
         load_data(config["data"], method="sft", seed=0, model=config["model"])

@@ -9,37 +9,23 @@ from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.train import run, training_args
 
-from .conftest import write_jsonl, write_recipe
+from .conftest import make_recipe, write_jsonl
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 8, alpha: 16}}
-data:
-  train: [{{path: train.jsonl}}]
-  eval: {eval}
-  max_length: 64
-train:
-  learning_rate: 1.0e-2
-  max_steps: 40
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 2
-  eval_steps: 2
-  disable_tqdm: true
-{train}
-{stopping}
-"""
-STOPPING = "early_stopping: {patience: 2}"
+TRAIN = {"learning_rate": 1.0e-2, "max_steps": 40, "per_device_train_batch_size": 8, "gradient_checkpointing": False,
+         "logging_steps": 2, "eval_steps": 2, "disable_tqdm": True}
+STOPPING = {"patience": 2}
 
 
-def recipe(tmp_path, eval_="[{path: eval.jsonl}]", train="", stopping=STOPPING):
+def recipe(tmp_path, eval_=({"path": "eval.jsonl"},), train=(), stopping=STOPPING):
     # Train on one pattern, evaluate on another: the more the model learns, the worse the eval loss.
     write_jsonl(tmp_path / "train.jsonl", [{"text": "ab" * 20}] * 64)
     write_jsonl(tmp_path / "eval.jsonl", [{"text": "xy" * 20}] * 8)
-    return write_recipe(tmp_path / "r.yaml", RECIPE.format(eval=eval_, train=train, stopping=stopping))
+    return make_recipe(tmp_path, data={"train": [{"path": "train.jsonl"}], "eval": eval_, "max_length": 64},
+                       adapter={"type": "lora", "r": 8, "alpha": 16}, train={**TRAIN, **dict(train)},
+                       early_stopping=stopping)
 
 
+@pytest.mark.slow
 def test_stops_when_eval_loss_rises_and_ends_on_the_best_checkpoint(tmp_path):
     out = tmp_path / "run"
     metrics = run(resolve(recipe(tmp_path)), ["llmtune", "sft"], output_dir=str(out))
@@ -62,20 +48,20 @@ def test_stops_when_eval_loss_rises_and_ends_on_the_best_checkpoint(tmp_path):
 
 
 def test_section_sets_the_trainer_arguments_and_train_wins(tmp_path):
-    resolved = resolve(recipe(tmp_path, train="  save_total_limit: 3"))
+    resolved = resolve(recipe(tmp_path, train={"save_total_limit": 3}))
     args = training_args(resolved, tmp_path / "out", {"eval_strategy": "steps"})
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
     assert (args.save_strategy, args.save_steps, args.save_total_limit) == ("steps", 2, 3)
 
 
 @pytest.mark.parametrize("eval_, train, stopping, message", [
-    ("null", "", STOPPING, r"r\.yaml:\d+:\d+: early stopping watches an eval metric, and there is no eval set"),
-    ("0.1", '  save_strategy: "no"', STOPPING, r"r\.yaml:\d+:\d+: early stopping loads the best checkpoint.*"
+    (None, {}, STOPPING, r"r\.yaml:\d+:\d+: early stopping watches an eval metric, and there is no eval set"),
+    (0.1, {"save_strategy": "no"}, STOPPING, r"r\.yaml:\d+:\d+: early stopping loads the best checkpoint.*"
                                                 r"remove `train.save_strategy`"),
-    ("0.1", "  save_steps: 3", STOPPING, r"`train.save_steps: 3` must be a multiple of `train.eval_steps: 2`"),
-    ("0.1", '  eval_strategy: "no"', STOPPING, r"early stopping needs evaluations"),
-    ("0.1", "", "early_stopping: {patience: 0}", r"`early_stopping.patience` must be >= 1"),
-    ("0.1", "", "early_stopping: {patiense: 2}", r"unknown key 'patiense' in early_stopping \(did you mean 'patience'"),
+    (0.1, {"save_steps": 3}, STOPPING, r"`train.save_steps: 3` must be a multiple of `train.eval_steps: 2`"),
+    (0.1, {"eval_strategy": "no"}, STOPPING, r"early stopping needs evaluations"),
+    (0.1, {}, {"patience": 0}, r"`early_stopping.patience` must be >= 1"),
+    (0.1, {}, {"patiense": 2}, r"unknown key 'patiense' in early_stopping \(did you mean 'patience'"),
 ])
 def test_bad_combinations_are_refused_before_a_model_loads(tmp_path, eval_, train, stopping, message):
     with pytest.raises(UserError, match=message):

@@ -16,6 +16,7 @@ from llmtune.train import run
 from .conftest import RECIPES, cli
 
 pytest.importorskip("lm_eval", reason="needs lm-eval: pip install 'llmtune-recipes[eval]'")
+pytestmark = pytest.mark.slow  # every test here scores a trained run
 
 TASK = RECIPES / "eval" / "chat-mc.yaml"
 ROWS = [json.loads(line) for line in (RECIPES / "eval" / "chat-mc.jsonl").read_text().splitlines()]

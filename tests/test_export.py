@@ -13,35 +13,21 @@ from llmtune.infer import Sampling, generate, load, prompt_ids
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import cli, write_jsonl, write_recipe
+from .conftest import cli, make_recipe, write_jsonl
 
 PAIRS = [("Say hi", "hi!"), ("Say bye", "bye!"), ("Count to 3", "1 2 3"), ("Name a color", "blue")]
 PROMPTS = [p for p, _ in PAIRS] + ["What is up", "Say hello"]
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: {adapter}, r: 8, alpha: 16}}
-{extra}
-data:
-  train:
-    - path: {data}
-  max_length: 64
-train:
-  learning_rate: 1.0e-2
-  max_steps: 30
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 10
-  save_strategy: "no"
-  disable_tqdm: true
-"""
+TRAIN = {"learning_rate": 1.0e-2, "max_steps": 30, "per_device_train_batch_size": 8, "gradient_checkpointing": False,
+         "logging_steps": 10, "save_strategy": "no", "disable_tqdm": True}
+FOUR_BIT = {"bits": 4, "compute_dtype": "float32"}
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
-def train(tmp, adapter="lora", extra=""):
+def train(tmp, adapter="lora", quantization=None):
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
     data = write_jsonl(tmp / "pairs.jsonl", rows * 8)
-    recipe = write_recipe(tmp / f"{adapter}.yaml", RECIPE.format(adapter=adapter, extra=extra, data=data))
+    recipe = make_recipe(tmp, data={"train": [{"path": data}], "max_length": 64}, name=adapter,
+                         adapter={"type": adapter, "r": 8, "alpha": 16}, quantization=quantization, train=TRAIN)
     out = tmp / adapter
     run(resolve(recipe), ["llmtune", "sft", str(recipe)], output_dir=str(out))
     return out
@@ -57,10 +43,11 @@ def answers(loaded, prompts=PROMPTS, max_new_tokens=12):
                      Sampling(max_new_tokens=max_new_tokens)) for p in prompts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
 def test_merged_model_generates_what_the_adapter_generates(tmp_path, kind):
     run_dir = train(tmp_path, *{"lora": ("lora",), "dora": ("dora",),
-                                "qlora": ("lora", "quantization: {bits: 4, compute_dtype: float32}")}[kind])
+                                "qlora": ("lora", FOUR_BIT)}[kind])
     result = cli("merge", run_dir)
     assert result.returncode == 0, result.stderr
     merged = run_dir / "merged"
@@ -76,9 +63,10 @@ def test_merged_model_generates_what_the_adapter_generates(tmp_path, kind):
     assert answers(adapter, PROMPTS[:1]) == [adapter.tokenizer.encode("hi!")]  # it learned something to compare
 
 
+@pytest.mark.slow
 def test_qlora_merge_folds_into_the_dequantized_weights_it_trained_against(tmp_path):
     """Folding into the original float weights instead would change what the model computes."""
-    run_dir = train(tmp_path, extra="quantization: {bits: 4, compute_dtype: float32}")
+    run_dir = train(tmp_path, quantization=FOUR_BIT)
     adapter = load(run_dir)
     ids = prompt_ids(adapter.tokenizer, [{"role": "user", "content": "Count to 3"}])
     with torch.no_grad():
@@ -99,6 +87,7 @@ def test_qlora_merge_folds_into_the_dequantized_weights_it_trained_against(tmp_p
     assert (naive - reference).abs().max() > 10 * (ours - reference).abs().max()
 
 
+@pytest.mark.slow
 def test_generate_stops_at_the_trained_stop_token(lora_run):
     result = cli("generate", lora_run, "-p", "Say hi", "-p", "Count to 3", "--max-new-tokens", "40")
     assert result.returncode == 0, result.stderr
@@ -112,6 +101,7 @@ def test_generate_stops_at_the_trained_stop_token(lora_run):
     assert len(raw) == 6
 
 
+@pytest.mark.slow
 def test_sampling_flags_and_seed(lora_run):
     loaded = load(lora_run)
     ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": "What is up"}])
@@ -122,6 +112,77 @@ def test_sampling_flags_and_seed(lora_run):
                for s in range(2, 6))
 
 
+@pytest.mark.slow
+def test_generate_passes_each_sampling_flag_through_the_cli(lora_run, monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+    from typer.testing import CliRunner
+
+    from llmtune.cli import app
+
+    real, seen = GenerationMixin.generate, []
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+
+    def answers(*flags, tokens=20, prompt="What is up"):
+        """The answers to `prompt`, asked twice in one command."""
+        result = CliRunner().invoke(app, ["generate", str(lora_run), "-p", prompt, "-p", prompt,
+                                          "--max-new-tokens", str(tokens), *flags])
+        assert result.exit_code == 0, result.output
+        return [block.rstrip("\n") for block in result.stdout.split(f"### {prompt}\n")[1:]]
+
+    def used(*keys):
+        return tuple(seen[-1][key] for key in keys)
+
+    greedy = answers()
+    assert greedy[0] == greedy[1] and greedy[0] and used("do_sample", "max_new_tokens") == (False, 20)
+    hot = answers("--temperature", "5", "--seed", "1")
+    assert hot[0] == hot[1]  # the seed is set before each answer: the same prompt, the same sample
+    assert used("do_sample", "temperature", "top_p", "top_k") == (True, 5.0, 1.0, None)
+    assert any(answers("-t", "5", "--seed", str(seed))[0] != hot[0] for seed in range(2, 6))
+    # At any temperature, the single likeliest token (top-k 1, or a tiny nucleus) is the greedy answer.
+    assert answers("--temperature", "5", "--top-k", "1", "--seed", "2") == greedy and used("top_k") == (1,)
+    assert answers("--temperature", "5", "--top-p", "1e-6", "--seed", "3") == greedy and used("top_p") == (1e-6,)
+    answers("--repetition-penalty", "1.5")
+    assert used("do_sample", "repetition_penalty") == (False, 1.5)
+    assert answers(prompt="Count to 3") == ["1 2 3"] * 2
+    assert answers(prompt="Count to 3", tokens=2) == ["1 "] * 2 and used("max_new_tokens") == (2,)  # byte tokens
+
+
+def test_chat_reset_forgets_the_conversation_but_keeps_the_system_message(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import llmtune.infer as infer
+    from llmtune.model import builtin_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_path("tiny"))
+    seen = []  # the prompt of each turn, as the model gets it
+
+    def reply(loaded, ids, sampling, streamer=None):
+        seen.append(ids[0].tolist())
+        return tokenizer.encode("ok", add_special_tokens=False)
+
+    monkeypatch.setattr(infer, "generate", reply)
+    typed = iter(["Say hi", "Say more", "/reset", "Say bye", "/exit", "never read"])
+    infer.chat(SimpleNamespace(tokenizer=tokenizer), Sampling(), "Be brief.", read=lambda prompt: next(typed),
+               write=lambda *args: None)
+
+    def rendered(*turns):
+        messages = [{"role": "system", "content": "Be brief."}] + [{"role": r, "content": c} for r, c in turns]
+        return prompt_ids(tokenizer, messages)[0].tolist()
+
+    assert seen == [rendered(("user", "Say hi")),
+                    rendered(("user", "Say hi"), ("assistant", "ok"), ("user", "Say more")),
+                    rendered(("user", "Say bye"))]
+    assert next(typed) == "never read"
+
+
+@pytest.mark.slow
 def test_chat_answers_each_turn_on_a_merged_dir(lora_run, tmp_path):
     result = cli("merge", lora_run, "--out", tmp_path / "merged")
     assert result.returncode == 0, result.stderr
@@ -134,6 +195,7 @@ def test_chat_answers_each_turn_on_a_merged_dir(lora_run, tmp_path):
     assert "hi!" in chat.stdout and "bye!" in chat.stdout
 
 
+@pytest.mark.slow
 def test_merge_refuses_what_it_cannot_merge(lora_run, tmp_path):
     result = cli("merge", tmp_path)
     assert result.returncode == 2 and "not a run directory" in result.stderr
@@ -149,6 +211,7 @@ def unpermute(data, n_head):
     return data.reshape(n_head, data.shape[0] // n_head // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
 def test_gguf_round_trips_through_the_gguf_reader(lora_run, tmp_path, quant):
     import gguf
@@ -185,6 +248,7 @@ def test_gguf_round_trips_through_the_gguf_reader(lora_run, tmp_path, quant):
         assert np.abs(data - weights[hf].numpy()).max() <= tolerance * np.abs(weights[hf].numpy()).max() + 1e-7, name
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_fails_clearly(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -214,6 +278,7 @@ def llama_greedy(path, ids, n):
         llm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_llama_cpp_generates_the_same_greedy_tokens(lora_run, tmp_path, quant):
@@ -233,6 +298,7 @@ def test_llama_cpp_generates_the_same_greedy_tokens(lora_run, tmp_path, quant):
     llm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
     """Llama 3.x shapes: rope_freqs from llama3 rope scaling, output head tied to the embeddings."""
@@ -308,6 +374,7 @@ def hf_render(tokenizer, chat, prefill):
                                          continue_final_message=prefill)
 
 
+@pytest.mark.slow
 def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, tmp_path):
     import gguf
     from transformers import AutoTokenizer
@@ -340,6 +407,7 @@ def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, t
         llm.close()
 
 
+@pytest.mark.slow
 def test_no_modelfile_without_a_decomposable_template_and_never_a_stale_one(lora_run, tmp_path):
     from llmtune.model import read_chat_template
 

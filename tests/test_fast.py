@@ -19,7 +19,7 @@ from llmtune.recipe.check import resolve
 from llmtune.resume import fingerprint
 from llmtune.train import run, training_args
 
-from .conftest import RECIPES, write_recipe
+from .conftest import RECIPES, make_recipe
 
 VERSIONS = {"flash-attn": "2.8.3", "flash-attn-3": "3.0.0b1", "liger-kernel": "0.6.4"}
 
@@ -86,20 +86,11 @@ def test_tokenize_processes_by_rows_and_cores(monkeypatch):
     assert fast.tokenize_processes(100 * rows) is None
 
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: bfloat16}}
-adapter: {{type: lora, r: 8}}
-data:
-  train:
-    - path: {data}
-  max_length: 128
-train:
-  max_steps: 2
-  per_device_train_batch_size: 8
-  save_strategy: "no"
-  disable_tqdm: true
-"""
+def lora_recipe(tmp_path, method="sft", data="chat.jsonl", dtype="bfloat16"):
+    return make_recipe(tmp_path, method, {"train": [{"path": RECIPES / "data" / data}], "max_length": 128},
+                       model={"dtype": dtype}, adapter={"type": "lora", "r": 8},
+                       train={"max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "no",
+                              "disable_tqdm": True})
 
 
 def args_for(recipe, sets=()):
@@ -109,7 +100,7 @@ def args_for(recipe, sets=()):
 
 
 def test_picks_reach_the_trl_config_packing_follows_and_the_recipe_wins(tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl"))
+    recipe = lora_recipe(tmp_path)
     machine(monkeypatch, flash2=True, liger=True)
     args = args_for(recipe)
     assert args.use_liger_kernel is True and args.packing is True  # varlen flash attention: packing pays
@@ -122,7 +113,7 @@ def test_picks_reach_the_trl_config_packing_follows_and_the_recipe_wins(tmp_path
 
 def test_a_checkpoint_records_the_packing_used_not_the_null_written(tmp_path, monkeypatch):
     # Made on a CPU host (no packing), resumed on a GPU host with flash-attn (packing): other batches.
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl"))
+    recipe = lora_recipe(tmp_path)
     resolved = resolve(recipe)
     data = load_data(resolved.config["data"], method="sft", seed=resolved.config["seed"])
     machine(monkeypatch, gpu=None)
@@ -133,7 +124,7 @@ def test_a_checkpoint_records_the_packing_used_not_the_null_written(tmp_path, mo
 
 
 def test_plan_shows_what_was_picked_and_why(tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl"))
+    recipe = lora_recipe(tmp_path)
     machine(monkeypatch, flash2=True, liger=True)
     text = "\n".join(plan(resolve(recipe), recipe))
     assert "attention: flash_attention_2 (flash-attn 2.8.3 installed, CUDA, bfloat16)" in text
@@ -146,6 +137,7 @@ def test_plan_shows_what_was_picked_and_why(tmp_path, monkeypatch):
     assert "tokenization: 3 processes (set in the recipe)" in text
 
 
+@pytest.mark.slow
 def test_parallel_tokenization_trains_is_cached_and_keeps_the_resume_fingerprint(tmp_path, monkeypatch):
     """Workers picked by row count: the run trains and records them, a second run reuses the tokenized shards,
     and the resume fingerprint is the same as with one process (a checkpoint resumes on another machine)."""
@@ -153,8 +145,7 @@ def test_parallel_tokenization_trains_is_cached_and_keeps_the_resume_fingerprint
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(fast, "PARALLEL_ROWS", 100)  # chat.jsonl's 240 rows: 2 workers
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl")
-                          .replace("dtype: bfloat16", "dtype: float32"))
+    recipe = lora_recipe(tmp_path, dtype="float32")
     resolved = resolve(recipe)
     run(resolved, ["llmtune", "sft", str(recipe)], output_dir=str(tmp_path / "one"))
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
@@ -179,8 +170,7 @@ def test_every_method_with_the_field_gets_workers(method, tmp_path, monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(fast, "PARALLEL_ROWS", 100)
     data = "kto.jsonl" if method == "kto" else "preference.jsonl"
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(data=RECIPES / "data" / data)
-                          .replace("method: sft", f"method: {method}"))
+    recipe = lora_recipe(tmp_path, method, data)
     resolved = resolve(recipe)
     prepared = load_data(resolved.config["data"], method=method, seed=resolved.config["seed"])
     runner = __import__(resolved.method.runner, fromlist=["defaults"])

@@ -8,31 +8,12 @@ import pytest
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import cli, write_jsonl, write_recipe
+from .conftest import cli, make_recipe, write_jsonl
 from .test_ppo import letter_rm, quarter_means  # noqa: F401 - a fixture, shared with the PPO tests
 
-RECIPE = """\
-method: {method}
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 8, alpha: 16}}
-{rewards}
-data:
-  train:
-    - path: {data}
-  max_length: 64
-train:
-  learning_rate: 1.0e-2
-  lr_scheduler_type: constant
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  num_generations: 4
-  max_completion_length: 12
-  beta: 0.0
-  logging_steps: 1
-  gradient_checkpointing: false
-  save_strategy: "no"
-  disable_tqdm: true
-"""
+TRAIN = {"learning_rate": 1.0e-2, "lr_scheduler_type": "constant", "per_device_train_batch_size": 8,
+         "num_generations": 4, "max_completion_length": 12, "beta": 0.0, "logging_steps": 1,
+         "gradient_checkpointing": False, "save_strategy": "no", "disable_tqdm": True}
 
 REWARDS = '''\
 def lowercase_share(prompts, completions, **kwargs):
@@ -51,8 +32,9 @@ def workdir(tmp_path, monkeypatch):
 
 
 def recipe(workdir, method, rewards, steps=20):
-    return write_recipe(workdir / f"{method}.yaml", RECIPE.format(method=method, rewards=rewards, steps=steps,
-                                                                  data=workdir / "prompts.jsonl"))
+    """`rewards`: the recipe's `reward_functions:` and/or `reward_model:`."""
+    return make_recipe(workdir, method, {"train": [{"path": workdir / "prompts.jsonl"}], "max_length": 64}, name=method,
+                       adapter={"type": "lora", "r": 8, "alpha": 16}, train={**TRAIN, "max_steps": steps}, **rewards)
 
 
 def reward_module(workdir, name):
@@ -64,10 +46,11 @@ def logged(out):
     return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in row]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_reward_function_from_the_recipe_raises_the_reward(workdir, method):
     function = reward_module(workdir, f"rewards_{method}")
-    path = recipe(workdir, method, f"reward_functions: [{function}]")
+    path = recipe(workdir, method, {"reward_functions": [function]})
     out = workdir / "out"
     run(resolve(path), ["llmtune", method, str(path)], output_dir=str(out))
     steps = logged(out)
@@ -78,9 +61,10 @@ def test_reward_function_from_the_recipe_raises_the_reward(workdir, method):
     assert json.loads((out / "manifest.json").read_text())["method"] == method
 
 
+@pytest.mark.slow
 def test_reward_model_and_functions_score_together(workdir, letter_rm):  # noqa: F811 - the fixture
     function = reward_module(workdir, "rewards_mixed")
-    path = recipe(workdir, "grpo", f"reward_model: {letter_rm}\nreward_functions: [{function}]", steps=2)
+    path = recipe(workdir, "grpo", {"reward_model": letter_rm, "reward_functions": [function]}, steps=2)
     out = workdir / "out"
     run(resolve(path), ["llmtune"], output_dir=str(out))
     for step in logged(out):
@@ -89,12 +73,13 @@ def test_reward_model_and_functions_score_together(workdir, letter_rm):  # noqa:
                                                rel=1e-4)
 
 
+@pytest.mark.slow
 def test_missing_rewards_and_bad_function_names_exit_2(workdir):
-    path = recipe(workdir, "grpo", "")
+    path = recipe(workdir, "grpo", {})
     result = cli("validate", path)
     assert result.returncode == 2 and "grpo.yaml:1:1: `method: grpo` needs something to score" in result.stderr
 
-    path = recipe(workdir, "rloo", "reward_functions: [no_such_module:f, rewards]")
+    path = recipe(workdir, "rloo", {"reward_functions": ["no_such_module:f", "rewards"]})
     result = cli("validate", path)
     assert result.returncode == 2 and "takes `module:function` names" in result.stderr and "'rewards'" in result.stderr
 

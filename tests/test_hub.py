@@ -16,27 +16,9 @@ from typer.testing import CliRunner
 from llmtune import hub
 from llmtune.cli import app
 
-from .conftest import RECIPES, cli, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_recipe
 
 SECRET = "hf_planted_token_5150"
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 4}}
-data:
-  train:
-    - path: {data}
-  max_length: 64
-  packing: false
-train:
-  max_steps: {steps}
-  per_device_train_batch_size: 4
-  logging_steps: 1
-  save_steps: 2
-  disable_tqdm: true
-hub:
-  repo_id: me/tiny-sft
-"""
 UPLOADED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
             "tokenizer_config.json", "recipe.yaml", "manifest.json", "metrics.jsonl", "loss.png"}
 COMMIT = "c0ffee" * 6 + "abcd"
@@ -102,7 +84,11 @@ def invoke(mp, tmp, args, fake: FakeHub, token: str | None = SECRET):
 
 
 def train(mp, tmp, fake, token=SECRET, steps=4):
-    recipe = write_recipe(tmp / "recipe.yaml", RECIPE.format(data=RECIPES / "data" / "chat.jsonl", steps=steps))
+    recipe = make_recipe(tmp, data={"max_length": 64, "packing": False}, name="recipe",
+                         adapter={"type": "lora", "r": 4},
+                         train={"max_steps": steps, "per_device_train_batch_size": 4, "logging_steps": 1,
+                                "save_steps": 2, "disable_tqdm": True},
+                         hub={"repo_id": "me/tiny-sft"})
     out = tmp / "runs" / "tiny"
     return out, invoke(mp, tmp, ["sft", recipe, "--output-dir", out], fake, token)
 
@@ -118,6 +104,7 @@ def pushed(tmp_path_factory, llmtune_cache):
     return out, result, fake
 
 
+@pytest.mark.slow
 def test_training_uploads_exactly_the_run_files_to_a_private_repo(pushed):
     out, result, fake = pushed
     assert fake.names() == ["create_repo", "repo_info", "create_commit"]
@@ -128,6 +115,7 @@ def test_training_uploads_exactly_the_run_files_to_a_private_repo(pushed):
     assert fake.uploaded["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_token_goes_to_the_hub_only(pushed):
     out, result, fake = pushed
     assert set(fake.tokens) == {SECRET}  # taken from HF_TOKEN
@@ -139,6 +127,7 @@ def test_the_token_goes_to_the_hub_only(pushed):
     assert SECRET not in result.output
 
 
+@pytest.mark.slow
 def test_manifest_and_summary_record_the_upload(pushed):
     out, result, fake = pushed
     manifest = json.loads((out / "manifest.json").read_text())
@@ -149,6 +138,7 @@ def test_manifest_and_summary_record_the_upload(pushed):
     assert "on the Hub: https://huggingface.co/me/tiny-sft" in result.stdout
 
 
+@pytest.mark.slow
 def test_uploaded_card_is_a_hub_card(pushed):
     out, result, fake = pushed
     card = fake.uploaded["README.md"].decode()
@@ -163,6 +153,7 @@ def test_uploaded_card_is_a_hub_card(pushed):
     assert not hub.is_repo_id("Qwen2.5-0.5B") and not hub.is_repo_id("a--b/c") and not hub.is_repo_id("a/b.git")
 
 
+@pytest.mark.slow
 def test_push_dry_run_lists_files_and_sizes_without_the_network(pushed, tmp_path):
     out, _, _ = pushed
     with pytest.MonkeyPatch.context() as mp:
@@ -180,6 +171,7 @@ def test_push_dry_run_lists_files_and_sizes_without_the_network(pushed, tmp_path
         [*UPLOADED, "train.log", *(p.relative_to(out).as_posix() for p in out.glob("checkpoint-*/*"))])
 
 
+@pytest.mark.slow
 def test_without_a_token_the_run_succeeds_and_says_how_to_push(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         fake = FakeHub()
@@ -191,6 +183,7 @@ def test_without_a_token_the_run_succeeds_and_says_how_to_push(tmp_path):
     assert manifest["status"] == "completed" and "hub" not in manifest
 
 
+@pytest.mark.slow
 def test_a_failed_upload_exits_1_keeps_the_run_and_push_retries_it(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         out, result = train(mp, tmp_path, FakeHub(fail=True), steps=2)
@@ -215,6 +208,7 @@ def test_a_failed_upload_exits_1_keeps_the_run_and_push_retries_it(tmp_path):
     assert result.stdout.strip() == f"pushed {out} to https://huggingface.co/me/other/tree/exp (commit {COMMIT[:12]})"
 
 
+@pytest.mark.slow
 def test_push_refusals_exit_2_with_one_message(pushed, tmp_path):
     out, _, _ = pushed
     no_hub = tmp_path / "no-hub"

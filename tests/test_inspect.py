@@ -7,16 +7,8 @@ import pytest
 from llmtune.data.inspect import TrainingView, inspect
 from llmtune.recipe.check import resolve
 
-from .conftest import cli, write_jsonl, write_recipe
+from .conftest import cli, make_recipe, write_jsonl
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32{template}}}
-data:
-  train:
-    - path: {data}
-  max_length: {max_length}
-"""
 CHAT = [{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi!"}]}] * 16
 # The tiny template with the assistant's end-of-turn token outside {% generation %}: never trained.
 STOP_OUTSIDE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n"
@@ -27,11 +19,11 @@ NO_MARKERS = STOP_OUTSIDE.replace("{% generation %}", "").replace("{% endgenerat
 
 def recipe(tmp_path, rows=CHAT, template=None, max_length=64):
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    extra = ""
+    model = {}
     if template is not None:
         (tmp_path / "t.jinja").write_text(template)
-        extra = f", chat_template: {tmp_path / 't.jinja'}"
-    return write_recipe(tmp_path / "r.yaml", RECIPE.format(data=data, template=extra, max_length=max_length))
+        model["chat_template"] = tmp_path / "t.jinja"
+    return make_recipe(tmp_path, data={"train": [{"path": data}], "max_length": max_length}, model=model)
 
 
 def trained(stdout: str) -> list[str]:
@@ -39,6 +31,7 @@ def trained(stdout: str) -> list[str]:
     return re.findall(r"\[\[(.*?)\]\]", stdout.replace("\n    ", "\n"), re.S)
 
 
+@pytest.mark.slow
 def test_marks_exactly_the_assistant_tokens_and_the_stop_token(tmp_path):
     result = cli("data", "inspect", recipe(tmp_path), "--rows", "2")
     assert result.returncode == 0, result.stderr
@@ -76,6 +69,7 @@ def test_marked_tokens_are_the_labels_sft_trains(tmp_path, row, marked):
     assert mine["input_ids"] == real["input_ids"] and mine["labels"] == real["labels"]
 
 
+@pytest.mark.slow
 def test_template_without_generation_markers_is_flagged(tmp_path):
     result = cli("data", "inspect", recipe(tmp_path, template=NO_MARKERS))
     assert result.returncode == 0, result.stderr
@@ -84,6 +78,7 @@ def test_template_without_generation_markers_is_flagged(tmp_path):
     assert trained(result.stdout) == ["<s><|user|>\nSay hi<|end|>\n<|assistant|>\nhi!<|end|>\n"]
 
 
+@pytest.mark.slow
 def test_untrained_stop_token_is_flagged(tmp_path):
     result = cli("data", "inspect", recipe(tmp_path, template=STOP_OUTSIDE))
     assert result.returncode == 0, result.stderr
@@ -91,6 +86,7 @@ def test_untrained_stop_token_is_flagged(tmp_path):
     assert "NOT trained" in result.stdout and "no stop token is trained" in result.stderr
 
 
+@pytest.mark.slow
 def test_template_trl_patches_for_training_is_shown_and_a_foreign_stop_token_flagged(tmp_path):
     """A known family's template without markers: TRL trains with its patched copy. Its end of turn
     `<|im_end|>` is no token of the tiny tokenizer, so the model never learns a token it could stop at."""
@@ -101,6 +97,7 @@ def test_template_trl_patches_for_training_is_shown_and_a_foreign_stop_token_fla
     assert "no stop token is trained ('<|end|>' never gets a label)" in result.stderr
 
 
+@pytest.mark.slow
 def test_truncated_rows_are_counted_and_flagged(tmp_path):
     rows = CHAT + [{"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}]
     result = cli("data", "inspect", recipe(tmp_path, rows=rows, max_length=40))
@@ -109,6 +106,7 @@ def test_truncated_rows_are_counted_and_flagged(tmp_path):
     assert "1 of 17 rows are longer than `data.max_length: 40`" in result.stderr
 
 
+@pytest.mark.slow
 def test_colour_in_a_terminal_instead_of_brackets(tmp_path):
     result = cli("data", "inspect", recipe(tmp_path), "--color")
     assert "\033[1;32mhi!<|end|>\033[0m" in result.stdout and "[[" not in result.stdout
@@ -117,7 +115,7 @@ def test_colour_in_a_terminal_instead_of_brackets(tmp_path):
 def test_bad_data_exits_2_with_the_line(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", CHAT)
     path.write_text(path.read_text() + '{"messages": [oops\n')
-    write_recipe(tmp_path / "r.yaml", RECIPE.format(data=path, template="", max_length=64))
+    make_recipe(tmp_path, data={"train": [{"path": path}], "max_length": 64})
     result = cli("data", "inspect", tmp_path / "r.yaml")
     assert result.returncode == 2 and "data.jsonl:17: invalid JSON" in result.stderr
     assert "Traceback" not in result.stderr

@@ -19,34 +19,22 @@ from llmtune.launch.launcher import CONFIGS, accelerate_config, child_args, pref
 from llmtune.recipe.check import resolve
 from llmtune.errors import UserError
 
-from .conftest import RECIPES, ROOT, cli, write_recipe
+from .conftest import RECIPES, ROOT, cli, make_recipe
 
 CHAT = RECIPES / "data" / "chat.jsonl"
 PREFERENCE = RECIPES / "data" / "preference.jsonl"
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
-RECIPE = """\
-method: {method}
-model: {{name: "builtin:tiny", dtype: float32}}
-{extra}
-data:
-  train:
-    - path: {data}
-  max_length: 128
-train:
-  learning_rate: 3.0e-3
-  max_steps: 6
-  per_device_train_batch_size: 4
-  gradient_checkpointing: false
-  logging_steps: 2
-  save_strategy: "no"
-  disable_tqdm: true
-"""
+LORA = {"type": "lora", "r": 8, "alpha": 16}
+FOUR_BIT = {"bits": 4, "compute_dtype": "float32"}
+TRAIN = {"learning_rate": 3.0e-3, "max_steps": 6, "per_device_train_batch_size": 4, "gradient_checkpointing": False,
+         "logging_steps": 2, "save_strategy": "no", "disable_tqdm": True}
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
                                      reason="the deepspeed extra is not installed")
 
 
-def recipe(tmp_path, extra=LORA, method="sft", data=CHAT, name="r"):
-    return write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(method=method, extra=extra, data=data))
+def recipe(tmp_path, adapter=LORA, method="sft", data=CHAT, name="r", **sections):
+    """Six steps of `method` (LoRA unless `adapter` says otherwise) with `sections` (quantization:, launch:)."""
+    return make_recipe(tmp_path, method, {"train": [{"path": data}], "max_length": 128}, name=name, adapter=adapter,
+                       train=TRAIN, **sections)
 
 
 def ranks(out: Path) -> list[dict]:
@@ -72,16 +60,17 @@ BACKENDS = {  # backend: (adapter or full, what accelerate must really have run)
     "ddp": (LORA, "MULTI_CPU"),
     "fsdp": (LORA, "FSDP"),
     "zero2": (LORA, "DEEPSPEED"),
-    "zero3": ("", "DEEPSPEED"),  # full fine-tuning: the 16-bit weights are gathered into one model file
+    "zero3": (None, "DEEPSPEED"),  # full fine-tuning: the 16-bit weights are gathered into one model file
 }
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=needs_deepspeed) if b.startswith("zero") else b
                                      for b in BACKENDS])
 def test_backend_trains_on_two_processes(tmp_path, backend):
-    extra, distributed = BACKENDS[backend]
+    adapter, distributed = BACKENDS[backend]
     out = tmp_path / "out"
-    result = cli("sft", recipe(tmp_path, extra), "--gpus", "2", "--backend", backend, "--output-dir", out,
+    result = cli("sft", recipe(tmp_path, adapter), "--gpus", "2", "--backend", backend, "--output-dir", out,
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch: 4 per device x 1 accumulation x 2 process(es) = 8" in result.stderr
@@ -100,7 +89,7 @@ def test_backend_trains_on_two_processes(tmp_path, backend):
     from llmtune.model import builtin_path
 
     base = AutoModelForCausalLM.from_pretrained(builtin_path("tiny")).state_dict()
-    if extra:
+    if adapter:
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(out)
@@ -115,6 +104,7 @@ def test_backend_trains_on_two_processes(tmp_path, backend):
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] > 3
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_of_llmtune_with_a_shipped_config(tmp_path):
     """The user's own `accelerate launch -m llmtune ...`, here with recipes/launch/ddp.yaml as it ships."""
     out = tmp_path / "out"
@@ -127,15 +117,17 @@ def test_accelerate_launch_of_llmtune_with_a_shipped_config(tmp_path):
     assert_ranks_agree(out)
 
 
+@pytest.mark.distributed
 def test_qlora_under_ddp(tmp_path):
     out = tmp_path / "out"
-    extra = LORA + "\nquantization: {bits: 4, compute_dtype: float32}"
-    result = cli("sft", recipe(tmp_path, extra), "--num-processes", "2", "--output-dir", out, cwd=tmp_path)
+    result = cli("sft", recipe(tmp_path, quantization=FOUR_BIT), "--num-processes", "2", "--output-dir", out,
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ranks_agree(out)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+@pytest.mark.distributed
 @needs_deepspeed
 def test_dpo_under_zero2(tmp_path):
     out = tmp_path / "out"
@@ -148,6 +140,7 @@ def test_dpo_under_zero2(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.distributed
 def test_two_nodes_on_localhost(tmp_path):
     """Two launches of one process each, as two machines would start them, train one model together."""
     import socket
@@ -179,6 +172,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("LOCAL_RANK") is not None:
 """
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_stops_the_launch_quickly_and_shows_its_error_once(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -249,7 +243,7 @@ def problems(path, *sets):
 
 
 def test_rule_8bit_with_sharding(tmp_path):
-    path = recipe(tmp_path, LORA + "\nquantization: {bits: 8}\nlaunch: {backend: zero3}")
+    path = recipe(tmp_path, quantization={"bits": 8}, launch={"backend": "zero3"})
     assert re.search(r"r\.yaml:\d+:\d+: 8-bit bitsandbytes weights cannot be sharded by `launch.backend: zero3`",
                      problems(path))
     assert "cannot be sharded by `launch.backend: fsdp`" in problems(path, "launch.backend=fsdp")
@@ -257,22 +251,53 @@ def test_rule_8bit_with_sharding(tmp_path):
 
 
 def test_rule_4bit_storage_is_set_or_refused(tmp_path):
-    path = recipe(tmp_path, LORA + "\nquantization: {bits: 4, compute_dtype: bfloat16}\nlaunch: {backend: fsdp}")
+    path = recipe(tmp_path, quantization={"bits": 4, "compute_dtype": "bfloat16"}, launch={"backend": "fsdp"})
     assert resolve(path).config["quantization"]["quant_storage"] == "bfloat16"
     assert "set `quantization.quant_storage: bfloat16`" in problems(path, "quantization.quant_storage=uint8")
     assert resolve(path, ["launch.backend=ddp"]).config["quantization"]["quant_storage"] is None
 
 
-def test_rule_device_map_cannot_be_set(tmp_path):
+def test_rule_device_map_cannot_be_set(tmp_path, monkeypatch):
     path = recipe(tmp_path)
     assert "`train.model_init_kwargs` is managed by llmtune" in problems(path, "train.model_init_kwargs={device_map: auto}")
+    # What llmtune places a quantized model with instead, per kind of launch: never `auto`.
+    import torch
+    import transformers
+
+    from llmtune.model import load_model
+
+    seen = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: seen.append(kwargs.get("device_map", "unplaced")))
+    qlora = resolve(recipe(tmp_path, quantization=FOUR_BIT),
+                    ["model.attn_implementation=sdpa"]).config
+
+    def placement(**env):
+        for name in ("LOCAL_RANK", "RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+                     "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        load_model(qlora)
+        return seen[-1]
+
+    assert placement() == {"": "cpu"}  # one process on a machine without GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert placement() == {"": "cuda:0"}
+    assert placement(LOCAL_RANK="1", RANK="3") == {"": "cuda:1"}  # ddp: a whole copy on the process's own GPU
+    zero = dict(LOCAL_RANK="1", ACCELERATE_USE_DEEPSPEED="true")
+    assert placement(**zero, ACCELERATE_DEEPSPEED_ZERO_STAGE="2") == {"": "cuda:1"}
+    assert placement(**zero, ACCELERATE_DEEPSPEED_ZERO_STAGE="3") == "unplaced"  # zero3 shards it: not placed
+    assert placement(LOCAL_RANK="1", ACCELERATE_USE_FSDP="true") == "unplaced"  # nor does fsdp
+    load_model(resolve(recipe(tmp_path), ["model.attn_implementation=sdpa"]).config)
+    assert seen[-1] == "unplaced"  # an unquantized model is placed by the trainer, not at load time
 
 
 def test_rule_deepspeed_file_against_train(tmp_path):
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "bf16": {"enabled": True},
                                "fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    path = recipe(tmp_path, LORA + "\nlaunch: {backend: zero2, deepspeed_config: ds.json}")
+    path = recipe(tmp_path, launch={"backend": "zero2", "deepspeed_config": "ds.json"})
     found = problems(path)
     assert "sets `train_micro_batch_size_per_gpu: 16` but `train.per_device_train_batch_size` is 4" in found
     assert "enables both bf16 and fp16" in found

@@ -6,7 +6,7 @@ import torch
 from llmtune.plan import GIB, RUNTIME_OVERHEAD, Settings, Shape, estimate, model_shape, plan
 from llmtune.recipe.check import resolve
 
-from .conftest import RECIPES, cli, write_recipe
+from .conftest import RECIPES, cli, make_recipe
 
 # Llama-3.2-1B's shape (config.json of meta-llama/Llama-3.2-1B): 16 layers, hidden 2048, MLP 8192,
 # 8 key/value heads of 64, vocabulary 128256, embeddings tied to the output head.
@@ -29,19 +29,9 @@ def config_only_model(tmp_path_factory, llmtune_cache):
     return folder
 
 
-def recipe_for(tmp_path, model, extra=""):
-    return write_recipe(tmp_path / "r.yaml", f"""\
-method: sft
-model: {{name: "{model}"}}
-{extra}
-data:
-  train:
-    - path: {RECIPES / 'data' / 'chat.jsonl'}
-  max_length: 2048
-train:
-  per_device_train_batch_size: 4
-  gradient_accumulation_steps: 4
-""")
+def recipe_for(tmp_path, model, adapter=None):
+    return make_recipe(tmp_path, model={"name": model, "dtype": None}, adapter=adapter, data={"max_length": 2048},
+                       train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4})
 
 
 def test_plan_loads_no_weights(config_only_model, tmp_path, monkeypatch):
@@ -55,7 +45,7 @@ def test_plan_loads_no_weights(config_only_model, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    lines = plan(resolve(recipe_for(tmp_path, config_only_model, "adapter: {type: lora, r: 16}")), "r.yaml")
+    lines = plan(resolve(recipe_for(tmp_path, config_only_model, {"type": "lora", "r": 16})), "r.yaml")
     text = "\n".join(lines)
     # Llama-3.2-1B has 1,235,814,400 parameters; LoRA r=16 on every linear layer adds 11,272,192.
     assert "parameters: 1,235,814,400 total; 11,272,192 trainable" in text
@@ -67,7 +57,7 @@ def test_parameter_counts_equal_the_loaded_model(tmp_path):
 
     from llmtune.model import builtin_path, peft_config
 
-    resolved = resolve(recipe_for(tmp_path, "builtin:tiny", "adapter: {type: dora, r: 4}"))
+    resolved = resolve(recipe_for(tmp_path, "builtin:tiny", {"type": "dora", "r": 4}))
     shape = model_shape(resolved.config)
     model = AutoModelForCausalLM.from_pretrained(builtin_path("tiny"))
     assert shape.params == sum(p.numel() for p in model.parameters()) == 107_712
@@ -155,8 +145,9 @@ def test_activation_formula_matches_saved_tensors_of_a_real_step():
         assert abs(measured - outside - blocks) / blocks < 0.05, (name, measured, blocks)
 
 
+@pytest.mark.slow
 def test_gpu_memory_fit_check_and_advice(config_only_model, tmp_path):
-    recipe = recipe_for(tmp_path, config_only_model, "")
+    recipe = recipe_for(tmp_path, config_only_model)
     tight = cli("plan", recipe, "--gpu-memory", "8GiB", "--set", "data.packing=true")
     assert tight.returncode == 0, tight.stderr
     assert "does NOT fit in 8.00 GiB" in tight.stdout
@@ -169,6 +160,7 @@ def test_gpu_memory_fit_check_and_advice(config_only_model, tmp_path):
     assert bad.returncode == 2 and "--gpu-memory lots" in bad.stderr
 
 
+@pytest.mark.slow
 def test_batch_steps_data_summary_and_launch_line():
     result = cli("plan", RECIPES / "quickstart.yaml")
     assert result.returncode == 0, result.stderr
@@ -183,8 +175,9 @@ def test_batch_steps_data_summary_and_launch_line():
     assert out.rstrip().endswith(f"llmtune sft {RECIPES / 'quickstart.yaml'}")
 
 
+@pytest.mark.slow
 def test_multi_process_plan_uses_the_launch_settings(config_only_model, tmp_path):
-    recipe = recipe_for(tmp_path, config_only_model, "")
+    recipe = recipe_for(tmp_path, config_only_model)
     result = cli("plan", recipe, "--gpus", "4", "--backend", "zero3")
     assert result.returncode == 0, result.stderr
     assert "4 per device x 4 accumulation x 4 process(es) = 64 rows per optimizer step" in result.stdout

@@ -15,7 +15,7 @@ from llmtune.methods import ppo_core as core
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import ROOT, cli, write_jsonl, write_recipe
+from .conftest import ROOT, cli, make_recipe, write_jsonl
 
 # -- the PPO arithmetic, on small cases worked out by hand -------------------------------------
 
@@ -137,29 +137,9 @@ def test_letter_reward_model_prefers_letters(letter_rm):
     assert scores == sorted(scores) and scores[0] == 0 and scores[-1] > 1
 
 
-RECIPE = """\
-method: ppo
-model: {{name: "builtin:tiny", dtype: float32}}
-{extra}
-reward_model: {rm}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 64
-train:
-  learning_rate: {lr}
-  lr_scheduler_type: constant
-  max_steps: {steps}
-  per_device_train_batch_size: 16
-  num_mini_batches: 2
-  response_length: 12
-  temperature: 1.0
-  kl_coef: 0.05
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
+TRAIN = {"lr_scheduler_type": "constant", "per_device_train_batch_size": 16, "num_mini_batches": 2,
+         "response_length": 12, "temperature": 1.0, "kl_coef": 0.05, "save_strategy": "no", "disable_tqdm": True}
 
 
 @pytest.fixture(scope="session")
@@ -169,9 +149,11 @@ def prompts(tmp_path_factory):
                        [{"prompt": f"TASK {i}: "} for i in range(64)])
 
 
-def ppo_recipe(tmp_path, rm, data, name="ppo", extra=LORA, steps=20, lr=3e-3, eval_=0.0):
-    return write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(extra=extra, rm=rm, data=data, steps=steps, lr=lr,
-                                                                 eval=eval_))
+def ppo_recipe(tmp_path, rm, data, name="ppo", adapter=LORA, steps=20, lr=3e-3, eval_=0.0, **sections):
+    """PPO on `data` scored by the reward model `rm` (None: no `reward_model:`)."""
+    return make_recipe(tmp_path, "ppo", {"train": [{"path": data}], "eval": eval_, "max_length": 64}, name=name,
+                       adapter=adapter, reward_model=rm, train={**TRAIN, "learning_rate": lr, "max_steps": steps},
+                       **sections)
 
 
 def logged(out: Path) -> list[dict]:
@@ -191,6 +173,7 @@ def lora_run(tmp_path_factory, letter_rm, prompts):
     return out, run(resolve(recipe), ["llmtune", "ppo", str(recipe)], output_dir=str(out))
 
 
+@pytest.mark.slow
 def test_lora_ppo_raises_the_reward_with_bounded_kl(lora_run):
     out, metrics = lora_run
     steps = logged(out)
@@ -209,6 +192,7 @@ def test_lora_ppo_raises_the_reward_with_bounded_kl(lora_run):
     assert "eval_reward" in metrics and math.isfinite(metrics["eval_reward"])
 
 
+@pytest.mark.slow
 def test_lora_policy_reloads_and_generates_on_an_unchanged_base(lora_run):
     out, _ = lora_run
     from peft import AutoPeftModelForCausalLM
@@ -245,13 +229,14 @@ def capture_trainer(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_keeps_a_frozen_reference_and_learns_values(tmp_path, letter_rm, prompts, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from llmtune.model import builtin_path
 
     seen = capture_trainer(monkeypatch)
-    recipe = ppo_recipe(tmp_path, letter_rm, prompts, extra="", steps=8, lr=1e-4)
+    recipe = ppo_recipe(tmp_path, letter_rm, prompts, adapter=None, steps=8, lr=1e-4)
     out = tmp_path / "full"
     run(resolve(recipe, ["train.value_model=policy", "train.kl_target=1.0", "train.kl_horizon=100"]), ["llmtune"],
         output_dir=str(out))
@@ -332,12 +317,12 @@ def test_rollout_logprobs_are_those_responses_were_sampled_from(tmp_path, letter
     assert ((logprobs - sampled).abs() * mask).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_qlora_ppo_trains_on_a_4bit_base(tmp_path, letter_rm, prompts, monkeypatch):
     import bitsandbytes as bnb
 
     seen = capture_trainer(monkeypatch)
-    recipe = ppo_recipe(tmp_path, letter_rm, prompts, extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}",
-                        steps=4)
+    recipe = ppo_recipe(tmp_path, letter_rm, prompts, steps=4, quantization={"bits": 4, "compute_dtype": "float32"})
     out = tmp_path / "qlora"
     run(resolve(recipe), ["llmtune"], output_dir=str(out))
     trainer = seen["trainer"]
@@ -346,6 +331,7 @@ def test_qlora_ppo_trains_on_a_4bit_base(tmp_path, letter_rm, prompts, monkeypat
     assert len(logged(out)) == 4 and (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_continues_the_same_run(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts, steps=6)
     sets = ["train.save_strategy=steps", "train.save_steps=3"]
@@ -385,6 +371,7 @@ run(resolve(sys.argv[1]), ["llmtune"], output_dir=sys.argv[2] + "/run")
 """
 
 
+@pytest.mark.distributed
 def test_two_processes_share_the_prompts_and_agree_on_the_weights(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts, steps=3)
     script = tmp_path / "ddp.py"
@@ -404,27 +391,27 @@ def test_two_processes_share_the_prompts_and_agree_on_the_weights(tmp_path, lett
 # -- bad recipes ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ppo_without_a_reward_model_or_with_other_data_exits_2(tmp_path, letter_rm, prompts):
-    recipe = ppo_recipe(tmp_path, letter_rm, prompts)
-    text = recipe.read_text()
-    write_recipe(recipe, text.replace(f"reward_model: {letter_rm}\n", ""))
+    recipe = ppo_recipe(tmp_path, None, prompts)
     result = cli("validate", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ppo.yaml:1:1: `method: ppo` needs a reward model" in result.stderr, result.stderr
 
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                                {"role": "assistant", "content": "a"}]}] * 20)
-    write_recipe(recipe, text.replace(str(prompts), str(chat)))
+    recipe = ppo_recipe(tmp_path, letter_rm, chat)
     result = cli("ppo", recipe, "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "method 'ppo' cannot train on 'messages' data" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
-    write_recipe(recipe, text.replace(str(letter_rm), "./runs/no-such-reward"))
+    recipe = ppo_recipe(tmp_path, "./runs/no-such-reward", prompts)
     result = cli("ppo", recipe, "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "no model folder at './runs/no-such-reward'" in result.stderr, result.stderr
     assert "llmtune reward" in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ppo_settings_are_checked_like_trl_configs(tmp_path, letter_rm, prompts):
     recipe = ppo_recipe(tmp_path, letter_rm, prompts)
     result = cli("validate", recipe, "--set", "train.kl_coeff=0.1", "--set", "train.kl_estimator=k2",
@@ -460,6 +447,7 @@ def test_stop_token_and_a_foreign_reward_tokenizer_are_refused_before_training(t
     assert ppo.defaults(config, None) == {"max_length": 64}
 
 
+@pytest.mark.slow
 def test_shipped_tiny_pipeline_sft_reward_ppo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # each step finds the one before under ./runs
     rlhf = ROOT / "recipes" / "rlhf"

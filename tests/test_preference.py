@@ -10,38 +10,28 @@ import torch
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
 PAIRS = RECIPES / "data" / "preference.jsonl"  # prompt + chosen/rejected message lists
 UNPAIRED = RECIPES / "data" / "kto.jsonl"  # prompt + completion message lists, label true/false
 CHAT = RECIPES / "data" / "chat.jsonl"
 LN2 = math.log(2)  # DPO's loss while the policy equals its reference
 
-RECIPE = """\
-method: {method}
-model: {{name: "{model}", dtype: float32}}
-{extra}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 128
-train:
-  learning_rate: {lr}
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: {log}
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
 
 
-def train(tmp_path, method, name="run", extra=LORA, data=PAIRS, steps=16, lr=3e-3, eval_=0.0, log=2, sets=(),
-          model="builtin:tiny"):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(
-        method=method, model=model, extra=extra, data=data, steps=steps, lr=lr, eval=eval_, log=log))
+def recipe_file(tmp_path, method, name="r", adapter=LORA, data=PAIRS, steps=2, lr=1e-3, eval_=0.0, log=1,
+                model="builtin:tiny", **sections):
+    return make_recipe(tmp_path, method, {"train": [{"path": data}], "eval": eval_, "max_length": 128}, name=name,
+                       model={"name": model}, adapter=adapter,
+                       train={"learning_rate": lr, "max_steps": steps, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "logging_steps": log, "save_strategy": "no",
+                              "disable_tqdm": True}, **sections)
+
+
+def train(tmp_path, method, name="run", adapter=LORA, data=PAIRS, steps=16, lr=3e-3, eval_=0.0, log=2, sets=(),
+          model="builtin:tiny", **sections):
+    recipe = recipe_file(tmp_path, method, name, adapter, data, steps, lr, eval_, log, model, **sections)
     out = tmp_path / "runs" / name
     metrics = run(resolve(recipe, sets), ["llmtune", method, str(recipe)], output_dir=str(out))
     return out, metrics
@@ -87,6 +77,7 @@ def dpo_run(tmp_path_factory, llmtune_cache):
     return train(tmp_path_factory.mktemp("dpo"), "dpo", steps=24, eval_=0.1, sets=["train.eval_steps=12"])
 
 
+@pytest.mark.slow
 def test_dpo_margins_rise_and_the_policy_prefers_chosen(dpo_run):
     out, metrics = dpo_run
     margins = logged(out, "rewards/margins")
@@ -132,6 +123,7 @@ def ref_pass_calls(monkeypatch, tmp_path, llmtune_cache):
     return calls, cache / "ref-logps"
 
 
+@pytest.mark.slow
 def test_second_run_loads_reference_log_probs_instead_of_computing_them(tmp_path, ref_pass_calls):
     calls, folder = ref_pass_calls
     first, m1 = train(tmp_path, "dpo", name="first", steps=6, eval_=0.1)
@@ -154,6 +146,7 @@ def test_second_run_loads_reference_log_probs_instead_of_computing_them(tmp_path
     assert len(list(folder.glob("*.safetensors"))) == 4
 
 
+@pytest.mark.slow
 def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monkeypatch):
     import os
     import signal
@@ -172,8 +165,7 @@ def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monke
         return WriterAndCtrlC()
 
     calls, _ = ref_pass_calls
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method="dpo", model="builtin:tiny", extra=LORA,
-                                                             data=PAIRS, steps=8, lr=3e-3, eval=0.0, log=1))
+    recipe = recipe_file(tmp_path, "dpo", steps=8, lr=3e-3)
     out = tmp_path / "out"
     with monkeypatch.context() as stopping:
         stopping.setattr(run_module, "metrics_callback", with_ctrl_c)
@@ -189,6 +181,7 @@ def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monke
             if "loss" in m][-1] == 8
 
 
+@pytest.mark.slow
 def test_ipo_loss_runs_and_falls(tmp_path):
     # Plain strings with an explicit prompt (the sample data is conversational).
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
@@ -200,23 +193,25 @@ def test_ipo_loss_runs_and_falls(tmp_path):
     assert logged(out, "rewards/margins")[-1] > logged(out, "rewards/margins")[0]
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_dpo_reference_is_the_starting_model(tmp_path):
     # Precomputed (the default: no second copy in memory) and a frozen copy kept during training.
     for name, sets in (("precomputed", []), ("copy", ["train.precompute_ref_log_probs=false"])):
-        out, metrics = train(tmp_path, "dpo", name=name, extra="", steps=6, lr=1e-4, log=1, sets=sets)
+        out, metrics = train(tmp_path, "dpo", name=name, adapter=None, steps=6, lr=1e-4, log=1, sets=sets)
         assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)  # policy == reference at step 1
         assert metrics["last_loss"] < metrics["first_loss"]
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_qlora_dpo_trains_a_4bit_base(tmp_path):
-    out, metrics = train(tmp_path, "dpo", extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}",
-                         steps=12)
+    out, metrics = train(tmp_path, "dpo", steps=12, quantization={"bits": 4, "compute_dtype": "float32"})
     assert metrics["last_loss"] < 0.7 * metrics["first_loss"], metrics
     assert logged(out, "rewards/margins")[-1] > 0.5
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_orpo_is_marked_experimental_trains_and_reloads(tmp_path):
     out, metrics = train(tmp_path, "orpo", steps=16)
     assert metrics["last_loss"] < 0.85 * metrics["first_loss"], metrics
@@ -247,6 +242,7 @@ def generates(out):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_kto_trains_on_labelled_completions_and_reloads(tmp_path):
     out, metrics = train(tmp_path, "kto", data=UNPAIRED, steps=16, eval_=0.1)
     assert metrics["last_loss"] < 0.5 * metrics["first_loss"], metrics
@@ -257,6 +253,7 @@ def test_kto_trains_on_labelled_completions_and_reloads(tmp_path):
     generates(out)
 
 
+@pytest.mark.slow
 def test_kto_takes_preference_pairs_with_an_implicit_prompt(tmp_path):
     # Message lists sharing their first turn: the prompt is implicit; KTO unpairs each pair.
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
@@ -295,9 +292,10 @@ def pair_accuracy(score, tokenizer):
     return (scores[:, 0] > scores[:, 1]).float().mean().item(), scores
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(TRAIN_CAPITALS) * 4)
-    out, metrics = train(tmp_path, "reward", extra="", data=data, steps=16, lr=1e-3)
+    out, metrics = train(tmp_path, "reward", adapter=None, data=data, steps=16, lr=1e-3)
     assert metrics["last_loss"] < 0.2 * metrics["first_loss"], metrics
     assert logged(out, "accuracy")[-1] == 1.0
 
@@ -318,6 +316,7 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     assert "AutoModelForSequenceClassification" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_reward_adapter_and_score_margins(tmp_path):
     rows = reward_pairs(TRAIN_CAPITALS) * 2
     plain = write_jsonl(tmp_path / "plain.jsonl", rows)
@@ -346,8 +345,9 @@ def sft_run(tmp_path_factory, llmtune_cache):
     return train(tmp, "sft", data=CHAT, steps=10)[0]
 
 
+@pytest.mark.slow
 def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
-    out, metrics = train(tmp_path, "dpo", model=sft_run, extra="", steps=8, log=1)
+    out, metrics = train(tmp_path, "dpo", model=sft_run, adapter=None, steps=8, log=1)
     # The reference is the SFT adapter's frozen copy: at step 1 the policy equals it.
     assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)
     assert metrics["last_loss"] < metrics["first_loss"]
@@ -363,13 +363,14 @@ def test_dpo_stacked_on_an_sft_adapter_keeps_training_it(tmp_path, sft_run):
     generates(out)
 
 
+@pytest.mark.slow
 def test_dpo_and_reward_on_an_sft_adapter_merged_into_its_base(tmp_path, sft_run):
     # Full fine-tuning of the merged model; the frozen copy of it is the reference.
-    out, metrics = train(tmp_path, "dpo", name="dpo", model=sft_run, extra="", steps=4, lr=1e-4, log=1,
+    out, metrics = train(tmp_path, "dpo", name="dpo", model=sft_run, adapter=None, steps=4, lr=1e-4, log=1,
                          sets=["model.run_adapter=merge", "train.precompute_ref_log_probs=false"])
     assert metrics["first_loss"] == pytest.approx(LN2, abs=1e-4)
 
-    out, metrics = train(tmp_path, "reward", name="reward", model=sft_run, extra="", steps=8, lr=1e-3,
+    out, metrics = train(tmp_path, "reward", name="reward", model=sft_run, adapter=None, steps=8, lr=1e-3,
                          sets=["model.run_adapter=merge"])
     assert metrics["last_loss"] < metrics["first_loss"]
     from transformers import AutoModelForSequenceClassification
@@ -377,21 +378,22 @@ def test_dpo_and_reward_on_an_sft_adapter_merged_into_its_base(tmp_path, sft_run
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
 
 
+@pytest.mark.slow
 def test_an_explicit_reference_model(tmp_path, sft_run):
     # The policy starts as the base; the SFT model (merged) judges it, so step 1 is not at ln 2.
     out, metrics = train(tmp_path, "dpo", steps=2, log=1, sets=[f"ref_model={sft_run}"])
     assert abs(metrics["first_loss"] - LN2) > 0.01
 
 
+@pytest.mark.slow
 def test_continuing_a_run_adapter_is_checked_before_training(tmp_path, sft_run):
     cases = [("dpo", LORA, [], "holds an adapter, and `model.run_adapter: stack` keeps training it"),
-             ("reward", "", [], "`llmtune reward` adds a new SequenceClassification head"),
+             ("reward", None, [], "`llmtune reward` adds a new SequenceClassification head"),
              ("dpo", LORA, ["model.run_adapter=merge"], "`model.run_adapter: merge` fully fine-tunes"),
              ("orpo", LORA, ["ref_model=builtin:tiny"], "`llmtune orpo` trains without a reference model"),
              ("kto", LORA, ["data.packing=true"], "`llmtune kto` cannot pack rows (KTOConfig has no `packing`)")]
-    for method, extra, sets, message in cases:
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model=sft_run, extra=extra, data=PAIRS,
-                                                                 steps=2, lr=1e-3, eval=0.0, log=1))
+    for method, adapter, sets, message in cases:
+        recipe = recipe_file(tmp_path, method, adapter=adapter, model=sft_run)
         result = cli(method, recipe, "--output-dir", tmp_path / "out", *[a for s in sets for a in ("--set", s)])
         assert result.returncode == 2 and message in result.stderr, (method, result.stderr)
         assert "r.yaml:" in result.stderr or "--set" in result.stderr
@@ -409,8 +411,7 @@ WRONG_SHAPE = {  # method: (data it cannot take, the format found, the formats i
 @pytest.mark.parametrize("method", WRONG_SHAPE)
 def test_wrong_data_shape_exits_2_naming_method_and_formats(tmp_path, method):
     data, found, needed = WRONG_SHAPE[method]
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model="builtin:tiny", extra=LORA,
-                                                             data=data, steps=2, lr=1e-3, eval=0.0, log=1))
+    recipe = recipe_file(tmp_path, method, data=data)
     result = cli(method, recipe, "--output-dir", tmp_path / "out")
     assert result.returncode == 2, result.stderr
     assert f"method '{method}' cannot train on '{found}' data; it needs one of: {needed}" in result.stderr
@@ -426,8 +427,7 @@ def test_bad_preference_and_kto_rows_are_reported_by_line(tmp_path):
     for method, name, problems in (("dpo", "pairs.jsonl", ["pairs.jsonl:6: missing 'rejected'",
                                                            "pairs.jsonl:7: 'chosen' and 'rejected' are identical"]),
                                    ("kto", "kto.jsonl", ["kto.jsonl:4: 'label' must be true or false, got 'yes'"])):
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model="builtin:tiny", extra=LORA,
-                                                                 data=name, steps=2, lr=1e-3, eval=0.0, log=1))
+        recipe = recipe_file(tmp_path, method, data=name)
         result = cli(method, recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
         assert result.returncode == 2 and all(p in result.stderr for p in problems), result.stderr
         assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """Recipe loading and checking: extends, --set, interpolation, errors with file:line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +12,7 @@ from llmtune.errors import UserError
 from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
 
-from .conftest import RECIPES, cli, write_recipe
-
-BASE = """\
-method: sft
-model:
-  name: builtin:tiny
-data:
-  train:
-    - path: {data}
-"""
+from .conftest import RECIPES, cli, make_recipe, write_recipe
 
 
 @pytest.fixture
@@ -38,10 +30,9 @@ def problems(path, *sets):
 
 def test_extends_merges_maps_and_replaces_lists(tmp_path, data_file):
     (tmp_path / "base").mkdir()
-    write_recipe(tmp_path / "base" / "common.yaml", BASE.format(data=data_file) + """\
-adapter: {type: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}
-train: {learning_rate: 1.0e-4, num_train_epochs: 2}
-""")
+    make_recipe(tmp_path / "base", data=data_file, name="common",
+                adapter={"type": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                train={"learning_rate": 1.0e-4, "num_train_epochs": 2})
     child = write_recipe(tmp_path / "child.yaml", """\
 extends: base/common.yaml
 adapter: {r: 32, target_modules: [o_proj]}
@@ -76,13 +67,13 @@ def test_extends_cycle_is_an_error(tmp_path):
 def test_data_paths_are_relative_to_the_file_that_names_them(tmp_path, data_file):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "data.jsonl").write_text(data_file.read_text())
-    write_recipe(tmp_path / "base" / "b.yaml", BASE.format(data="data.jsonl"))
+    make_recipe(tmp_path / "base", data="data.jsonl", name="b")
     child = write_recipe(tmp_path / "c.yaml", "extends: base/b.yaml\n")
     assert resolve(child).config["data"]["train"][0]["path"] == str(tmp_path / "base" / "data.jsonl")
 
 
 def test_set_overrides_are_typed(tmp_path, data_file):
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "adapter: {type: lora}\n")
+    recipe = make_recipe(tmp_path, data=data_file, adapter={"type": "lora"})
     config = resolve(recipe, ["train.learning_rate=1e-4", "adapter.r=32", "train.bf16=false",
                               "adapter.target_modules=[q_proj, k_proj]", "data.train.0.weight=2",
                               "train.report_to=none"]).config
@@ -92,7 +83,7 @@ def test_set_overrides_are_typed(tmp_path, data_file):
 
 
 def test_a_bad_set_names_itself(tmp_path, data_file):
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file))
+    recipe = make_recipe(tmp_path, data=data_file)
     (message,) = problems(recipe, "train.learing_rate=1")
     assert message.startswith("--set train.learing_rate=1: unknown key 'learing_rate' in train")
     assert "did you mean 'learning_rate'" in message
@@ -100,13 +91,13 @@ def test_a_bad_set_names_itself(tmp_path, data_file):
 
 def test_env_and_self_interpolation(tmp_path, data_file, monkeypatch):
     monkeypatch.setenv("RUNS", "/scratch/runs")
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + """\
+    recipe = make_recipe(tmp_path, data=data_file, text="""\
 name: exp-${model.name}
 output_dir: ${env:RUNS}/${name}
 seed: ${env:SEED_VALUE}
 """)
     (message,) = problems(recipe)
-    assert message.endswith("r.yaml:9:1: environment variable 'SEED_VALUE' is not set (referenced as ${env:SEED_VALUE})")
+    assert message.endswith("r.yaml:8:1: environment variable 'SEED_VALUE' is not set (referenced as ${env:SEED_VALUE})")
     monkeypatch.setenv("SEED_VALUE", "7")
     config = resolve(recipe).config
     assert config["output_dir"] == "/scratch/runs/exp-builtin:tiny"
@@ -115,11 +106,11 @@ seed: ${env:SEED_VALUE}
 
 def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "secret_value_123")
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "output_dir: runs/${env:MY_API_KEY}\n")
+    recipe = make_recipe(tmp_path, data=data_file, text="output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
     assert resolved.config["output_dir"] == "runs/secret_value_123"
     assert loader.redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
-    hub_token = write_recipe(tmp_path / "t.yaml", BASE.format(data=data_file) + "train: {hub_token: x}\n")
+    hub_token = make_recipe(tmp_path, data=data_file, name="t", train={"hub_token": "x"})
     assert "export HF_TOKEN instead" in problems(hub_token)[0]
 
 
@@ -171,26 +162,26 @@ def test_yaml_syntax_and_structure_errors(tmp_path):
 def test_missing_sections_and_cross_checks(tmp_path, data_file):
     recipe = write_recipe(tmp_path / "r.yaml", "method: sft\nmodel: {name: builtin:tiny}\n")
     assert any("missing required key `data`" in p for p in problems(recipe))
-    qlora_without_adapter = write_recipe(tmp_path / "q.yaml", BASE.format(data=data_file) + "quantization: {bits: 4}\n")
+    qlora_without_adapter = make_recipe(tmp_path, data=data_file, name="q", quantization={"bits": 4})
     (message,) = problems(qlora_without_adapter)
-    assert "q.yaml:7:1: a quantized base cannot be fully fine-tuned; add an `adapter:` section" in message
+    assert "q.yaml:3:1: a quantized base cannot be fully fine-tuned; add an `adapter:` section" in message
 
 
 def test_validate_cli_checks_many_files_and_exits_2(tmp_path, data_file):
-    good = write_recipe(tmp_path / "good.yaml", BASE.format(data=data_file))
-    bad = write_recipe(tmp_path / "bad.yaml", BASE.format(data=data_file) + "train: {learning_rat: 1}\n")
+    good = make_recipe(tmp_path, data=data_file, name="good")
+    bad = make_recipe(tmp_path, data=data_file, name="bad", train={"learning_rat": 1})
     result = cli("validate", good, bad, "--no-data", cwd=tmp_path)
     assert result.returncode == 2
     assert f"ok: {good}" in result.stdout
-    assert "error: bad.yaml:7:9: unknown key 'learning_rat' in train (did you mean 'learning_rate'?)" in result.stderr
+    assert "error: bad.yaml:6:9: unknown key 'learning_rat' in train (did you mean 'learning_rate'?)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_verb_must_match_the_recipe_method(tmp_path, data_file):
-    unknown = write_recipe(tmp_path / "u.yaml", BASE.format(data=data_file).replace("method: sft", "method: sftt"))
+    unknown = make_recipe(tmp_path, "sftt", data_file, name="u")
     assert "u.yaml:1:1: `method` must be one of: 'sft'" in problems(unknown)[0]
     assert "(did you mean 'sft'?)" in problems(unknown)[0]
-    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file).replace("method: sft", "method: dpo"))
+    recipe = make_recipe(tmp_path, "dpo", data_file)
     result = cli("sft", recipe, cwd=tmp_path)
     assert result.returncode == 2
     assert "r.yaml:1:1: this recipe is for `llmtune dpo` (method: dpo), not `llmtune sft`" in result.stderr
@@ -209,9 +200,52 @@ def test_every_shipped_recipe_validates(path):
     assert result.returncode == 0, result.stderr
 
 
-def test_overlays_are_partial_recipes():
-    for path in (RECIPES / "base").glob("*.yaml"):
-        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+OVERLAYS = sorted((RECIPES / "base").glob("*.yaml"))
+RENAMED = {("adapter", "alpha"): ("adapter", "lora_alpha"), ("adapter", "dropout"): ("adapter", "lora_dropout")}
+
+
+def leaves(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def overlay_values(path):
+    """Every value an overlay sets, those of the overlays it extends included (its own win)."""
+    raw = yaml.load(path.read_text(), Loader=loader.Loader)
+    parent = raw.pop("extends", None)
+    return {**(overlay_values(path.parent / parent) if parent else {}), **dict(leaves(raw))}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlays_are_partial_recipes(overlay, tmp_path, data_file):
+    assert isinstance(yaml.safe_load(overlay.read_text()), dict), overlay
+    # Alone, it lacks just what only a whole recipe says.
+    missing = [p.split("missing required key ")[-1].split(":")[0] for p in problems(overlay)]
+    assert sorted(missing) == ["`data`", "`method`", "`model.name`"], problems(overlay)
+    # Extended by a recipe, every value it sets arrives.
+    extended = make_recipe(tmp_path, data=data_file, model={"dtype": None}, text=f"extends: base/{overlay.name}\n")
+    config = resolve(extended).config
+    values = overlay_values(overlay)
+    assert len(values) >= 4
+    for key, value in values.items():
+        section, name = RENAMED.get(key, key)
+        assert config[section][name] == value, key
+
+
+def test_overlays_compose_later_ones_win_and_the_recipe_wins_over_all(tmp_path, data_file):
+    both = "extends: [base/full.yaml, base/qlora.yaml]\n"
+    config = resolve(make_recipe(tmp_path, data=data_file, model={"dtype": None}, text=both)).config
+    assert config["train"] == {"learning_rate": 2.0e-4, "gradient_checkpointing": True, "lr_scheduler_type": "cosine",
+                               "warmup_steps": 0.03, "optim": "paged_adamw_8bit"}  # qlora's rate over full's
+    assert config["adapter"]["r"] == 16 and config["quantization"]["bits"] == 4  # qlora.yaml, and lora.yaml under it
+    assert config["model"]["dtype"] == "bfloat16"
+    mine = resolve(make_recipe(tmp_path, data=data_file, model={"dtype": "float32"}, train={"learning_rate": 5.0e-5},
+                               adapter={"r": 4}, text=both)).config
+    assert (mine["train"]["learning_rate"], mine["adapter"]["r"], mine["model"]["dtype"]) == (5.0e-5, 4, "float32")
+    assert mine["adapter"]["lora_alpha"] == 32 and mine["train"]["optim"] == "paged_adamw_8bit"
 
 
 def test_help_is_fast_and_imports_no_ml_library():
@@ -222,6 +256,27 @@ def test_help_is_fast_and_imports_no_ml_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "[]", out
     assert float(out[-1]) < 0.5
+
+
+HEAVY = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+def validate_imports(recipe, *args, cache):
+    """The heavy packages `llmtune validate RECIPE ARGS` imported, run as a user would (its own process)."""
+    code = ("import sys; from llmtune.cli import main; sys.argv = ['llmtune', 'validate', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+            f"print([m for m in {HEAVY!r} if sys.modules.get(m)])")
+    result = subprocess.run([sys.executable, "-c", code, str(recipe), *args], capture_output=True, text=True,
+                            env={**os.environ, "LLMTUNE_CACHE": str(cache)})
+    assert result.returncode == 0 and f"ok: {recipe}" in result.stdout, result.stderr
+    return result.stdout.splitlines()[-1]
+
+
+def test_validate_imports_no_ml_library(tmp_path, data_file):
+    recipe = make_recipe(tmp_path, data=data_file, adapter={"type": "lora"}, quantization={"bits": 4})
+    # The data checked on a cold cache: read, converted and prepared with `datasets`, still no torch.
+    assert validate_imports(recipe, cache=tmp_path / "cold") == "['datasets']"
+    assert validate_imports(recipe, "--no-data", cache=tmp_path / "cold-too") == "[]"
 
 
 def test_recipes_list_show_copy(tmp_path):

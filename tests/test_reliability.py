@@ -24,7 +24,7 @@ from llmtune.recipe.check import resolve
 from llmtune.resume import STAGING, checkpoint_to_resume, complete_checkpoints
 from llmtune.train import TrainingFailed, run
 
-from .conftest import RECIPES, cli as plain_cli, write_recipe
+from .conftest import RECIPES, cli as plain_cli, make_recipe, write_recipe
 
 BAD = Path(__file__).parent / "data" / "bad"
 # Planted in the environment of every run here; none may reach a file llmtune writes.
@@ -32,24 +32,17 @@ SECRETS = {"HF_TOKEN": "hf_planted_1111_secret", "HUGGING_FACE_HUB_TOKEN": "hf_p
            "WANDB_API_KEY": "wandb_planted_3333_secret", "OPENAI_API_KEY": "sk-planted-4444-secret"}
 STEPS = 60
 
-RECIPE = f"""\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 8, alpha: 16}}
-data:
-  train:
-    - path: data/chat.jsonl
-  max_length: 128
-train:
-  learning_rate: 3.0e-3
-  max_steps: {STEPS}
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 1
-  save_steps: 10
-  disable_tqdm: true
-  run_name: "tiny-${{env:WANDB_API_KEY}}"
-"""
+TRAIN = {"learning_rate": 3.0e-3, "max_steps": STEPS, "per_device_train_batch_size": 8, "gradient_checkpointing": False,
+         "logging_steps": 1, "save_steps": 10, "disable_tqdm": True, "run_name": "tiny-${env:WANDB_API_KEY}"}
+
+
+def recipe_in(folder: Path, **train) -> Path:
+    """The run these tests interrupt and resume, with its own copy of the data next to it (data/chat.jsonl)."""
+    (folder / "data").mkdir(exist_ok=True)
+    shutil.copy(RECIPES / "data" / "chat.jsonl", folder / "data" / "chat.jsonl")
+    return make_recipe(folder, data={"train": [{"path": "data/chat.jsonl"}], "max_length": 128},
+                       adapter={"type": "lora", "r": 8, "alpha": 16}, train={**TRAIN, **train})
+
 
 # Runs the CLI after patching Trainer.METHOD to do ACTION once training reaches step STEP.
 HARNESS = """
@@ -70,10 +63,7 @@ main()
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("recipe")
-    (folder / "data").mkdir()
-    shutil.copy(RECIPES / "data" / "chat.jsonl", folder / "data" / "chat.jsonl")
-    return write_recipe(folder / "r.yaml", RECIPE)
+    return recipe_in(tmp_path_factory.mktemp("recipe"))
 
 
 def cli(*args, **kwargs):
@@ -172,6 +162,7 @@ def copy_run(out: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_of_the_current_step_and_exits_130(interrupted):
     out, err = interrupted
     step = manifest(out)["metrics"]["step"]
@@ -186,6 +177,7 @@ def test_sigint_saves_a_checkpoint_of_the_current_step_and_exits_130(interrupted
     assert not (out / "adapter_model.safetensors").exists()  # no final model from an interrupted run
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_to_the_same_losses_and_weights(interrupted, baseline, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     step = manifest(out)["metrics"]["step"]
@@ -200,6 +192,7 @@ def test_resume_auto_continues_to_the_same_losses_and_weights(interrupted, basel
     assert "${env:WANDB_API_KEY}" in (out / "recipe.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_leaves_the_partial_save_ignored(recipe, tmp_path):
     out = tmp_path / "run"
     # The save triggered by the first signal hangs, as a slow disk would.
@@ -220,6 +213,7 @@ def test_second_signal_exits_at_once_and_leaves_the_partial_save_ignored(recipe,
     assert lock.holder(out) is None and not (out / lock.NAME).exists()  # its process is gone: stale, cleared
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(recipe, baseline, tmp_path):
     out = tmp_path / "run"
     proc = start("sft", recipe, "--output-dir", out,
@@ -238,6 +232,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_resumable(recipe, 
     assert_same_run(out, baseline)
 
 
+@pytest.mark.distributed
 def test_two_process_ddp_interrupt_and_resume_match_an_uninterrupted_run(recipe, tmp_path):
     launch = ["--set", "train.max_steps=30", "--num-processes", "2"]  # 2 CPU processes over gloo
     whole = tmp_path / "whole"
@@ -272,6 +267,7 @@ def changed_data_recipe(recipe: Path, folder: Path) -> Path:
     return write_recipe(folder / "r.yaml", recipe.read_text())
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_and_shapes_and_force_accepts(interrupted, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     step = manifest(out)["metrics"]["step"]
@@ -292,6 +288,7 @@ def test_resume_refuses_changed_data_and_shapes_and_force_accepts(interrupted, r
     assert manifest(out)["status"] == "completed" and max(losses(out)) == step + 3
 
 
+@pytest.mark.slow
 def test_resume_from_a_path_into_a_new_directory(interrupted, baseline, recipe, tmp_path):
     source, _ = interrupted
     step = manifest(source)["metrics"]["step"]
@@ -311,6 +308,7 @@ def test_resume_from_a_path_into_a_new_directory(interrupted, baseline, recipe, 
     assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(got)], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_one_run_per_directory(interrupted, baseline, recipe, tmp_path):
     out = copy_run(interrupted[0], tmp_path / "run")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -398,13 +396,11 @@ def test_yaml_tags_that_construct_objects_are_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
-def short_recipe(tmp_path, extra="", steps=6):
-    text = RECIPE.replace(f"max_steps: {STEPS}", f"max_steps: {steps}").replace("save_steps: 10", "save_steps: 2")
-    (tmp_path / "data").mkdir(exist_ok=True)
-    shutil.copy(RECIPES / "data" / "chat.jsonl", tmp_path / "data" / "chat.jsonl")
-    return write_recipe(tmp_path / "r.yaml", text + extra)
+def short_recipe(tmp_path, steps=6):
+    return recipe_in(tmp_path, max_steps=steps, save_steps=2)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, monkeypatch):
     import errno
 
@@ -429,6 +425,7 @@ def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, 
     assert manifest(out)["status"] == "failed" and not (out / lock.NAME).exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_knobs_that_lower_it(tmp_path, monkeypatch):
     import torch
     from transformers import Trainer
@@ -484,35 +481,18 @@ def test_trust_remote_code_is_off_unless_the_recipe_sets_it_and_recorded(tmp_pat
 
 # Every method, adapter and full: a SIGINT during step 4 (sent by the process to itself, so it lands in the
 # same step every time), then `--resume auto`, against the same run uninterrupted.
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
 METHODS = {  # method, data file, adapter, extra `train:` settings
-    "sft-full": ("sft", "chat.jsonl", "", ""),
-    "dpo": ("dpo", "preference.jsonl", LORA, ""),
-    "orpo": ("orpo", "preference.jsonl", LORA, ""),
-    "kto": ("kto", "kto.jsonl", LORA, ""),
-    "reward-full": ("reward", "preference.jsonl", "", ""),
-    "grpo": ("grpo", "preference.jsonl", LORA, "  num_generations: 4\n  max_completion_length: 8\n"),
-    "ppo": ("ppo", "preference.jsonl", LORA, "  response_length: 8\n  num_mini_batches: 2\n"),
+    "sft-full": ("sft", "chat.jsonl", None, {}),
+    "dpo": ("dpo", "preference.jsonl", LORA, {}),
+    "orpo": ("orpo", "preference.jsonl", LORA, {}),
+    "kto": ("kto", "kto.jsonl", LORA, {}),
+    "reward-full": ("reward", "preference.jsonl", None, {}),
+    "grpo": ("grpo", "preference.jsonl", LORA, {"num_generations": 4, "max_completion_length": 8}),
+    "ppo": ("ppo", "preference.jsonl", LORA, {"response_length": 8, "num_mini_batches": 2}),
 }
-METHOD_RECIPE = """\
-method: {method}
-model: {{name: "builtin:tiny", dtype: float32}}
-{adapter}
-{reward}
-data:
-  train:
-    - path: {data}
-      format: {format}
-  max_length: 128
-train:
-  learning_rate: 1.0e-3
-  max_steps: 8
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 1
-  save_strategy: "no"
-  disable_tqdm: true
-{train}"""
+METHOD_TRAIN = {"learning_rate": 1.0e-3, "max_steps": 8, "per_device_train_batch_size": 8,
+                "gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}
 
 
 @pytest.fixture(scope="module")
@@ -538,6 +518,7 @@ def rows_by_step(out: Path) -> dict:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", METHODS)
 def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatch):
     import torch
@@ -548,9 +529,10 @@ def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatc
 
     method, data, adapter, train = METHODS[case]
     fmt = "prompt" if method in ("grpo", "ppo") else "auto"
-    reward = f"reward_model: {scorer}" if method in ("grpo", "ppo") else ""
-    recipe = write_recipe(tmp_path / "r.yaml", METHOD_RECIPE.format(
-        method=method, adapter=adapter, reward=reward, data=RECIPES / "data" / data, format=fmt, train=train))
+    source = {"path": RECIPES / "data" / data, "format": fmt}
+    recipe = make_recipe(tmp_path, method, {"train": [source], "max_length": 128},
+                         adapter=adapter, reward_model=scorer if method in ("grpo", "ppo") else None,
+                         train={**METHOD_TRAIN, **train})
 
     def go(out, **kwargs):
         return run(resolve(recipe), ["llmtune", method, str(recipe)], output_dir=str(out), **kwargs)
@@ -593,6 +575,7 @@ def test_a_new_run_clears_the_earlier_runs_model_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tokenizer.json"]
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_at_the_step_says_what_to_try_and_saves_no_model(tmp_path):
     out = tmp_path / "run"
     result = plain_cli("sft", "quickstart", "--output-dir", out, "--set", "train.learning_rate=1e30",

@@ -10,36 +10,24 @@ import torch
 from llmtune.recipe.check import resolve
 from llmtune.train import run
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
 CHAT = RECIPES / "data" / "chat.jsonl"
 SECRET = "hf_do_not_leak_4242"
 
-RECIPE = """\
-method: sft
-model: {{name: "builtin:tiny", dtype: float32}}
-{extra}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 128
-  packing: false
-train:
-  learning_rate: {lr}
-  max_steps: {steps}
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 2
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-LORA = "adapter: {type: lora, r: 8, alpha: 16}"
+LORA = {"type": "lora", "r": 8, "alpha": 16}
 
 
-def train(tmp_path, name="run", extra=LORA, data=CHAT, steps=20, lr=3e-3, eval_=0.0, sets=()):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(extra=extra, data=data, steps=steps, lr=lr,
-                                                                 eval=eval_))
+def recipe_file(tmp_path, name="r", adapter=LORA, data=CHAT, steps=2, lr=1e-3, eval_=0.0, **sections):
+    return make_recipe(tmp_path, data={"train": [{"path": data}], "eval": eval_, "max_length": 128, "packing": False},
+                       name=name, adapter=adapter,
+                       train={"learning_rate": lr, "max_steps": steps, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "logging_steps": 2, "save_strategy": "no",
+                              "disable_tqdm": True}, **sections)
+
+
+def train(tmp_path, name="run", adapter=LORA, data=CHAT, steps=20, lr=3e-3, eval_=0.0, sets=(), **sections):
+    recipe = recipe_file(tmp_path, name, adapter, data, steps, lr, eval_, **sections)
     out = tmp_path / "runs" / name
     metrics = run(resolve(recipe, sets), ["llmtune", "sft", str(recipe)], output_dir=str(out))
     return out, metrics
@@ -61,6 +49,7 @@ def lora_run(tmp_path_factory, llmtune_cache):
         return train(tmp, eval_=0.1, sets=["train.eval_steps=10"])
 
 
+@pytest.mark.slow
 def test_lora_loss_falls_and_only_adapter_weights_change(lora_run):
     out, metrics = lora_run
     assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
@@ -81,6 +70,7 @@ def test_lora_loss_falls_and_only_adapter_weights_change(lora_run):
             assert torch.equal(tensor, base[key]), name
 
 
+@pytest.mark.slow
 def test_run_directory_is_complete_and_reloads_and_generates(lora_run):
     out, metrics = lora_run
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -115,6 +105,7 @@ def test_run_directory_is_complete_and_reloads_and_generates(lora_run):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
     out, metrics = lora_run
     again = tmp_path / "again"
@@ -129,6 +120,7 @@ def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
     assert rerun["last_loss"] == pytest.approx(metrics["last_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_qlora_trains_4bit_base_on_cpu(tmp_path):
     from llmtune import model as model_module
 
@@ -144,15 +136,16 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_module, "load_model", spy)
-        out, metrics = train(tmp_path, extra=LORA + "\nquantization: {bits: 4, compute_dtype: float32}", steps=16)
+        out, metrics = train(tmp_path, quantization={"bits": 4, "compute_dtype": "float32"}, steps=16)
     assert seen["4bit"] == 14  # 7 linear layers x 2 blocks; lm_head stays full precision
     assert metrics["last_loss"] < 0.9 * metrics["first_loss"], metrics
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
-    out, metrics = train(tmp_path, extra="", steps=12, lr=1e-3)
+    out, metrics = train(tmp_path, adapter=None, steps=12, lr=1e-3)
     assert metrics["last_loss"] < metrics["first_loss"]
     from transformers import AutoModelForCausalLM
 
@@ -163,9 +156,10 @@ def test_full_fine_tuning_changes_base_weights_and_reloads(tmp_path):
     assert not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_dora_and_rslora_adapters(tmp_path):
     for kind in ("dora", "rslora"):
-        out, metrics = train(tmp_path, name=kind, extra=f"adapter: {{type: {kind}, r: 4}}", steps=6)
+        out, metrics = train(tmp_path, name=kind, adapter={"type": kind, "r": 4}, steps=6)
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["use_dora"] is (kind == "dora") and config["use_rslora"] is (kind == "rslora")
         assert metrics["last_loss"] < metrics["first_loss"]
@@ -198,6 +192,7 @@ def sft_trainer(recipe, sets=()):
     return trainer, tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     row, trained = FORMATS[fmt]
@@ -212,8 +207,9 @@ def test_each_format_trains_exactly_the_right_tokens(tmp_path, fmt):
     assert tokenizer.decode(labels[labels != -100]) == trained
 
 
+@pytest.mark.slow
 def test_packing_keeps_rows_apart_and_masks_each(tmp_path):
-    recipe = write_recipe(tmp_path / "p.yaml", RECIPE.format(extra=LORA, data=CHAT, steps=6, lr=3e-3, eval=0.0))
+    recipe = recipe_file(tmp_path, "p", steps=6, lr=3e-3)
     trainer, tokenizer = sft_trainer(recipe, ["data.packing=true", "data.max_length=256"])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     starts = (batch["position_ids"][0] == 0).sum().item()
@@ -241,8 +237,7 @@ def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path, case):
     lines = [GOOD] * 40
     lines[36] = line
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data="broken.jsonl", steps=2, lr=1e-3,
-                                                             eval=0.0))
+    recipe = recipe_file(tmp_path, data="broken.jsonl")
     result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -253,12 +248,13 @@ def test_columns_matching_no_format_and_empty_files(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 3)
     (tmp_path / "empty.jsonl").write_text("")
     for name, message in (("odd.jsonl", "question, answer"), ("empty.jsonl", "empty")):
-        recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(extra=LORA, data=name, steps=2, lr=1e-3, eval=0.0))
+        recipe = recipe_file(tmp_path, data=name)
         result = cli("sft", recipe, "--output-dir", tmp_path / "out", cwd=tmp_path)
         assert result.returncode == 2 and name in result.stderr and message in result.stderr, result.stderr
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_finished_run_directory(lora_run, tmp_path):
     out, _ = lora_run
     result = cli("sft", RECIPES / "quickstart.yaml", "--output-dir", out)

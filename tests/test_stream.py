@@ -12,42 +12,27 @@ from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.train import TrainingFailed, run
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
 CHAT = RECIPES / "data" / "chat.jsonl"
-RECIPE = """\
-method: {method}
-model: {{name: "builtin:tiny", dtype: float32}}
-adapter: {{type: lora, r: 8, alpha: 16}}
-data:
-  train:
-    - path: {data}
-  eval: {eval}
-  max_length: 128
-  streaming: true
-train:
-  learning_rate: 3.0e-3
-  max_steps: 20
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 2
-  save_strategy: "no"
-  disable_tqdm: true
-"""
-
-
-def recipe(tmp_path, data=CHAT, method="sft", eval_="null", name="r"):
-    return write_recipe(tmp_path / f"{name}.yaml", RECIPE.format(method=method, data=data, eval=eval_))
+def recipe(tmp_path, data=CHAT, method="sft", eval_=None, name="r"):
+    return make_recipe(tmp_path, method, {"train": [{"path": data}], "eval": eval_, "max_length": 128,
+                                          "streaming": True}, name=name,
+                       adapter={"type": "lora", "r": 8, "alpha": 16},
+                       train={"learning_rate": 3.0e-3, "max_steps": 20, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "logging_steps": 2, "save_strategy": "no",
+                              "disable_tqdm": True})
 
 
 def chat_rows():
     return [json.loads(line) for line in CHAT.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_streaming_sft_trains_and_records_the_stream(tmp_path):
     out = tmp_path / "run"
     eval_file = write_jsonl(tmp_path / "eval.jsonl", chat_rows()[:16])
-    metrics = run(resolve(recipe(tmp_path, eval_=f"[{{path: {eval_file}}}]")), ["llmtune", "sft"], output_dir=str(out))
+    metrics = run(resolve(recipe(tmp_path, eval_=[{"path": eval_file}])), ["llmtune", "sft"], output_dir=str(out))
     assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
     assert "eval_loss" in metrics
     manifest = json.loads((out / "manifest.json").read_text())
@@ -105,6 +90,7 @@ def test_weights_are_shares_of_the_interleaved_stream(tmp_path):
     assert 0.15 < from_b / len(first) < 0.35, from_b  # weight 1 of 4
 
 
+@pytest.mark.slow
 def test_validate_reads_the_head_and_a_later_bad_row_stops_the_run_at_its_line(tmp_path):
     rows = chat_rows()
     bad_line = CHECK_ROWS + 200
@@ -125,8 +111,8 @@ def test_validate_reads_the_head_and_a_later_bad_row_stops_the_run_at_its_line(t
 
 
 @pytest.mark.parametrize("sets, where, message", [
-    (["method=dpo"], ":9:3", "`llmtune dpo` cannot stream its data"),
-    (["train.max_steps=-1"], ":9:3", "set `train.max_steps:`"),
+    (["method=dpo"], ":8:3", "`llmtune dpo` cannot stream its data"),
+    (["train.max_steps=-1"], ":8:3", "set `train.max_steps:`"),
     (["data.eval=0.1"], "--set data.eval=0.1", "a fraction of a stream cannot be held out"),
     (["data.curate.dedup=true"], ":4:1", "cannot run on a stream"),  # the `data:` that --set extended
 ])
@@ -139,6 +125,7 @@ def test_what_a_stream_cannot_do_is_refused_at_the_key(tmp_path, sets, where, me
     assert message in problem, problem
 
 
+@pytest.mark.slow
 def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
     path = recipe(tmp_path)
     planned = cli("plan", path)
@@ -152,6 +139,7 @@ def test_plan_and_inspect_measure_the_head_of_the_stream(tmp_path):
     assert "[[" in inspected.stdout  # trained tokens are marked in the sample, as without streaming
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_continues_with_the_rows_it_would_have_seen(tmp_path):
     # 40 steps of 8 rows over 240 rows: the stream runs out and starts again after step 30.
     sets = ["train.max_steps=40", "train.save_strategy=steps", "train.save_steps=20", "train.logging_steps=1"]
