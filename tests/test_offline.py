@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _kernels_enabled_after_main(env_value: str | None) -> str:
     code = ("import os, sys\n"
@@ -18,6 +20,7 @@ def _kernels_enabled_after_main(env_value: str | None) -> str:
     return done.stdout.split("\n")[-2]
 
 
+@pytest.mark.slow  # two subprocesses importing transformers
 def test_hub_kernels_are_off_unless_the_environment_asks():
     # transformers 5.25 would otherwise fetch kernel code from the Hub for every model loaded on a GPU (and fail
     # offline): found on an H200 by benchmarks/gpu.py.
