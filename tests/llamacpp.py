@@ -1,0 +1,51 @@
+"""llama.cpp in this process, from xllamacpp's prebuilt CPU wheel (llama-cpp-python compiles for ~25 min).
+
+xllamacpp runs llama.cpp's own server code; its native endpoints on the loopback address give greedy
+tokens for a prompt given as token ids and llama.cpp's tokenization of a text.
+"""
+
+import json
+import urllib.request
+from contextlib import contextmanager
+
+
+class LlamaCpp:
+    def __init__(self, server):
+        self.server = server
+
+    def _post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(self.server.listening_address + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """Up to `n` argmax tokens after `ids`, fewer when llama.cpp meets an end-of-generation token."""
+        return self._post("/completion", {"prompt": ids, "n_predict": n, "samplers": ["top_k"], "top_k": 1,
+                                          "temperature": 0, "cache_prompt": False, "return_tokens": True})["tokens"]
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokens for `text`, special tokens parsed, no BOS added."""
+        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
+
+
+@contextmanager
+def llama_cpp(path, n_ctx: int = 512):
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = n_ctx
+    params.n_parallel = 1
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+    params.warmup = False
+    params.verbosity = 0  # errors only
+    # f32 throughout, as transformers computes: llama.cpp's default f16 cache and its CPU flash attention
+    # (f16 products) move logits by ~1e-2, enough to flip a greedy pick between two close tokens.
+    params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+    params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    client = LlamaCpp(xllamacpp.Server(params))
+    try:
+        yield client
+    finally:
+        client.server = None  # the last reference: the server stops and frees the model
