@@ -24,6 +24,16 @@ class LlamaCpp:
         return self._post("/completion", {"prompt": ids, "n_predict": n, "samplers": ["top_k"], "top_k": 1,
                                           "temperature": 0, "cache_prompt": False, "return_tokens": True})["tokens"]
 
+    def next_logprobs(self, ids: list[int], k: int, plain: int) -> dict[int, float]:
+        """The `k` most likely next tokens after `ids` and their log-probabilities, from the raw logits.
+
+        The pick itself is forced to `plain`, a token that is whole text: the server reports nothing for
+        an end-of-generation pick, and holds back a token that is part of a UTF-8 character."""
+        step = self._post("/completion", {"prompt": ids, "n_predict": 1, "n_probs": k, "samplers": ["top_k"],
+                                          "top_k": 1, "temperature": 0, "cache_prompt": False,
+                                          "logit_bias": [[plain, 1000.0]]})
+        return {p["id"]: p["logprob"] for p in step["completion_probabilities"][0]["top_logprobs"]}
+
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokens for `text`, special tokens parsed, no BOS added."""
         return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]

@@ -5,7 +5,7 @@ Each family is a tiny random-weight model of its real architecture (hidden 64, 2
 one layer attends globally) with a byte-level BPE trained here on the family's own pre-tokenizer split,
 its real special tokens and its chat template (TRL's, or the one published with the model). Every 1-D
 weight (norms, biases) is randomized too: left at HF's init (ones, zeros), a missing Gemma norm shift
-or a dropped Qwen2 bias would go unseen; the output head is scaled up so that no two logits nearly
+or a dropped Qwen2 bias would go unseen; the final norm is scaled up so that no two logits nearly
 tie (f32 kernels differ in the last bits, and a near-tie would flip a greedy pick).
 """
 
@@ -47,7 +47,10 @@ FAMILIES = {
               "is not a fixed text around each message"),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}, "tekken", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
                 ("<s>", "</s>", "<unk>"), MISTRAL_TEMPLATE, None),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16}, "llama-bpe",
+    # Softcaps low enough to bite (the real 50 and 30 leave a tiny model's logits as they are).
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                                     "attn_logit_softcapping": 2.0, "final_logit_softcapping": 15.0},
+               "llama-bpe",
                GEMMA, ("<bos>", "<eos>", "<pad>"), "gemma", None),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
         "head_dim": 16, "query_pre_attn_scalar": 16, "num_hidden_layers": 6, "rope_parameters": {
@@ -62,7 +65,7 @@ FAMILIES = {
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "It's 12345 o'clock, isn't it? We'll see.",
           "Hello there! Say hi, say bye, count to 3: 1 2 3.", "Name a color: blue, red, green.\n\nDone.",
           "ünïcödé ✓ and CamelCaseWords like JSONParser"] * 4
-PROMPTS = [[{"role": "user", "content": "Say hi"}],
+PROMPTS = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Name a color"}],
            [{"role": "user", "content": "Count to 3"}, {"role": "assistant", "content": "1 2 3"},
             {"role": "user", "content": "Name a color"}]]
 TRICKY = "Hello, wörld! It's 12345 CamelCase\n\n  x  {special}y"
@@ -103,14 +106,17 @@ def build_family(name: str, folder: Path):
         "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
         "initializer_range": 0.1, **ids, **extra})
+    config._attn_implementation = "eager"  # Gemma 2's attention softcap is computed only there
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.2)
-        # Sharper predictions: greedy parity is only exact where no two logits nearly tie.
-        model.get_output_embeddings().weight.mul_(10)
+        # Sharper predictions (logits x10 through the final norm, whose Gemma form scales by 1 + weight):
+        # greedy parity is only exact where no two logits nearly tie.
+        shift = 1.0 if "Gemma" in model_class else 0.0
+        model.model.norm.weight.copy_((model.model.norm.weight + shift) * 10 - shift)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
@@ -162,6 +168,13 @@ def test_llama_cpp_runs_each_architecture_token_for_token(exported, name):
             assert theirs == ours[:len(theirs)], (name, chat)
             # llama.cpp stops early only at an end-of-generation token, which transformers chose too.
             assert len(theirs) == 16 or ours[len(theirs)] in eog, (name, ours, theirs)
+            # The distribution too, which greedy picks cannot show (Gemma 2's final softcap keeps the order).
+            top = llm.next_logprobs(ids, 5, tokenizer.convert_tokens_to_ids("a"))
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            assert list(top) == logprobs.topk(5).indices.tolist(), name
+            # Relative: ggml's CPU GELU (Gemma) goes through an f16 table.
+            assert all(abs(p - float(logprobs[i])) < 2e-3 * (1 + abs(p)) for i, p in top.items()), (name, top)
     if name == "mistral":
         assert any("sliding window of 4096 tokens" in note for note in notes)
 
