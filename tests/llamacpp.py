@@ -20,7 +20,7 @@ class LlamaCpp:
             return json.loads(response.read())
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
-        """Up to `n` argmax tokens after `ids`, fewer when llama.cpp meets an end-of-generation token."""
+        """Up to `n` argmax tokens after `ids`; fewer when one is an end-of-generation token, which ends them."""
         return self._post("/completion", {"prompt": ids, "n_predict": n, "samplers": ["top_k"], "top_k": 1,
                                           "temperature": 0, "cache_prompt": False, "return_tokens": True})["tokens"]
 
@@ -34,9 +34,9 @@ class LlamaCpp:
                                           "logit_bias": [[plain, 1000.0]]})
         return {p["id"]: p["logprob"] for p in step["completion_probabilities"][0]["top_logprobs"]}
 
-    def tokenize(self, text: str) -> list[int]:
-        """llama.cpp's tokens for `text`, special tokens parsed, no BOS added."""
-        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """llama.cpp's tokens for `text`, special tokens parsed; `add_special`: BOS/EOS as the GGUF says."""
+        return self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"]
 
 
 @contextmanager

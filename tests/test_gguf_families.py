@@ -166,8 +166,8 @@ def test_llama_cpp_runs_each_architecture_token_for_token(exported, name):
                             add_special_tokens=False)["input_ids"]
             ours, theirs = hf_greedy(model, ids, 16), llm.greedy(ids, 16)
             assert theirs == ours[:len(theirs)], (name, chat)
-            # llama.cpp stops early only at an end-of-generation token, which transformers chose too.
-            assert len(theirs) == 16 or ours[len(theirs)] in eog, (name, ours, theirs)
+            # llama.cpp stops early only at an end-of-generation token.
+            assert len(theirs) == 16 or theirs[-1] in eog, (name, ours, theirs)
             # The distribution too, which greedy picks cannot show (Gemma 2's final softcap keeps the order).
             top = llm.next_logprobs(ids, 5, tokenizer.convert_tokens_to_ids("a"))
             with torch.no_grad():
@@ -209,3 +209,34 @@ def test_every_family_modelfile_renders_the_same_in_go(exported):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == expected
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("gemma2", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar is 256; llama.cpp scales queries by 16 for this shape"),
+    ("gemma3", {"layer_types": ["sliding_attention"] * 6},
+     "its layer_types are not llama.cpp's fixed gemma3 pattern (one full-attention layer in 6)"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}},
+     "its sliding layers' rope is not llama.cpp's fixed gemma3 rope (theta 10000, unscaled)"),
+    ("qwen2_5", {"use_sliding_window": True, "max_window_layers": 0}, "it attends through a sliding window"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 512}}, "rope scaling 'yarn' is not handled (default, linear and Llama 3's are)"),
+])
+def test_what_llama_cpp_would_compute_otherwise_is_refused(tmp_path, name, change, message):
+    """llama.cpp fixes some things per architecture: a config that differs gets no GGUF rather than a wrong one.
+
+    (In process: `test_unsupported_architecture_fails_clearly` checks the CLI's exit 2 for the same UserError.)"""
+    from llmtune.errors import UserError
+    from llmtune.export import export_gguf
+
+    family = FAMILIES[name]
+    FAMILIES[name] = (*family[:2], {**family[2], **change}, *family[3:])
+    try:
+        build_family(name, tmp_path)
+    finally:
+        FAMILIES[name] = family
+    with pytest.raises(UserError) as err:
+        export_gguf(tmp_path, quant="f16")
+    assert f"GGUF export: {message}, so llama.cpp would not compute what this model computes" in str(err.value)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile")) \
+        and not list(tmp_path.glob(".*.tmp"))
