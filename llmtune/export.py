@@ -234,9 +234,11 @@ def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str
     if spec["model"].get("type") != "BPE" or not any(
             p.get("type") == "ByteLevel" for p in [spec.get("decoder") or {}] + (spec["decoder"] or {}).get(
                 "decoders", [])):
-        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama 3 style); this one is "
-                        f"{spec['model'].get('type')}; convert with llama.cpp's convert_hf_to_gguf.py on the output "
-                        "of `llmtune merge`")
+        kind = "SentencePiece-style BPE with byte fallback (Llama 2, Mistral v0.1-v0.3, Gemma, Phi-3)" \
+            if spec["model"].get("byte_fallback") else spec["model"].get("type")
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, Mistral NeMo style); "
+                        f"this one is {kind}; convert with llama.cpp's convert_hf_to_gguf.py on the output of "
+                        "`llmtune merge`")
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     tokens, types = [], []

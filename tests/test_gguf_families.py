@@ -240,3 +240,24 @@ def test_what_llama_cpp_would_compute_otherwise_is_refused(tmp_path, name, chang
     assert f"GGUF export: {message}, so llama.cpp would not compute what this model computes" in str(err.value)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*Modelfile")) \
         and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_by_name(tmp_path):
+    """Real Gemma, Mistral v0.3 and Phi-3 tokenizers are BPE with byte fallback: not written (yet), said so."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmtune.errors import UserError
+    from llmtune.export import export_gguf
+
+    build_family("phi3", tmp_path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Replace(" ", "▁")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"this one is SentencePiece-style BPE with byte fallback \(Llama 2, Mistral "
+                                        r"v0\.1-v0\.3, Gemma, Phi-3\); convert with llama\.cpp's convert_hf_to_gguf"):
+        export_gguf(tmp_path, quant="f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
