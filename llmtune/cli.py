@@ -291,8 +291,8 @@ def export(
     ollama: bool = typer.Option(True, "--ollama/--no-ollama", help="Also write NAME-QUANT.Modelfile for `ollama "
                                 "create`: the GGUF, the run's chat template as TEMPLATE, its stop tokens."),
 ):
-    """Write the trained model as one GGUF file with its tokenizer and chat template (Llama architecture), and an
-    Ollama Modelfile beside it."""
+    """Write the trained model as one GGUF file with its tokenizer and chat template (Llama, Mistral, Qwen2/2.5,
+    Qwen3, Gemma 2, Gemma 3 text, Phi-3 architectures), and an Ollama Modelfile beside it."""
     if format_ != "gguf":
         _fail([f"--format {format_}: the only export format is `gguf`"])
     try:

@@ -5,8 +5,11 @@ ones, so merging loads the base quantized exactly as in training, dequantizes it
 folds the adapter into that: the merged model computes what the adapter model computes.
 
 GGUF is written with the `gguf` package (llama.cpp's own writer library), following
-llama.cpp's `convert_hf_to_gguf.py` for the Llama architecture: tensor names from gguf's
-name map, q/k rows permuted to llama.cpp's rotary layout, norms kept in f32.
+llama.cpp's `convert_hf_to_gguf.py` for each architecture in `GGUF_ARCHITECTURES`: tensor
+names from gguf's per-architecture name map, Llama's q/k rows permuted to llama.cpp's
+rotary layout, Gemma's norms shifted by one, norms kept in f32, and whatever llama.cpp
+fixes for an architecture (Gemma's attention scale and sliding-window layers) checked
+against the model's config rather than assumed.
 """
 
 from __future__ import annotations
@@ -17,17 +20,46 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 
-# Architectures the GGUF writer handles (transformers class -> llama.cpp architecture).
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+
+@dataclass(frozen=True)
+class GGUFArch:
+    name: str  # llama.cpp's architecture (gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool = False  # llama.cpp's llama rotates interleaved pairs; the others rotate halves as HF does
+    norm_shift: float = 0.0  # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by the weight
+    swa_pattern: int = 0  # llama.cpp fixes which layers slide: those with index % pattern < pattern - 1
+    swa_rope_theta: float | None = None  # ... and the sliding layers' rope base
+
+
+# Architectures the GGUF writer handles (transformers class -> how llama.cpp runs it). Mistral is
+# llama to llama.cpp, as its converter writes it.
+GGUF_ARCHITECTURES = {
+    "LlamaForCausalLM": GGUFArch("llama", permute_qk=True),
+    "MistralForCausalLM": GGUFArch("llama", permute_qk=True),
+    "Qwen2ForCausalLM": GGUFArch("qwen2"),
+    "Qwen3ForCausalLM": GGUFArch("qwen3"),
+    "Gemma2ForCausalLM": GGUFArch("gemma2", norm_shift=1.0, swa_pattern=2),
+    "Gemma3ForCausalLM": GGUFArch("gemma3", norm_shift=1.0, swa_pattern=6, swa_rope_theta=10000.0),
+    "Phi3ForCausalLM": GGUFArch("phi3"),
+}
+# Layer counts at which llama.cpp takes a Gemma for its 27B size, whose attention scale is hidden/heads.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # --quant values: what `gguf` itself can write (k-quants need llama.cpp's `llama-quantize`).
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-# Llama 3's pre-tokenizer split; llama.cpp calls it "llama-bpe".
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Pre-tokenizer splits (the regex in tokenizer.json) -> llama.cpp's name for the same split.
+PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",  # Qwen2, Qwen2.5, Qwen3: digits one by one
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "tekken",  # Mistral NeMo, Ministral
+}
 GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
 
@@ -94,11 +126,10 @@ def _permute(weights, n_head: int):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _llama3_rope_factors(config, head_dim: int):
+def _llama3_rope_factors(rope: dict, head_dim: int):
     """Per-frequency factors llama.cpp reads from `rope_freqs.weight` for Llama 3 rope scaling."""
     import numpy as np
 
-    rope = config.rope_parameters
     freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope.get("original_max_position_embeddings", 8192)
@@ -115,21 +146,79 @@ def _llama3_rope_factors(config, head_dim: int):
     return np.array(out, dtype=np.float32)
 
 
+def _check_arch(run_dir: Path, arch: GGUFArch, config, head_dim: int) -> tuple[dict, list[str]]:
+    """(rope parameters of the full-attention layers, notes); UserError where llama.cpp would compute otherwise."""
+    def refuse(what: str):
+        raise UserError(f"{run_dir}: GGUF export: {what}, so llama.cpp would not compute what this model computes; "
+                        "convert the output of `llmtune merge` with llama.cpp's convert_hf_to_gguf.py if it handles it")
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope = params.get("full_attention", params)  # Gemma 3 keeps one set per layer type
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear") and not (rope_type == "llama3" and arch.name == "llama"):
+        refuse(f"rope scaling '{rope_type}' is not handled (default, linear and Llama 3's are)")
+    notes = []
+    if arch.swa_pattern:  # llama.cpp fixes which layers slide and how their queries are scaled
+        expected = ["sliding_attention" if i % arch.swa_pattern < arch.swa_pattern - 1 else "full_attention"
+                    for i in range(config.num_hidden_layers)]
+        if list(config.layer_types) != expected:
+            refuse(f"its layer_types are not llama.cpp's fixed {arch.name} pattern (one full-attention layer in "
+                   f"{arch.swa_pattern})")
+        scale_dim = config.hidden_size // config.num_attention_heads \
+            if config.num_hidden_layers == GEMMA_27B_LAYERS[arch.name] else head_dim
+        if config.query_pre_attn_scalar != scale_dim:
+            refuse(f"query_pre_attn_scalar is {config.query_pre_attn_scalar}; llama.cpp scales queries by "
+                   f"{scale_dim} for this shape")
+        local = params.get("sliding_attention", rope)
+        if arch.swa_rope_theta and (local.get("rope_type", "default") != "default"
+                                    or local.get("rope_theta") != arch.swa_rope_theta):
+            refuse(f"its sliding layers' rope is not llama.cpp's fixed {arch.name} rope (theta "
+                   f"{arch.swa_rope_theta:g}, unscaled)")
+        if getattr(config, "attn_logit_softcapping", None) and arch.name != "gemma2":
+            refuse("it caps attention logits")
+    elif getattr(config, "use_sliding_window", False):
+        refuse("it attends through a sliding window")
+    elif getattr(config, "sliding_window", None) and arch.name == "llama":
+        notes.append(f"the model attends over a sliding window of {config.sliding_window} tokens; llama.cpp "
+                     "attends over the whole context, so longer prompts are answered differently")
+    return rope, notes
+
+
+def _add_arch_metadata(writer, arch: GGUFArch, config, rope: dict, head_dim: int) -> None:
+    """The architecture's own hyperparameters, as llama.cpp's converter writes them."""
+    import gguf
+
+    writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    # Phi-3 rotates only part of each head.
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if arch.swa_pattern or arch.name == "phi3":
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)  # 0: no window (Phi-4)
+    if arch.name == "phi3" and "original_max_position_embeddings" in rope:
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
 def _pre_tokenizer(spec: dict) -> str:
     """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer (how text is split before merges)."""
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
     splits = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split"]
-    if splits == [LLAMA3_SPLIT]:
-        return "llama-bpe"
+    if len(splits) == 1 and splits[0] in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[splits[0]]
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
     if not splits and byte_level and byte_level[0].get("use_regex", True):
         return "gpt-2"
     if not splits and not spec["model"].get("merges"):
         return "default"  # no merges: every byte is its own token however the text is split
     raise UserError("GGUF export: this tokenizer's pre-tokenizer is not one llmtune can name for llama.cpp "
-                    "(supported: Llama 3's, GPT-2's, or byte-level without merges); convert with llama.cpp's "
-                    "convert_hf_to_gguf.py on the output of `llmtune merge`")
+                    "(supported: Llama 3's, Qwen2's, Tekken's, GPT-2's, or byte-level without merges); convert with "
+                    "llama.cpp's convert_hf_to_gguf.py on the output of `llmtune merge`")
 
 
 def _adds_special(tokenizer) -> dict:
@@ -145,9 +234,11 @@ def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str
     if spec["model"].get("type") != "BPE" or not any(
             p.get("type") == "ByteLevel" for p in [spec.get("decoder") or {}] + (spec["decoder"] or {}).get(
                 "decoders", [])):
-        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama 3 style); this one is "
-                        f"{spec['model'].get('type')}; convert with llama.cpp's convert_hf_to_gguf.py on the output "
-                        "of `llmtune merge`")
+        kind = "SentencePiece-style BPE with byte fallback (Llama 2, Mistral v0.1-v0.3, Gemma, Phi-3)" \
+            if spec["model"].get("byte_fallback") else spec["model"].get("type")
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, Mistral NeMo style); "
+                        f"this one is {kind}; convert with llama.cpp's convert_hf_to_gguf.py on the output of "
+                        "`llmtune merge`")
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     tokens, types = [], []
@@ -206,16 +297,15 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
     is_adapter(run_dir)  # a clear error for a folder that holds no model
     model, tokenizer, recipe, notes = merged_model(run_dir)
     config = model.config
-    arch = next((a for a in (config.architectures or []) if a in GGUF_ARCHITECTURES), None)
+    arch = next((GGUF_ARCHITECTURES[a] for a in (config.architectures or []) if a in GGUF_ARCHITECTURES), None)
     if arch is None:
-        raise UserError(f"{run_dir}: GGUF export supports the {', '.join(GGUF_ARCHITECTURES)} architecture; this "
+        raise UserError(f"{run_dir}: GGUF export supports the {', '.join(GGUF_ARCHITECTURES)} architectures; this "
                         f"model is {', '.join(config.architectures or ['unknown'])}. Run `llmtune merge` and "
                         "convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "llama3"):
-        raise UserError(f"{run_dir}: GGUF export does not handle rope scaling '{rope_type}' yet (default and "
-                        "llama3 are supported)")
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope, more_notes = _check_arch(run_dir, arch, config, head_dim)
+    notes += more_notes
     name = (recipe or {}).get("name") or run_dir.name
     out = Path(out) if out else run_dir / f"{name}-{quant}.gguf"
     modelfile = out.with_suffix(".Modelfile") if ollama else None
@@ -225,10 +315,8 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
 
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}.get(quant, f"MOSTLY_{quant.upper()}")
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[arch])
+    writer = gguf.GGUFWriter(tmp, arch.name)
     writer.add_type("model")
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -237,20 +325,20 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_arch_metadata(writer, arch, config, rope, head_dim)
     notes += _add_tokenizer(writer, tokenizer, run_dir, config.vocab_size)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name),
+                                     config.num_hidden_layers)
     fallback = 0
-    if rope_type == "llama3":
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(config, head_dim))
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, head_dim))
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when there is no output tensor
@@ -258,12 +346,14 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
         if target is None:
             raise UserError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if arch.permute_qk and hf_name.endswith("q_proj.weight"):
             data = _permute(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
             data = _permute(data, n_kv)
+        elif arch.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + arch.norm_shift
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(target, data)  # norms stay f32, as llama.cpp's converter keeps them
+            writer.add_tensor(target, data)  # norms and biases stay f32, as llama.cpp's converter keeps them
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(target, data.astype(np.float16))
         else:

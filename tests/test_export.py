@@ -1,6 +1,5 @@
 """After training: merge (LoRA, DoRA, QLoRA), generate/chat, and GGUF export read back and run by llama.cpp."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,13 +13,13 @@ from llmtune.recipe.check import resolve
 from llmtune.train import run
 
 from .conftest import cli, make_recipe, write_jsonl
+from .llamacpp import llama_cpp
 
 PAIRS = [("Say hi", "hi!"), ("Say bye", "bye!"), ("Count to 3", "1 2 3"), ("Name a color", "blue")]
 PROMPTS = [p for p, _ in PAIRS] + ["What is up", "Say hello"]
 TRAIN = {"learning_rate": 1.0e-2, "max_steps": 30, "per_device_train_batch_size": 8, "gradient_checkpointing": False,
          "logging_steps": 10, "save_strategy": "no", "disable_tqdm": True}
 FOUR_BIT = {"bits": 4, "compute_dtype": "float32"}
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def train(tmp, adapter="lora", quantization=None):
@@ -259,47 +258,28 @@ def test_unsupported_architecture_fails_clearly(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     result = cli("export", tmp_path, "--quant", "f16")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "supports the LlamaForCausalLM architecture; this model is GPT2LMHeadModel" in result.stderr
+    assert "supports the LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, " \
+           "Gemma3ForCausalLM, Phi3ForCausalLM architectures; this model is GPT2LMHeadModel" in result.stderr
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def llama_greedy(path, ids, n):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, verbose=False)
-    try:
-        out = []
-        for token in llm.generate(ids, temp=0.0, top_k=1):
-            if token == llm.token_eos() or len(out) == n:
-                break
-            out.append(token)
-        return out
-    finally:
-        llm.close()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_llama_cpp_generates_the_same_greedy_tokens(lora_run, tmp_path, quant):
-    from llama_cpp import Llama
-
     out = tmp_path / f"tiny-{quant}.gguf"
     assert cli("export", lora_run, "--quant", quant, "--out", out).returncode == 0
     loaded = load(lora_run)
-    for prompt in PROMPTS:
-        ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
-        ours = generate(loaded, ids, Sampling(max_new_tokens=12))
-        theirs = llama_greedy(out, ids[0].tolist(), 12)
-        assert theirs == ours, prompt
-    llm = Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False)
-    text = "Hello, wörld! ~~ <|end|> 123"
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == loaded.tokenizer(text)["input_ids"]
-    llm.close()
+    with llama_cpp(out) as llm:
+        for prompt in PROMPTS:
+            ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
+            ours = generate(loaded, ids, Sampling(max_new_tokens=12))  # stops before the end-of-turn token
+            end = [loaded.tokenizer.eos_token_id] if len(ours) < 12 else []  # llama.cpp's answer ends with it
+            assert llm.greedy(ids[0].tolist(), 12) == ours + end, prompt
+        text = "Hello, wörld! ~~ <|end|> 123"
+        assert llm.tokenize(text) == loaded.tokenizer(text)["input_ids"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
     """Llama 3.x shapes: rope_freqs from llama3 rope scaling, output head tied to the embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -319,7 +299,8 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
     assert cli("export", tmp_path, "--quant", "f32", "--out", tmp_path / "m.gguf").returncode == 0
     ids = tokenizer("The quick brown fox jumps over the lazy dog, past the original context of 64 tokens.")["input_ids"]
     ours = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
-    assert llama_greedy(tmp_path / "m.gguf", ids, 16) == ours
+    with llama_cpp(tmp_path / "m.gguf") as llm:
+        assert llm.greedy(ids, 16) == ours
 
 
 # Ollama Modelfile: its TEMPLATE is executed as Go's text/template would (tests/gotemplate.py, and Go itself
@@ -398,13 +379,9 @@ def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, t
     assert gguf.GGUFReader(out).fields["tokenizer.ggml.add_bos_token"].contents() is False
     prompts = [execute(commands["TEMPLATE"][0], ollama_data(chat, None)) for chat, _ in CHATS]
     assert prompts == [hf_render(tokenizer, chat, prefill) for chat, prefill in CHATS]
-    if HAS_LLAMA_CPP:  # what Ollama's llama.cpp runner feeds the model: these prompts' tokens, as in training
-        from llama_cpp import Llama
-
-        llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
-        assert [llm.tokenize(p.encode(), add_bos=True, special=True) for p in prompts] == \
+    with llama_cpp(out) as llm:  # what Ollama's llama.cpp runner feeds the model: these prompts' tokens, as trained
+        assert [llm.tokenize(p, add_special=True) for p in prompts] == \
             [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        llm.close()
 
 
 @pytest.mark.slow
@@ -512,7 +489,7 @@ def test_every_shipped_trl_template_gets_a_verified_modelfile_or_a_reason():
     assert written >= len(DECOMPOSABLE)
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
+@pytest.mark.slow
 def test_modelfile_templates_render_the_same_in_go_text_template():
     """The same templates through Go's own text/template, as Ollama executes them (tests/ollama_render.go)."""
     import subprocess
