@@ -235,3 +235,56 @@ class Effects:
                        f"row(s) (e.g. strips their reasoning): {self.earlier_example}; multi-turn rows train "
                        "earlier answers in a form inference does not produce")
         return out
+
+
+# Row columns that hold conversations (TRL's conversational shapes).
+CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def _conversation(row) -> list | None:
+    """The row as training renders it: its messages, or its prompt followed by its (chosen) completion."""
+    if "messages" in row:
+        return row["messages"]
+    answer = row.get("completion") or row.get("chosen")
+    return row["prompt"] + answer if isinstance(row.get("prompt"), list) and isinstance(answer, list) else None
+
+
+def check_rows(tokenizer, sources, *, cut: bool) -> Effects:
+    """Fold system messages where the template has no system role, count what the template does to the rows, and
+    with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
+
+    `sources` is a list of (rows, locations) pairs; rows are replaced in place. Raises Undecomposable with the
+    FILE:LINE of the first row that cannot be cut.
+    """
+    effects = Effects()
+    fold = not has_system_role(tokenizer)
+    for rows, locations in sources:
+        for n, row in enumerate(rows):
+            if fold and any(isinstance(row.get(c), list) and row[c] and row[c][0]["role"] == "system"
+                            for c in CONVERSATION_COLUMNS):
+                effects.folded += 1
+                rows[n] = row = {k: fold_system(v) if k in CONVERSATION_COLUMNS and isinstance(v, list) else v
+                                 for k, v in row.items()}
+            messages = _conversation(row)
+            if messages is None:
+                continue
+            if effects.rows < EFFECT_ROWS:
+                effects.look(tokenizer, messages, row.get("tools"))
+            if cut:
+                try:
+                    assistant_turns(tokenizer, messages, row.get("tools"))
+                except Undecomposable as err:
+                    raise Undecomposable(f"{locations[n]}: {err}") from None
+    return effects
+
+
+def pretokenized(dataset, tokenizer):
+    """A `messages` dataset as `input_ids` + `assistant_masks` rows, which TRL's SFTTrainer turns into labels."""
+    return dataset.map(lambda row: tokenize(tokenizer, row["messages"], row.get("tools")),
+                       remove_columns=list(dataset.column_names))
+
+
+def renders_masks(args, shape: str, tokenizer) -> bool:
+    """Whether an SFT run (`args`: its SFTConfig) masks by rendering here rather than through TRL."""
+    return bool(args.assistant_only_loss) and shape == "conversational_language_modeling" and \
+        masking_mode(tokenizer) == RENDERED
