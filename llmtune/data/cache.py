@@ -37,6 +37,9 @@ def key(data, method, seed, model=None):
     recipe = {k: data.get(k) for k in ("train", "eval")}
     # The chat template changes conversations (system folding) and the warnings stored with them.
     recipe["tokenizer"] = {k: (model or {}).get(k) for k in ("name", "revision", "chat_template")}
+    template = Path(str(recipe["tokenizer"]["chat_template"])).expanduser()
+    if template.suffix in (".jinja", ".j2") and template.is_file():  # a template file edited in place
+        recipe["tokenizer"]["template_sha256"] = hashlib.sha256(template.read_bytes()).hexdigest()
     spec = data.get("curate")
     if spec:
         recipe["curate"] = spec

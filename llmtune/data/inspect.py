@@ -301,12 +301,8 @@ def _template_lines(resolved, view, warnings) -> list[str]:
     elif template.masks_assistant:
         lines.append("  assistant turns are marked with {% generation %}: only they (and their stop token) train"
                      if view.args.assistant_only_loss else "  assistant turns can be marked ({% generation %})")
-    elif view.shape == "conversational_language_modeling":
-        warnings.append("the chat template cannot mark assistant turns (no {% generation %} block, and TRL has no "
-                        "training version of it): `llmtune sft` will refuse to train with `assistant_only_loss`. "
-                        "Set `model.chat_template:` to a template with {% generation %}...{% endgeneration %} around "
-                        "each assistant message and its end-of-turn token, or `train.assistant_only_loss: false` to "
-                        "train every token, prompts included (shown below)")
+    elif view.shape == "conversational_language_modeling":  # `train.assistant_only_loss: false`
+        lines.append("  every token trains, prompts included (`train.assistant_only_loss: false`)")
     return lines
 
 
