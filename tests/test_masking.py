@@ -175,3 +175,21 @@ def test_gemma_inspect_and_generate_with_a_system_prompt(tmp_path, tmp_path_fact
         f"{SYSTEM['content']}\n\n{SINGLE[0]['content']}" in result.stdout.replace("\n    ", "\n")
     generated = cli("generate", model, "--prompt", "Hi", "--system", "Be brief.", "--max-new-tokens", "3")
     assert generated.returncode == 0, generated.stderr
+
+
+def test_preference_rows_get_the_system_prompt_folded_for_gemma(tmp_path, tmp_path_factory):
+    """DPO data on a template without a system role: the system text opens the user turn, chosen/rejected intact."""
+    model = family_model(tmp_path_factory, "gemma2")
+    rows = [{"prompt": [SYSTEM, SINGLE[0]], "chosen": [SINGLE[1]],
+             "rejected": [{"role": "assistant", "content": "Lyon."}]}] * 2
+    path = recipe(tmp_path, model, rows, method="dpo")
+    resolved = resolve(path)
+    data = load_data(resolved.config["data"], method="dpo", seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    row = data.train[0]
+    assert row["prompt"] == [{"role": "user", "content": f"{SYSTEM['content']}\n\n{SINGLE[0]['content']}"}]
+    assert row["chosen"] == [SINGLE[1]]
+    assert any("system message of 2 row(s) is put at the start of the first user turn" in w for w in data.warnings)
+    planned = cli("plan", path)
+    assert planned.returncode == 0, planned.stderr
+    assert "system message of 2 row(s)" in planned.stdout + planned.stderr
