@@ -9,7 +9,7 @@ from llmtune.data.inspect import TrainingView, inspect
 from llmtune.model import load_tokenizer
 from llmtune.recipe.check import resolve
 
-from .conftest import cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, write_jsonl, write_recipe
 from .families import FAMILIES, family_model, template_text
 
 RECIPE = """\
@@ -193,3 +193,41 @@ def test_preference_rows_get_the_system_prompt_folded_for_gemma(tmp_path, tmp_pa
     planned = cli("plan", path)
     assert planned.returncode == 0, planned.stderr
     assert "system message of 2 row(s)" in planned.stdout + planned.stderr
+
+
+@pytest.mark.slow
+def test_a_run_shows_the_template_warnings_and_trls_once_in_the_terminal_and_train_log(tmp_path, tmp_path_factory):
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "completion": [{"role": "assistant", "content": f"Answer {i}."}]} for i in range(16)]
+    path = recipe(tmp_path, family_model(tmp_path_factory, "deepseek_r1_distill"), rows)
+    result = cli("sft", path, "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    for text in (result.stderr, log):
+        assert text.count("The tokenized prompt is not a prefix") == 1
+        assert text.count("the generation prompt ends '<think>\\n'") == 1
+
+
+@pytest.mark.parametrize("name, trained, warning", [
+    ("qwen3", "<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n", None),
+    ("llama3_1", "17 + 25 = 42.<|eot_id|>", "does not render the reasoning_content of"),
+    ("deepseek_r1_distill", "17 + 25 = 42.<｜end▁of▁sentence｜>", "rewrites the assistant's text"),
+])
+def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name, trained, warning):
+    """recipes/data/reasoning.jsonl: `reasoning_content` and inline <think> rows, through each family's template."""
+    rows = [json.loads(line) for line in (RECIPES / "data" / "reasoning.jsonl").read_text().splitlines()]
+    path = recipe(tmp_path, family_model(tmp_path_factory, name), rows)
+    view, data = view_of(tmp_path, family_model(tmp_path_factory, name), rows)
+    first = [r for r, _ in view.rows(data.train) if r["messages"][0]["content"] == "What is 17 + 25?"]
+    assert trained_runs(view.tokenizer, view.tokenize(first)[0]) == [trained]
+    _, warnings = inspect(resolve(path), rows=1)
+    assert (warning is None) or any(warning in w for w in warnings), warnings
+
+
+def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi", "reasoning_content": "r"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    result = cli("validate", recipe(tmp_path, "builtin:tiny", rows))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'data.jsonl'}:1: 'reasoning_content' of messages[0] must be a string on an assistant turn" \
+        in result.stderr

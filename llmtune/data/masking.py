@@ -54,6 +54,8 @@ def masking_mode(tokenizer) -> str:
 
 
 def render(tokenizer, messages, generation_prompt=False, tools=None) -> str:
+    # A dataset gives every message every key (null where a row had none): render the message as it was written.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
@@ -123,6 +125,7 @@ class Turn:
     trained_context: str  # what training renders there instead, up to the piece
     rendered: str  # the trained piece
     content: str  # the message's own text
+    reasoning: str | None = None  # its reasoning_content
 
 
 def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
@@ -150,7 +153,8 @@ def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
             raise Undecomposable(f"the generation prompt for assistant turn {i} rewrites the conversation before "
                                  f"it ({context[start:start + 40]!r} where the turn renders {upto[start:start + 40]!r})")
         diverged = _common_prefix(context, upto)
-        turns.append(Turn(start, end, context[diverged:], upto[diverged:start], upto[start:end], message["content"]))
+        turns.append(Turn(start, end, context[diverged:], upto[diverged:start], upto[start:end], message["content"],
+                          message.get("reasoning_content")))
         done = end
     return full, turns
 
@@ -174,6 +178,7 @@ class Effects:
     context_example: str = ""
     rewritten: int = 0  # assistant text changed (e.g. reasoning stripped)
     rewritten_example: str = ""
+    reasoning_dropped: int = 0  # turns whose reasoning_content is not rendered
     added: int = 0  # text added before the assistant's own (e.g. an empty <think></think>)
     added_example: str = ""
     earlier: int = 0  # earlier turns render differently once later turns follow
@@ -196,6 +201,8 @@ class Effects:
             self.earlier_example = self.earlier_example or str(err)
             return
         for turn in turns:
+            if (turn.reasoning or "").strip() and turn.reasoning.strip() not in turn.rendered:
+                self.reasoning_dropped += 1
             if turn.context:
                 self.context_differs += 1
                 self.context_example = self.context_example or (
@@ -205,7 +212,7 @@ class Effects:
             if content and content not in turn.rendered:
                 self.rewritten += 1
                 self.rewritten_example = self.rewritten_example or f"{content[:40]!r} renders as {turn.rendered[:60]!r}"
-            elif content and turn.rendered[:turn.rendered.find(content)].strip():
+            elif content and turn.rendered[:turn.rendered.find(content)].strip() and not (turn.reasoning or "").strip():
                 self.added += 1
                 self.added_example = self.added_example or turn.rendered[:turn.rendered.find(content)]
 
@@ -227,6 +234,9 @@ class Effects:
         if self.rewritten:
             out.append(f"the chat template of {name} rewrites the assistant's text in {self.rewritten} turn(s) "
                        f"(e.g. strips reasoning): {self.rewritten_example}; only the rendered text is trained")
+        if self.reasoning_dropped:
+            out.append(f"the chat template of {name} does not render the reasoning_content of {self.reasoning_dropped} "
+                       "assistant turn(s): the template leaves it out, so it is not trained")
         if self.added:
             out.append(f"the chat template of {name} adds {self.added_example!r} before the assistant's text in "
                        f"{self.added} turn(s): it is trained as part of the answer")
