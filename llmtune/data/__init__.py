@@ -88,7 +88,8 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
 
     `locate(("data", "train", 0, "path"))` names where a key is in the recipe
     (``recipe.yaml:14:11``); it prefixes problems about the recipe rather than a data row.
-    `model` (the recipe's `model:` section) gives the tokenizer `data.curate` counts tokens with.
+    `model` (the recipe's `model:` section) gives the tokenizer whose chat template conversations are checked
+    against (data/masking.py) and that `data.curate` counts tokens with.
     The result depends only on the data, `seed` and, for token counts, the tokenizer.
     With `streaming:` the train set is a `datasets.IterableDataset` read lazily (stream.py).
     """
