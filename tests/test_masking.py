@@ -136,7 +136,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_at_validate_with_the_
     (tmp_path / "t.jinja").write_text(template)
     rows = [{"messages": SINGLE}] * 3 + [{"messages": MULTI}] * 2
     path = recipe(tmp_path, "builtin:tiny", rows)
-    path.write_text(path.read_text().replace('dtype: float32', f'dtype: float32, chat_template: {tmp_path / "t.jinja"}'))
+    template_file = tmp_path / "t.jinja"
+    path.write_text(path.read_text().replace("dtype: float32", f"dtype: float32, chat_template: {template_file}"))
     result = cli("validate", path)
     assert result.returncode == 2
     assert f"{tmp_path / 'data.jsonl'}:4: the chat template renders assistant turn 1 differently once later turns " \
@@ -211,7 +212,8 @@ def test_a_run_shows_the_template_warnings_and_trls_once_in_the_terminal_and_tra
 @pytest.mark.parametrize("name, trained, warning", [
     ("qwen3", "<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n", None),
     ("llama3_1", "17 + 25 = 42.<|eot_id|>", "does not render the reasoning_content of"),
-    ("deepseek_r1_distill", "<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>", "rewrites the assistant's text"),
+    ("deepseek_r1_distill", "<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
+     "rewrites the assistant's text"),
 ])
 def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name, trained, warning):
     """recipes/data/reasoning.jsonl: `reasoning_content` and inline <think> rows, through each family's template."""

@@ -296,8 +296,9 @@ def _template_lines(resolved, view, warnings) -> list[str]:
                             f"template training uses: {differs}; set `model.chat_template:` to a template with "
                             "{% generation %} markers so both are the same")
     elif view.renders_masks:
-        lines.append("  no {% generation %} markers and no TRL training version: assistant turns are found by rendering "
-                     "each conversation's prefixes with this template; only they (and their end-of-turn token) train")
+        lines.append("  no {% generation %} markers and no TRL training version: assistant turns are found by "
+                     "rendering each conversation's prefixes with this template; only they (and their end-of-turn "
+                     "token) train")
     elif template.masks_assistant:
         lines.append("  assistant turns are marked with {% generation %}: only they (and their stop token) train"
                      if view.args.assistant_only_loss else "  assistant turns can be marked ({% generation %})")

@@ -7,12 +7,13 @@ trained spans are found by rendering, with the model's own template:
 
 - the piece of assistant turn i is what `messages[:i + 1]` renders past the generation prompt of
   `messages[:i]` (`add_generation_prompt=True`), up to and including the first special token after the
-  assistant's text (the end-of-turn token: what generation stops at; a newline after it is not trained); where the generation
-  prompt is not a prefix of that rendering (DeepSeek-R1-Distill's `<think>\n`, Mistral-Nemo's system prompt
-  in the last user turn only), the piece starts where the template puts the assistant's text;
-- each `messages[:i + 1]`, up to that token, must render as a prefix of the whole conversation, so that the pieces cut from
-  the whole rendering are those inference produces; a template that rewrites earlier turns once later ones
-  follow cannot be cut this way (`Undecomposable`);
+  assistant's text (the end-of-turn token: what generation stops at; a newline after it is not trained);
+  where the generation prompt is not a prefix of that rendering (DeepSeek-R1-Distill's `<think>\n`,
+  Mistral-Nemo's system prompt in the last user turn only), the piece starts where the template puts the
+  assistant's text;
+- each `messages[:i + 1]`, up to that token, must render as a prefix of the whole conversation, so that
+  the pieces cut from the whole rendering are those inference produces; a template that rewrites earlier
+  turns once later ones follow cannot be cut this way (`Undecomposable`);
 - the whole rendering is tokenized once with character offsets; a token is trained when it starts in a piece.
 
 The same renderings show what a template does to the data (`Effects`): a system prompt it drops, a
@@ -27,7 +28,7 @@ Pure functions over a tokenizer and messages: nothing here loads a model or read
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # How a run marks assistant tokens (see `masking_mode`).
 MARKERS = "markers"  # the template's own {% generation %} blocks
@@ -151,7 +152,8 @@ def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
                 f"({upto[at:at + 40]!r} alone, {full[at:at + 40]!r} in the whole conversation)")
         if start < done:
             raise Undecomposable(f"the generation prompt for assistant turn {i} rewrites the conversation before "
-                                 f"it ({context[start:start + 40]!r} where the turn renders {upto[start:start + 40]!r})")
+                                 f"it ({context[start:start + 40]!r} where the turn renders "
+                                 f"{upto[start:start + 40]!r})")
         diverged = _common_prefix(context, upto)
         turns.append(Turn(start, end, context[diverged:], upto[diverged:start], upto[start:end], message["content"],
                           message.get("reasoning_content")))
@@ -184,7 +186,6 @@ class Effects:
     earlier: int = 0  # earlier turns render differently once later turns follow
     earlier_example: str = ""
     folded: int = 0  # rows whose system message went into the first user turn
-    problems: list = field(default_factory=list)
 
     def look(self, tokenizer, messages, tools=None) -> None:
         """Count what the template does to one conversation (rendered as training renders it)."""
@@ -201,18 +202,18 @@ class Effects:
             self.earlier_example = self.earlier_example or str(err)
             return
         for turn in turns:
-            if (turn.reasoning or "").strip() and turn.reasoning.strip() not in turn.rendered:
-                self.reasoning_dropped += 1
             if turn.context:
                 self.context_differs += 1
                 self.context_example = self.context_example or (
                     f"the generation prompt ends {turn.context[:40]!r} where training renders "
                     f"{(turn.trained_context + turn.rendered)[:40]!r}")
-            content = turn.content.strip()
+            content, reasoning = turn.content.strip(), (turn.reasoning or "").strip()
+            if reasoning and reasoning not in turn.rendered:
+                self.reasoning_dropped += 1
             if content and content not in turn.rendered:
                 self.rewritten += 1
                 self.rewritten_example = self.rewritten_example or f"{content[:40]!r} renders as {turn.rendered[:60]!r}"
-            elif content and turn.rendered[:turn.rendered.find(content)].strip() and not (turn.reasoning or "").strip():
+            elif content and turn.rendered[:turn.rendered.find(content)].strip() and not reasoning:
                 self.added += 1
                 self.added_example = self.added_example or turn.rendered[:turn.rendered.find(content)]
 
