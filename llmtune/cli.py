@@ -350,7 +350,8 @@ TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest s
 TOP_K = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = no limit).")
 REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens.")
 SEED = typer.Option(None, "--seed", help="Seed for sampling.")
-SYSTEM = typer.Option(None, "--system", help="A system message before the conversation.")
+SYSTEM = typer.Option(None, "--system", help="A system message before the conversation (at the start of the first user turn "
+                      "when the chat template has no system role, as in training).")
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):

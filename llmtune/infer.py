@@ -153,6 +153,10 @@ def prompt_ids(tokenizer, messages: list[dict] | None = None, text: str | None =
     if messages is not None:
         if not tokenizer.chat_template:
             raise UserError("this model's tokenizer has no chat template; pass --raw to send the prompt as plain text")
+        from .data.masking import fold_system, has_system_role
+
+        if not has_system_role(tokenizer):  # as training did (data/masking.py): the system text opens the user turn
+            messages = fold_system(messages)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                              return_tensors="pt")["input_ids"]
     return tokenizer(text, return_tensors="pt")["input_ids"]

@@ -306,6 +306,7 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
     rows = None if streamed else len(data.train)
     lines.append(f"training rows after eval hold-out and weights: {'streamed' if streamed else rows}"
                  + (f"; eval rows: {len(data.eval)}" if data.eval is not None else ""))
+    lines += [f"warning: {w}" for w in data.warnings]  # e.g. what the chat template does to the rows
 
     shape = model_shape(config, method.head)
     runner = importlib.import_module(method.runner)

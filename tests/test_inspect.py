@@ -70,12 +70,20 @@ def test_marked_tokens_are_the_labels_sft_trains(tmp_path, row, marked):
 
 
 @pytest.mark.slow
-def test_template_without_generation_markers_is_flagged(tmp_path):
-    result = cli("data", "inspect", recipe(tmp_path, template=NO_MARKERS))
+def test_template_without_generation_markers_is_masked_by_rendering(tmp_path):
+    prompted = NO_MARKERS + "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    result = cli("data", "inspect", recipe(tmp_path, template=prompted))
     assert result.returncode == 0, result.stderr
-    assert "cannot mark assistant turns" in result.stderr and "train.assistant_only_loss: false" in result.stderr
-    # What training every token would look like: the whole row is marked.
+    assert "assistant turns are found by rendering" in result.stdout and "warning" not in result.stderr
+    assert trained(result.stdout) == ["hi!<|end|>"]
+    # Without a generation prompt the model itself must write the role header at inference: it is trained, and said.
+    result = cli("data", "inspect", recipe(tmp_path, template=NO_MARKERS))
+    assert trained(result.stdout) == ["<|assistant|>\nhi!<|end|>"]
+    assert "adds '<|assistant|>\\n' before the assistant's text in 16 turn(s)" in result.stderr
+    # Every token, on request.
+    result = cli("data", "inspect", recipe(tmp_path, template=prompted), "--set", "train.assistant_only_loss=false")
     assert trained(result.stdout) == ["<s><|user|>\nSay hi<|end|>\n<|assistant|>\nhi!<|end|>\n"]
+    assert "every token trains" in result.stdout
 
 
 @pytest.mark.slow

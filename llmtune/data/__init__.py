@@ -4,7 +4,8 @@
 row and converts it to one of TRL's dataset shapes (``formats``), then mixes the sources
 by weight into a shuffled train set and an optional eval set (``mix``, whose docstring
 says how weights and eval fractions count rows). Every problem in every source is
-reported in one ``UserError``. Tokenizing, masking and packing are left to TRL.
+reported in one ``UserError``. Conversations are checked against the model's chat template
+(``masking``); tokenizing and packing are left to TRL.
 
 Nothing heavy is imported here: ``datasets`` is imported only once the data is built.
 """
@@ -87,7 +88,8 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
 
     `locate(("data", "train", 0, "path"))` names where a key is in the recipe
     (``recipe.yaml:14:11``); it prefixes problems about the recipe rather than a data row.
-    `model` (the recipe's `model:` section) gives the tokenizer `data.curate` counts tokens with.
+    `model` (the recipe's `model:` section) gives the tokenizer whose chat template conversations are checked
+    against (data/masking.py) and that `data.curate` counts tokens with.
     The result depends only on the data, `seed` and, for token counts, the tokenizer.
     With `streaming:` the train set is a `datasets.IterableDataset` read lazily (stream.py).
     """
@@ -117,6 +119,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
+    templated = _templated(every, kind[0], method, model, locate) if model is not None else []
     spec = data.get("curate")
     if spec:
         curate.clean([train, evals], spec, max_length=data.get("max_length"), model=model)
@@ -134,7 +137,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     if not train_rows:
         raise UserError(f"{locate(('data', 'train'))}: no training rows are left after weighting; raise a `weight:`")
 
-    warnings = notes
+    warnings = templated + notes
     if len(train_rows) < MIN_TRAIN_ROWS:
         warnings.append(
             f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "
@@ -157,6 +160,30 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
         if stored:
             prepared.train, prepared.eval = stored[0], stored[1]
     return prepared
+
+
+def _templated(sources, shape, method, model, locate):
+    """Conversations as the model's chat template renders them (data/masking.py): system messages folded where it
+    has no system role, rows SFT cannot cut into turns refused; returns warnings on what it does to the rows."""
+    if not shape.startswith("conversational"):
+        return []
+    from llmtune.data import masking
+    from llmtune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if not tokenizer.chat_template:  # the run refuses conversational data without one, with the fix
+        return []
+    cut = (method == "sft" and shape == "conversational_language_modeling"
+           and masking.masking_mode(tokenizer) == masking.RENDERED)
+    try:
+        effects = masking.check_rows(tokenizer, [(s.rows, s.locations) for s in sources], cut=cut)
+    except masking.Undecomposable as err:
+        raise UserError(
+            f"{err}: training only the assistant's tokens needs each turn cut out of the whole rendering. Split such "
+            "conversations into one row per assistant turn, or set `model.chat_template:` to a template with "
+            "{% generation %}...{% endgeneration %} around each assistant message and its end-of-turn token"
+            f" ({locate(('model', 'name'))})") from None
+    return effects.warnings(model.get("chat_template") or model["name"])
 
 
 def _load_sources(specs, key, method, locate, problems, load=None):

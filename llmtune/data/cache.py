@@ -18,14 +18,14 @@ from pathlib import Path
 from llmtune.data.sources import local_fingerprint
 from llmtune.errors import UserError
 
-VERSION = 1  # bump when conversion changes what a cached dataset holds
+VERSION = 2  # bump when conversion changes what a cached dataset holds
 
 
 def key(data, method, seed, model=None):
     """The cache key of a `data:` section, or None when a source is not local.
 
-    `model` (the recipe's `model:` section) counts only when `data.curate` measures token lengths with its
-    tokenizer.
+    `model` (the recipe's `model:` section) counts: its tokenizer's chat template and `data.curate`'s token counts
+    change the rows.
     """
     specs = data["train"] + (data["eval"] if isinstance(data.get("eval"), list) else [])
     try:
@@ -35,11 +35,15 @@ def key(data, method, seed, model=None):
     if None in digests:
         return None
     recipe = {k: data.get(k) for k in ("train", "eval")}
+    # The chat template changes conversations (system folding) and the warnings stored with them.
+    recipe["tokenizer"] = {k: (model or {}).get(k) for k in ("name", "revision", "chat_template")}
+    template = Path(str(recipe["tokenizer"]["chat_template"])).expanduser()
+    if template.suffix in (".jinja", ".j2") and template.is_file():  # a template file edited in place
+        recipe["tokenizer"]["template_sha256"] = hashlib.sha256(template.read_bytes()).hexdigest()
     spec = data.get("curate")
     if spec:
         recipe["curate"] = spec
         if spec.get("min_tokens") is not None or spec.get("max_tokens") is not None:
-            recipe["tokenizer"] = {k: (model or {}).get(k) for k in ("name", "revision", "chat_template")}
             recipe["max_length"] = data.get("max_length")  # rows over it are counted as truncated
     payload = json.dumps([VERSION, method, seed, recipe, digests], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]

@@ -70,6 +70,11 @@ def _chat(value, field, bad, *, roles=ROLES, keys=("role", "content")):
         if not isinstance(content, str):
             bad.append(f"'{content_key}' of {field}[{i}] must be a string, got {json_type(content)}")
         turns.append({"role": roles.get(role), "content": content})
+        reasoning = turn.get("reasoning_content")
+        if reasoning is not None:  # the template decides how (and whether) reasoning renders: see data/masking.py
+            if roles.get(role) != "assistant" or not isinstance(reasoning, str):
+                bad.append(f"'reasoning_content' of {field}[{i}] must be a string on an assistant turn")
+            turns[-1]["reasoning_content"] = reasoning
     return turns
 
 

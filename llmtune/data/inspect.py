@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import curate, stream
+from .masking import fold_system, has_system_role
 
 # Token lengths are measured on at most this many rows per source (a seeded random sample).
 MEASURED_ROWS = 5000
@@ -51,7 +52,13 @@ class TrainingView:
                              bf16=False)
         self.max_length = resolved.config["data"]["max_length"]
         self.packing = bool(args.packing)
+        from . import masking
+
+        # The run's own decision (methods/sft.py): rows masked by rendering here, handed to TRL tokenized.
+        self.renders_masks = masking.renders_masks(args, shape, tokenizer)
         self.template = self._template(args)
+        if self.renders_masks:
+            args.assistant_only_loss = False
         if args.assistant_only_loss and not self.template.masks_assistant:
             # SFTTrainer would refuse to start; show what `assistant_only_loss: false` would train instead.
             args.assistant_only_loss = False
@@ -69,7 +76,7 @@ class TrainingView:
         saved = self.tokenizer.chat_template
         if not self.conversational or not saved:
             return Template(saved, saved, False, False)
-        if has_generation_markers(saved):
+        if has_generation_markers(saved) or self.renders_masks:
             return Template(saved, saved, True, False)
         try:
             patched = get_training_chat_template(self.tokenizer)
@@ -112,6 +119,10 @@ class TrainingView:
         if "prompt_only" in self.shape:  # nothing is trained on prompts; the policy writes the rest
             return [self._prompt_only(row) for row in rows]
         args = self.args
+        if self.renders_masks:
+            from .masking import tokenize
+
+            rows = [tokenize(self.tokenizer, row["messages"], row.get("tools")) for row in rows]
         untruncated = {"max_length": None, "shuffle_dataset": False}  # rows stay in order: labels follow them
         prepared = self._trainer._prepare_dataset(
             datasets.Dataset.from_list(rows), self.tokenizer, _Override(args, untruncated), packing=False,
@@ -284,15 +295,15 @@ def _template_lines(resolved, view, warnings) -> list[str]:
             warnings.append(f"the tokenizer's saved chat template (what inference uses) renders differently from the "
                             f"template training uses: {differs}; set `model.chat_template:` to a template with "
                             "{% generation %} markers so both are the same")
+    elif view.renders_masks:
+        lines.append("  no {% generation %} markers and no TRL training version: assistant turns are found by "
+                     "rendering each conversation's prefixes with this template; only they (and their end-of-turn "
+                     "token) train")
     elif template.masks_assistant:
         lines.append("  assistant turns are marked with {% generation %}: only they (and their stop token) train"
                      if view.args.assistant_only_loss else "  assistant turns can be marked ({% generation %})")
-    elif view.shape == "conversational_language_modeling":
-        warnings.append("the chat template cannot mark assistant turns (no {% generation %} block, and TRL has no "
-                        "training version of it): `llmtune sft` will refuse to train with `assistant_only_loss`. "
-                        "Set `model.chat_template:` to a template with {% generation %}...{% endgeneration %} around "
-                        "each assistant message and its end-of-turn token, or `train.assistant_only_loss: false` to "
-                        "train every token, prompts included (shown below)")
+    elif view.shape == "conversational_language_modeling":  # `train.assistant_only_loss: false`
+        lines.append("  every token trains, prompts included (`train.assistant_only_loss: false`)")
     return lines
 
 
@@ -300,6 +311,8 @@ def _render_difference(view) -> str | None:
     """Where the saved and training templates first render a probe conversation differently, or None."""
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
              {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    if not has_system_role(view.tokenizer):  # Gemma 1/2 raise on one; rows get theirs folded (data/masking.py)
+        probe = fold_system(probe)
     for messages, gen in ((probe, False), (probe[:2], True)):
         a, b = (view.tokenizer.apply_chat_template(messages, chat_template=t, tokenize=False,
                                                    add_generation_prompt=gen)

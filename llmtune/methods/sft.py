@@ -33,5 +33,12 @@ def defaults(config: dict, data) -> dict:
 def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks):
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+    from ..data import masking
+
+    train, evals = data.train, data.eval
+    if masking.renders_masks(args, data.shape, tokenizer):
+        # A template TRL cannot mark assistant turns in: hand it rows already tokenized with their masks.
+        train, evals = (None if d is None else masking.pretokenized(d, tokenizer) for d in (train, evals))
+        args.assistant_only_loss = False  # the masks are in the rows; TRL would look for {% generation %}
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -1,0 +1,301 @@
+"""Which tokens a conversation trains, for any chat template, and what the template does to the data.
+
+TRL finds assistant tokens from `{% generation %}` blocks in the template, or from its own training copy of
+a template it recognises by exact text (`trl.chat_template_utils.get_training_chat_template`). Other
+templates (Llama 3.1-3.3, SmolLM2, Mistral, other revisions of known ones) have neither, so here the
+trained spans are found by rendering, with the model's own template:
+
+- the piece of assistant turn i is what `messages[:i + 1]` renders past the generation prompt of
+  `messages[:i]` (`add_generation_prompt=True`), up to and including the first special token after the
+  assistant's text (the end-of-turn token: what generation stops at; a newline after it is not trained);
+  where the generation prompt is not a prefix of that rendering (DeepSeek-R1-Distill's `<think>\n`,
+  Mistral-Nemo's system prompt in the last user turn only), the piece starts where the template puts the
+  assistant's text;
+- each `messages[:i + 1]`, up to that token, must render as a prefix of the whole conversation, so that
+  the pieces cut from the whole rendering are those inference produces; a template that rewrites earlier
+  turns once later ones follow cannot be cut this way (`Undecomposable`);
+- the whole rendering is tokenized once with character offsets; a token is trained when it starts in a piece.
+
+The same renderings show what a template does to the data (`Effects`): a system prompt it drops, a
+generation prompt that differs from the context a finished turn renders with (training then sees a context
+inference never produces), assistant text it rewrites or adds to (reasoning stripped, an empty
+`<think></think>` added), earlier turns it rewrites. Templates without a system role (Gemma 1/2 raise
+"System role not supported") get the system text at the start of the first user turn (`fold_system`), as
+Gemma's documentation recommends.
+
+Pure functions over a tokenizer and messages: nothing here loads a model or reads a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How a run marks assistant tokens (see `masking_mode`).
+MARKERS = "markers"  # the template's own {% generation %} blocks
+TRL_COPY = "trl"  # TRL's training copy of a template it recognises
+RENDERED = "rendered"  # derived here, by rendering prefixes
+
+# Rows whose renderings are compared for `Effects`: enough to count a pattern, cheap on large data.
+EFFECT_ROWS = 1000
+
+
+class Undecomposable(ValueError):
+    """The template renders a conversation so that its assistant turns cannot be cut out of the whole."""
+
+
+def masking_mode(tokenizer) -> str:
+    """How assistant-only loss finds the assistant tokens with this tokenizer's chat template."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:  # no markers and not a template TRL knows: TRL's SFTTrainer would refuse it
+        return RENDERED
+    return MARKERS if patched is None else TRL_COPY
+
+
+def render(tokenizer, messages, generation_prompt=False, tools=None) -> str:
+    # A dataset gives every message every key (null where a row had none): render the message as it was written.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def has_system_role(tokenizer) -> bool:
+    """False when the template raises on a system message (Gemma 1/2: "System role not supported")."""
+    from jinja2 import TemplateError
+
+    try:
+        render(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    except TemplateError:
+        return False
+    return True
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """`messages` with a leading system message moved to the start of the first user turn."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+    else:
+        rest.insert(0, {**system, "role": "user"})
+    return rest
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+def _turn_end(text: str, start: int, content: str, specials: list[str]) -> int:
+    """Where the trained piece starting at `start` ends: after the first special token past the assistant's text
+    (the end-of-turn token), else at its last non-space character."""
+    piece = text[start:]
+    content = content.strip()
+    after = piece.find(content) + len(content) if content and content in piece else 0
+    hits = sorted((piece.find(s, after), len(s)) for s in specials if s and piece.find(s, after) >= 0)
+    return start + (hits[0][0] + hits[0][1] if hits else len(piece.rstrip()))
+
+
+# Stands in for an assistant message's text to find where the template puts it.
+SENTINEL = "LLMTUNE-ANSWER-7f3a"
+
+
+def _answer_start(tokenizer, before, upto, tools, i) -> int:
+    """Where assistant turn `i`'s text begins in `upto`, found with a stand-in text (templates may trim or cut it)."""
+    probe = render(tokenizer, before + [{"role": "assistant", "content": SENTINEL}], tools=tools)
+    at = probe.find(SENTINEL)
+    if at < 0 or not upto.startswith(probe[:at]):
+        raise Undecomposable(f"the chat template does not render assistant turn {i}'s text where its context ends")
+    return at
+
+
+@dataclass
+class Turn:
+    """One assistant turn of a rendered conversation."""
+
+    start: int  # the trained piece in the whole rendering: [start, end)
+    end: int
+    context: str  # the generation prompt's tail from where it and the rendered turn part (empty: a prefix)
+    trained_context: str  # what training renders there instead, up to the piece
+    rendered: str  # the trained piece
+    content: str  # the message's own text
+    reasoning: str | None = None  # its reasoning_content
+
+
+def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
+    """The whole rendering of `messages` and its assistant turns; Undecomposable when they cannot be cut out."""
+    full = render(tokenizer, messages, tools=tools)
+    specials = _special_tokens(tokenizer)
+    turns, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        upto = render(tokenizer, messages[:i + 1], tools=tools)
+        context = render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i else ""
+        start = _common_prefix(context, upto)
+        if start < len(context):  # the generation prompt is not what training renders: start at the answer
+            start = _answer_start(tokenizer, messages[:i], upto, tools, i)
+        end = _turn_end(upto, start, message["content"], specials)
+        # The turn as rendered alone (up to its end-of-turn token: a template may close the conversation after
+        # it) must be what the whole conversation renders, or cutting the whole would train other text.
+        if not full.startswith(upto[:end]):
+            at = _common_prefix(full, upto)
+            raise Undecomposable(
+                f"the chat template renders assistant turn {i} differently once later turns follow "
+                f"({upto[at:at + 40]!r} alone, {full[at:at + 40]!r} in the whole conversation)")
+        if start < done:
+            raise Undecomposable(f"the generation prompt for assistant turn {i} rewrites the conversation before "
+                                 f"it ({context[start:start + 40]!r} where the turn renders "
+                                 f"{upto[start:start + 40]!r})")
+        diverged = _common_prefix(context, upto)
+        turns.append(Turn(start, end, context[diverged:], upto[diverged:start], upto[start:end], message["content"],
+                          message.get("reasoning_content")))
+        done = end
+    return full, turns
+
+
+def tokenize(tokenizer, messages, tools=None) -> dict:
+    """`input_ids` of the whole conversation and `assistant_masks` (1 = trained), as TRL's SFTTrainer takes them."""
+    full, turns = assistant_turns(tokenizer, messages, tools)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(t.start <= begin < t.end for t in turns)) for begin, _ in encoded["offset_mapping"]]
+    return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+
+
+@dataclass
+class Effects:
+    """What a chat template does to the rows, counted over the rows looked at, with one example each."""
+
+    rows: int = 0
+    system_rows: int = 0  # rows with a system message
+    system_dropped: int = 0
+    context_differs: int = 0
+    context_example: str = ""
+    rewritten: int = 0  # assistant text changed (e.g. reasoning stripped)
+    rewritten_example: str = ""
+    reasoning_dropped: int = 0  # turns whose reasoning_content is not rendered
+    added: int = 0  # text added before the assistant's own (e.g. an empty <think></think>)
+    added_example: str = ""
+    earlier: int = 0  # earlier turns render differently once later turns follow
+    earlier_example: str = ""
+    folded: int = 0  # rows whose system message went into the first user turn
+
+    def look(self, tokenizer, messages, tools=None) -> None:
+        """Count what the template does to one conversation (rendered as training renders it)."""
+        self.rows += 1
+        system = next((m["content"].strip() for m in messages if m["role"] == "system"), None)
+        if system:
+            self.system_rows += 1
+            if system not in render(tokenizer, messages, tools=tools):
+                self.system_dropped += 1
+        try:
+            _, turns = assistant_turns(tokenizer, messages, tools)
+        except Undecomposable as err:
+            self.earlier += 1
+            self.earlier_example = self.earlier_example or str(err)
+            return
+        for turn in turns:
+            if turn.context:
+                self.context_differs += 1
+                self.context_example = self.context_example or (
+                    f"the generation prompt ends {turn.context[:40]!r} where training renders "
+                    f"{(turn.trained_context + turn.rendered)[:40]!r}")
+            content, reasoning = turn.content.strip(), (turn.reasoning or "").strip()
+            if reasoning and reasoning not in turn.rendered:
+                self.reasoning_dropped += 1
+            if content and content not in turn.rendered:
+                self.rewritten += 1
+                self.rewritten_example = self.rewritten_example or f"{content[:40]!r} renders as {turn.rendered[:60]!r}"
+            elif content and turn.rendered[:turn.rendered.find(content)].strip() and not reasoning:
+                self.added += 1
+                self.added_example = self.added_example or turn.rendered[:turn.rendered.find(content)]
+
+    def warnings(self, name: str) -> list[str]:
+        """One line per effect found, saying what it means for the trained model."""
+        out = []
+        if self.folded:
+            out.append(f"the chat template of {name} has no system role: the system message of {self.folded} row(s) "
+                       "is put at the start of the first user turn (as Gemma's documentation recommends); "
+                       "`llmtune generate --system` does the same")
+        if self.system_dropped:
+            out.append(f"the chat template of {name} drops the system prompt from {self.system_dropped} of "
+                       f"{self.system_rows} row(s) with one (as rendered for training): those rows train without "
+                       "it, while inference may use it")
+        if self.context_differs:
+            out.append(f"the chat template of {name} renders a finished assistant turn after a different context "
+                       f"than its generation prompt ({self.context_differs} turn(s)): {self.context_example}; the "
+                       "model trains on a context inference never produces")
+        if self.rewritten:
+            out.append(f"the chat template of {name} rewrites the assistant's text in {self.rewritten} turn(s) "
+                       f"(e.g. strips reasoning): {self.rewritten_example}; only the rendered text is trained")
+        if self.reasoning_dropped:
+            out.append(f"the chat template of {name} does not render the reasoning_content of {self.reasoning_dropped} "
+                       "assistant turn(s): the template leaves it out, so it is not trained")
+        if self.added:
+            out.append(f"the chat template of {name} adds {self.added_example!r} before the assistant's text in "
+                       f"{self.added} turn(s): it is trained as part of the answer")
+        if self.earlier:
+            out.append(f"the chat template of {name} rewrites earlier turns once later ones follow in {self.earlier} "
+                       f"row(s) (e.g. strips their reasoning): {self.earlier_example}; multi-turn rows train "
+                       "earlier answers in a form inference does not produce")
+        return out
+
+
+# Row columns that hold conversations (TRL's conversational shapes).
+CONVERSATION_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def _conversation(row) -> list | None:
+    """The row as training renders it: its messages, or its prompt followed by its (chosen) completion."""
+    if "messages" in row:
+        return row["messages"]
+    answer = row.get("completion") or row.get("chosen")
+    return row["prompt"] + answer if isinstance(row.get("prompt"), list) and isinstance(answer, list) else None
+
+
+def check_rows(tokenizer, sources, *, cut: bool) -> Effects:
+    """Fold system messages where the template has no system role, count what the template does to the rows, and
+    with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
+
+    `sources` is a list of (rows, locations) pairs; rows are replaced in place. Raises Undecomposable with the
+    FILE:LINE of the first row that cannot be cut.
+    """
+    effects = Effects()
+    fold = not has_system_role(tokenizer)
+    for rows, locations in sources:
+        for n, row in enumerate(rows):
+            if fold and any(isinstance(row.get(c), list) and row[c] and row[c][0]["role"] == "system"
+                            for c in CONVERSATION_COLUMNS):
+                effects.folded += 1
+                rows[n] = row = {k: fold_system(v) if k in CONVERSATION_COLUMNS and isinstance(v, list) else v
+                                 for k, v in row.items()}
+            messages = _conversation(row)
+            if messages is None:
+                continue
+            if effects.rows < EFFECT_ROWS:
+                effects.look(tokenizer, messages, row.get("tools"))
+            if cut:
+                try:
+                    assistant_turns(tokenizer, messages, row.get("tools"))
+                except Undecomposable as err:
+                    raise Undecomposable(f"{locations[n]}: {err}") from None
+    return effects
+
+
+def pretokenized(dataset, tokenizer):
+    """A `messages` dataset as `input_ids` + `assistant_masks` rows, which TRL's SFTTrainer turns into labels."""
+    return dataset.map(lambda row: tokenize(tokenizer, row["messages"], row.get("tools")),
+                       remove_columns=list(dataset.column_names))
+
+
+def renders_masks(args, shape: str, tokenizer) -> bool:
+    """Whether an SFT run (`args`: its SFTConfig) masks by rendering here rather than through TRL."""
+    return bool(args.assistant_only_loss) and shape == "conversational_language_modeling" and \
+        masking_mode(tokenizer) == RENDERED

@@ -1,0 +1,235 @@
+"""The right tokens trained for real model families (tests/families.py), whatever their chat template does."""
+
+import json
+
+import pytest
+
+from llmtune.data import load_data
+from llmtune.data.inspect import TrainingView, inspect
+from llmtune.model import load_tokenizer
+from llmtune.recipe.check import resolve
+
+from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .families import FAMILIES, family_model, template_text
+
+RECIPE = """\
+method: {method}
+model: {{name: "{model}", dtype: float32}}
+data:
+  train:
+    - path: {data}
+  max_length: 512
+train: {{max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-2, logging_steps: 1, save_strategy: "no"}}
+"""
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+SINGLE = [{"role": "user", "content": "What is the capital of France?"},
+          {"role": "assistant", "content": "The capital of France is Paris."}]
+MULTI = SINGLE + [{"role": "user", "content": "Thank you!"}, {"role": "assistant", "content": "You're welcome."}]
+CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system-single": [SYSTEM] + SINGLE, "system-multi": [SYSTEM] + MULTI}
+NO_SYSTEM_ROLE = {"gemma2", "mistral"}  # their templates raise on a system message
+# What TRL's training copies of templates it knows (`get_training_chat_template`) put inside {% generation %}, where
+# that is more than the answer and its end-of-turn token. The extra tokens are harmless to generation: a newline
+# the generation prompt already ends with, or one after the stop token, or the role token before the answer.
+# Qwen3's copy renders the (empty) reasoning block in every turn, earlier ones included.
+TRL_COPY_TRAINS = {
+    "qwen2_5": "\n{}<|im_end|>\n",
+    "qwen3": "<think>\n\n</think>\n\n{}<|im_end|>\n",
+    "deepseek_r1_distill": "<｜Assistant｜>{}<｜end▁of▁sentence｜>",
+    "gemma2": "{}<end_of_turn>\n",
+    "gemma3": "{}<end_of_turn>\n",
+    "phi3": "{}<|end|>\n",
+}
+TRL_COPY_CLOSES = {"phi3": "<|endoftext|>"}  # the eos token closing the conversation, trained after the last turn
+
+
+def recipe(tmp_path, model, rows, method="sft"):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    return write_recipe(tmp_path / "r.yaml", RECIPE.format(method=method, model=model, data=data))
+
+
+def trained_runs(tokenizer, tokens) -> list[str]:
+    """The decoded runs of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(tokens["input_ids"], tokens["labels"]):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def view_of(tmp_path, model, rows):
+    resolved = resolve(recipe(tmp_path, model, rows))
+    data = load_data(resolved.config["data"], method="sft", seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    tokenizer = load_tokenizer(resolved.config["model"])
+    return TrainingView(resolved, tokenizer, data), data
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_labels_are_exactly_the_assistant_text_and_its_end_of_turn_token(tmp_path, tmp_path_factory, name,
+                                                                         conversation):
+    family = FAMILIES[name]
+    messages = CONVERSATIONS[conversation]
+    view, data = view_of(tmp_path, family_model(tmp_path_factory, name), [{"messages": messages}])
+    tokens = view.tokenize([r for r, _ in view.rows(data.train)])[0]
+    trained = TRL_COPY_TRAINS.get(name, "{}" + family.end_of_turn)
+    expected = [trained.format(m["content"]) for m in messages if m["role"] == "assistant"]
+    expected[-1] += TRL_COPY_CLOSES.get(name, "")
+    assert trained_runs(view.tokenizer, tokens) == expected
+    rendered = view.tokenizer.decode(tokens["input_ids"])
+    if messages[0]["role"] == "system" and name != "mistral_nemo":  # Nemo's drop is a warning (below)
+        assert SYSTEM["content"] in rendered
+    if name in NO_SYSTEM_ROLE and messages[0]["role"] == "system":  # folded into the first user turn
+        assert f"{SYSTEM['content']}\n\n{SINGLE[0]['content']}" in rendered
+
+
+def test_previously_refused_templates_are_masked_by_rendering(tmp_path, tmp_path_factory):
+    """Llama 3.1/3.2, SmolLM2 and Mistral have no {% generation %} markers and no TRL training copy."""
+    from llmtune.data.masking import RENDERED, masking_mode
+
+    for name in ("llama3_1", "llama3_2", "smollm2", "mistral", "mistral_nemo"):
+        tokenizer = load_tokenizer({"name": str(family_model(tmp_path_factory, name)), "trust_remote_code": False})
+        assert masking_mode(tokenizer) == RENDERED, name
+
+
+def test_sft_trainer_gets_the_rendered_masks_as_labels(tmp_path, tmp_path_factory):
+    """The pre-tokenized rows handed to TRL's SFTTrainer become exactly these labels (inspect shows the same)."""
+    from llmtune.methods import sft
+    from llmtune.model import load_model
+    from llmtune.train import training_args
+
+    model = family_model(tmp_path_factory, "llama3_1")
+    resolved = resolve(recipe(tmp_path, model, [{"messages": [SYSTEM] + MULTI}]))
+    view, data = view_of(tmp_path, model, [{"messages": [SYSTEM] + MULTI}])
+    args = training_args(resolved, tmp_path / "scratch", sft.defaults(resolved.config, data))
+    trainer = sft.build_trainer(args=args, model=load_model(resolved.config), tokenizer=view.tokenizer, data=data,
+                                peft_config=None, callbacks=[])
+    real = trainer.train_dataset[0]
+    assert trained_runs(view.tokenizer, real) == ["The capital of France is Paris.<|eot_id|>",
+                                                  "You're welcome.<|eot_id|>"]
+    mine = view.tokenize([r for r, _ in view.rows(data.train)])[0]
+    assert mine["input_ids"] == real["input_ids"] and mine["labels"] == real["labels"]
+    assert view.tokenizer.chat_template == template_text(FAMILIES["llama3_1"])  # the template is not patched
+
+
+@pytest.mark.slow
+def test_sft_with_llama3_1_trains_and_keeps_the_original_template(tmp_path, tmp_path_factory):
+    rows = [{"messages": [SYSTEM] + MULTI}] * 16
+    result = cli("sft", recipe(tmp_path, family_model(tmp_path_factory, "llama3_1"), rows),
+                 "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    saved = load_tokenizer({"name": str(tmp_path / "run"), "trust_remote_code": False}).chat_template
+    assert saved == template_text(FAMILIES["llama3_1"])
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_at_validate_with_the_line(tmp_path):
+    """Another revision of Qwen3's template (not TRL's exact text): earlier turns lose the empty reasoning block."""
+    template = template_text(FAMILIES["qwen3"]) + "\n"  # TRL recognises templates by exact text
+    (tmp_path / "t.jinja").write_text(template)
+    rows = [{"messages": SINGLE}] * 3 + [{"messages": MULTI}] * 2
+    path = recipe(tmp_path, "builtin:tiny", rows)
+    template_file = tmp_path / "t.jinja"
+    path.write_text(path.read_text().replace("dtype: float32", f"dtype: float32, chat_template: {template_file}"))
+    result = cli("validate", path)
+    assert result.returncode == 2
+    assert f"{tmp_path / 'data.jsonl'}:4: the chat template renders assistant turn 1 differently once later turns " \
+           "follow" in result.stderr
+    assert "one row per assistant turn" in result.stderr and "Traceback" not in result.stderr
+    assert cli("sft", path, "--dry-run").returncode == 2
+
+
+@pytest.mark.parametrize("name, warning", [
+    ("mistral_nemo", "drops the system prompt from 1 of 1 row(s)"),
+    ("deepseek_r1_distill", "the generation prompt ends '<think>\\n'"),
+    ("qwen3", "adds '<think>\\n\\n</think>\\n\\n' before the assistant's text"),
+    ("gemma2", "has no system role: the system message of 1 row(s) is put at the start of the first user turn"),
+])
+def test_what_the_template_does_to_the_data_is_warned(tmp_path, tmp_path_factory, name, warning):
+    path = recipe(tmp_path, family_model(tmp_path_factory, name), [{"messages": [SYSTEM] + SINGLE}])
+    lines, warnings = inspect(resolve(path), rows=1)
+    assert any(warning in w for w in warnings), warnings
+
+
+def test_trl_data_warnings_reach_the_terminal_once(tmp_path, tmp_path_factory):
+    """DeepSeek-R1-Distill with prompt-completion rows: TRL says the prompt is not a prefix; llmtune shows it."""
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "completion": [{"role": "assistant", "content": f"Answer {i}."}]} for i in range(3)]
+    result = cli("data", "inspect", recipe(tmp_path, family_model(tmp_path_factory, "deepseek_r1_distill"), rows),
+                 "--rows", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("The tokenized prompt is not a prefix") == 1
+
+
+def test_gemma_inspect_and_generate_with_a_system_prompt(tmp_path, tmp_path_factory):
+    model = family_model(tmp_path_factory, "gemma2")
+    result = cli("data", "inspect", recipe(tmp_path, model, [{"messages": [SYSTEM] + SINGLE}]))
+    assert result.returncode == 0, result.stderr
+    assert f"{SYSTEM['content']}\n    \n    {SINGLE[0]['content']}" in result.stdout or \
+        f"{SYSTEM['content']}\n\n{SINGLE[0]['content']}" in result.stdout.replace("\n    ", "\n")
+    generated = cli("generate", model, "--prompt", "Hi", "--system", "Be brief.", "--max-new-tokens", "3")
+    assert generated.returncode == 0, generated.stderr
+
+
+def test_preference_rows_get_the_system_prompt_folded_for_gemma(tmp_path, tmp_path_factory):
+    """DPO data on a template without a system role: the system text opens the user turn, chosen/rejected intact."""
+    model = family_model(tmp_path_factory, "gemma2")
+    rows = [{"prompt": [SYSTEM, SINGLE[0]], "chosen": [SINGLE[1]],
+             "rejected": [{"role": "assistant", "content": "Lyon."}]}] * 2
+    path = recipe(tmp_path, model, rows, method="dpo")
+    resolved = resolve(path)
+    data = load_data(resolved.config["data"], method="dpo", seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    row = data.train[0]
+    assert row["prompt"] == [{"role": "user", "content": f"{SYSTEM['content']}\n\n{SINGLE[0]['content']}"}]
+    assert row["chosen"] == [SINGLE[1]]
+    assert any("system message of 2 row(s) is put at the start of the first user turn" in w for w in data.warnings)
+    planned = cli("plan", path)
+    assert planned.returncode == 0, planned.stderr
+    assert "system message of 2 row(s)" in planned.stdout + planned.stderr
+
+
+@pytest.mark.slow
+def test_a_run_shows_the_template_warnings_and_trls_once_in_the_terminal_and_train_log(tmp_path, tmp_path_factory):
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "completion": [{"role": "assistant", "content": f"Answer {i}."}]} for i in range(16)]
+    path = recipe(tmp_path, family_model(tmp_path_factory, "deepseek_r1_distill"), rows)
+    result = cli("sft", path, "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    for text in (result.stderr, log):
+        assert text.count("The tokenized prompt is not a prefix") == 1
+        assert text.count("the generation prompt ends '<think>\\n'") == 1
+
+
+@pytest.mark.parametrize("name, trained, warning", [
+    ("qwen3", "<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n", None),
+    ("llama3_1", "17 + 25 = 42.<|eot_id|>", "does not render the reasoning_content of"),
+    ("deepseek_r1_distill", "<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
+     "rewrites the assistant's text"),
+])
+def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name, trained, warning):
+    """recipes/data/reasoning.jsonl: `reasoning_content` and inline <think> rows, through each family's template."""
+    rows = [json.loads(line) for line in (RECIPES / "data" / "reasoning.jsonl").read_text().splitlines()]
+    path = recipe(tmp_path, family_model(tmp_path_factory, name), rows)
+    view, data = view_of(tmp_path, family_model(tmp_path_factory, name), rows)
+    first = [r for r, _ in view.rows(data.train) if r["messages"][0]["content"] == "What is 17 + 25?"]
+    assert trained_runs(view.tokenizer, view.tokenize(first)[0]) == [trained]
+    _, warnings = inspect(resolve(path), rows=1)
+    assert (warning is None) or any(warning in w for w in warnings), warnings
+
+
+def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi", "reasoning_content": "r"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    result = cli("validate", recipe(tmp_path, "builtin:tiny", rows))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'data.jsonl'}:1: 'reasoning_content' of messages[0] must be a string on an assistant turn" \
+        in result.stderr
