@@ -33,7 +33,7 @@ def build_model(size: str, out: Path) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     hidden, layers, heads, kv, inter = SIZES[size]
     tokenizer = build_tiny_tokenizer()

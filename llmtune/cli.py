@@ -8,8 +8,28 @@ from typing import List, Optional
 
 import typer
 
+from . import ranks
+from .data import check_data, load_data
 from .errors import UserError
-from .methods import METHODS
+from .files import read_manifest
+from .launch import rank
+from .launch.rank import record_failure
+from .paths import SHIPPED
+from .recipe.check import resolve
+from .recipe.copy import copy_recipe
+from .recipe.jsonschema import render
+from .recipe.loader import shipped_recipe
+from .runner.rundir import devices, package_versions, summarize
+from .runner.session import TrainingFailed, run, start
+from .secret import redact
+from .tools import push as hub
+from .tools.evaluation import Options, evaluate
+from .tools.export import export_gguf, merge as merge_run
+from .tools.infer import Sampling, chat as run_chat, generate as run_generate, load, prompt_ids
+from .tools.inspect import inspect
+from .tools.plan import plan as make_plan
+from .tools.push import PushFailed, after_training
+from .verbs import METHODS
 
 app = typer.Typer(
     help="Fine-tune language models from YAML recipes (TRL, PEFT, bitsandbytes, accelerate).",
@@ -48,8 +68,6 @@ def _launch_sets(num_processes, backend, nodes, main_addr, main_port) -> list[st
 
 
 def _fail(problems: list[str], code: int = 2, details: str = ""):
-    from .launch.rank import record_failure
-
     if not record_failure(problems, code, details):  # a launched process hands its error to the launcher
         for problem in problems:
             typer.echo(f"error: {problem}", err=True)
@@ -61,9 +79,6 @@ def _fail(problems: list[str], code: int = 2, details: str = ""):
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
            dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
            extra_args=(), show: bool = False, always: bool = False) -> None:
-    from .launch import rank
-    from .recipe.check import resolve
-
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
     try:
@@ -71,22 +86,14 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
         if dry_run:
             import yaml
 
-            from .data import load_data
-            from .recipe.loader import redact
-
             data = load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                              locate=resolved.locate, model=resolved.config["model"])
             typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
             for s in data.sources:
                 typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
             return
-        from .run import read_manifest, summarize
-        from .hub import PushFailed
-        from .train import TrainingFailed, run
 
-        if not rank.launched():  # many processes: run this command again in each, under accelerate
-            from .launch.launcher import start
-
+        if not ranks.launched():  # many processes: run this command again in each, under accelerate
             code = start(resolved, verb or "train", str(recipe), sets, output_dir=output_dir, overwrite=overwrite,
                          resume=resume, resume_force=resume_force, node_rank=node_rank, extra_args=extra_args,
                          show=show, always=always)
@@ -97,10 +104,12 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
                 raise typer.Exit(code)
         metrics = run(resolved, sys.argv, output_dir=output_dir, overwrite=overwrite, resume=resume,
                       resume_force=resume_force)
+        if resolved.config.get("hub") and ranks.is_main_process():  # after the run: a failed upload loses nothing
+            after_training(Path(output_dir or resolved.config["output_dir"]), resolved.config["hub"])
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
-        if rank.rank() == 0:
+        if ranks.is_main_process():
             _fail([f"training failed: {err}", *([err.hint] if err.hint else []), f"full traceback: {err.log}"],
                   code=1)
         import traceback  # only rank 0 writes train.log: another rank's traceback goes with its error
@@ -112,7 +121,7 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
         _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {path}; retry the upload "
                f"with `llmtune push {path}`"], code=1)
     except KeyboardInterrupt as err:
-        if rank.rank() == 0:
+        if ranks.is_main_process():
             typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
         raise typer.Exit(130)
     if rank.prints_summary():
@@ -175,15 +184,11 @@ def validate(
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files."),
 ):
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
-    from .recipe.check import resolve
-
     problems = []
     for recipe in recipes:
         try:
             resolved = resolve(recipe, set_)
             if not no_data:
-                from .data import check_data
-
                 check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                            locate=resolved.locate, model=resolved.config["model"])
         except UserError as err:
@@ -198,8 +203,6 @@ def validate(
 def schema():
     """Print the recipe's JSON Schema (llmtune's sections, each method's TRL config fields, each adapter type's PEFT
     fields, with their help text) for YAML editors: `llmtune schema > recipe.schema.json`."""
-    from .recipe.jsonschema import render
-
     typer.echo(render(), nl=False)
 
 
@@ -207,8 +210,6 @@ def schema():
 def env():
     """Versions of llmtune and its libraries, and the devices torch sees."""
     import json
-
-    from .run import devices, package_versions
 
     typer.echo(json.dumps({"packages": package_versions(), "devices": devices()}, indent=2))
 
@@ -224,11 +225,7 @@ def data_inspect(
 ):
     """Per source: format and why, token lengths, sample rows through the real chat template with the trained
     tokens marked, the stop token; warnings about templates, masks and truncation. Exit 0, or 2 on bad data."""
-    from .recipe.check import resolve
-
     try:
-        from .data.inspect import inspect
-
         color = sys.stdout.isatty() if color is None else color
         lines, warnings = inspect(resolve(recipe, set_), rows, color)
     except UserError as err:
@@ -248,12 +245,8 @@ def plan(
 ):
     """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
     launch command, without loading any weights."""
-    from .recipe.check import resolve
-
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
-        from .plan import plan as make_plan
-
         lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
     except UserError as err:
         _fail(err.problems)
@@ -269,8 +262,6 @@ def merge(
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
     (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
-    from .export import merge as merge_run
-
     try:
         written, notes = merge_run(run_dir, out, overwrite)
     except UserError as err:
@@ -295,8 +286,6 @@ def export(
     if format_ != "gguf":
         _fail([f"--format {format_}: the only export format is `gguf`"])
     try:
-        from .export import export_gguf
-
         written, notes, warnings = export_gguf(run_dir, out, quant, overwrite, ollama)
     except ImportError as err:
         _fail([f"GGUF export needs the `gguf` package: pip install 'llmtune-recipes[export]' ({err})"])
@@ -324,8 +313,6 @@ def push(
     """Upload a finished run to the Hugging Face Hub: model or adapter, tokenizer, model card, recipe.yaml,
     manifest.json, metrics.jsonl, loss.png, eval results (no checkpoints, no train.log). Token: HF_TOKEN or
     `hf auth login`."""
-    from . import hub
-
     try:
         settings = hub.target(run_dir, repo_id, private, revision)
         if dry_run:
@@ -353,8 +340,6 @@ SYSTEM = typer.Option(None, "--system", help="A system message before the conver
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
-    from .infer import Sampling
-
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
@@ -368,9 +353,6 @@ def generate(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
-    from .infer import generate as run_generate
-    from .infer import load, prompt_ids
-
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     try:
         loaded = load(run_dir)
@@ -393,9 +375,6 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Chat with the trained model in the terminal, through the run's own chat template."""
-    from .infer import chat as run_chat
-    from .infer import load
-
     try:
         run_chat(load(run_dir), _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
                  system)
@@ -423,8 +402,6 @@ def eval_(
 ):
     """Score the trained model on lm-evaluation-harness tasks; results go to RUN_DIR/eval/ and manifest.json."""
     try:
-        from .evaluation import Options, evaluate
-
         lines, written = evaluate(run_dir, tasks, Options(limit, num_fewshot, batch_size, apply_chat_template,
                                                           device))
     except UserError as err:
@@ -436,8 +413,6 @@ def eval_(
 @recipes_app.command("list")
 def recipes_list():
     """Shipped recipes with the first line of their header comment."""
-    from .recipe.loader import SHIPPED
-
     for path in sorted(SHIPPED.rglob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[:1]
         about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
@@ -447,8 +422,6 @@ def recipes_list():
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="Recipe name from `llmtune recipes list`.")):
     """Print a shipped recipe."""
-    from .recipe.loader import shipped_recipe
-
     path = shipped_recipe(name)
     if path is None:
         _fail([f"no shipped recipe '{name}'; see `llmtune recipes list`"])
@@ -461,8 +434,6 @@ def recipes_copy(
     dest: Path = typer.Argument(..., help="A .yaml file, or a folder (created if missing)."),
 ):
     """Copy a shipped recipe to edit as your own; the sample data it names goes to data/ beside it."""
-    from .recipe.copy import copy_recipe
-
     try:
         for written in copy_recipe(name, dest):
             typer.echo(f"wrote {written}")

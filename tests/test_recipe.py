@@ -10,6 +10,7 @@ import yaml
 from llmtune.errors import UserError
 from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
+from llmtune.secret import redact
 
 from .conftest import RECIPES, cli, write_recipe
 
@@ -118,7 +119,7 @@ def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", BASE.format(data=data_file) + "output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
     assert resolved.config["output_dir"] == "runs/secret_value_123"
-    assert loader.redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
+    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
     hub_token = write_recipe(tmp_path / "t.yaml", BASE.format(data=data_file) + "train: {hub_token: x}\n")
     assert "export HF_TOKEN instead" in problems(hub_token)[0]
 

@@ -49,7 +49,7 @@ def read_source(path, *, name, split, revision, where):
             problems.append(where)
         else:
             rows.append((where, row))
-    return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
+    return Read(rows, problems, [shown for shown, _ in files], sha256_files([real for _, real in files]))
 
 
 def records(files):
@@ -86,7 +86,7 @@ def local_fingerprint(path, where):
     files = _local_files(path, where)
     if files is None:
         return None
-    return _sha256([real for _, real in files]) + ":" + ",".join(shown for shown, _ in files)
+    return sha256_files([real for _, real in files]) + ":" + ",".join(shown for shown, _ in files)
 
 
 def _supported(file_name):
@@ -116,7 +116,7 @@ def _local_files(path, where):
     return None
 
 
-def _sha256(paths):
+def sha256_files(paths):
     """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`."""
     digest = hashlib.sha256()
     for path in paths:

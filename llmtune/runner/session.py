@@ -13,8 +13,23 @@ import traceback
 from importlib.metadata import version
 from pathlib import Path
 
-from .errors import UserError
-from .recipe.check import Resolved
+from ..defaults import picks
+from ..compat import attn_implementation
+from ..data import check_data, load_data
+from ..errors import UserError
+from ..launch.launcher import child_args, gpu_count, launch_command, preflight, settle, spawn, write_config
+from ..launch.rank import report_callback, training_args as launched_args
+from ..logs import quiet
+from ..model import convert_adapter, load_model, loraplus_optimizer, peft_config, save_initial_adapter
+from ..ranks import is_main_process, launched
+from ..recipe.check import Resolved
+from ..tokenizer import load_tokenizer, require_chat_template
+from ..verbs import config_class
+from . import stopping
+from .diagnose import divergence_guard, explain
+from .interrupt import Interrupted, Interruption
+from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
+from .rundir import RunDir, metrics_callback, plot_loss, progress_callback, read_metrics
 
 
 class TrainingFailed(Exception):
@@ -26,20 +41,12 @@ class TrainingFailed(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
 
 
-def config_class(target: str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
     """The method's TRL config: llmtune's defaults, under what the recipe's `train:` says.
 
     `data` (the prepared data) sizes the tokenizing workers; without it, TRL tokenizes in one process.
     """
     import torch
-
-    from . import fast, stopping
-    from .launch.rank import training_args as launched_args
 
     config = resolved.config
     args = {
@@ -50,7 +57,7 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
         # Mixed precision only where the hardware has it; TRL would turn bf16 on regardless.
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         **launched_args(),  # a launch on a machine without GPUs: CPU processes over gloo
-        **fast.defaults(resolved, data),  # picked for this machine: tokenizing workers, Liger kernels
+        **picks(resolved, data),  # picked for this machine: tokenizing workers, Liger kernels
         **defaults,
         **stopping.settings(config, resolved.method),
         **config["train"],
@@ -62,25 +69,8 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
                         f"`train:` settings: {err}") from None
 
 
-def require_chat_template(resolved: Resolved, shape: str, tokenizer) -> None:
-    if shape.startswith("conversational") and not tokenizer.chat_template:
-        raise UserError(f"{resolved.locate(('model', 'name'))}: the data is conversational but the tokenizer of "
-                        f"'{resolved.config['model']['name']}' has no chat template; set `model.chat_template:` to "
-                        "a named template or a .jinja file")
-
-
 def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, overwrite: bool = False,
         resume: str | None = None, resume_force: bool = False) -> dict:
-    from .data import load_data
-    from .faults import divergence_guard, explain
-    from .interrupt import Interrupted, Interruption
-    from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
-    from . import stopping
-    from .model import (convert_adapter, load_model, load_tokenizer, loraplus_optimizer, peft_config,
-                        save_initial_adapter)
-    from .launch.rank import launched, report_callback
-    from .run import RunDir, is_main_process, metrics_callback, plot_loss, progress_callback, quiet, read_metrics
-
     config = resolved.config
     run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
     data = load_data(config["data"], method=resolved.method.name, seed=config["seed"], locate=resolved.locate,
@@ -126,7 +116,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
                        *stopping.callbacks(config), *([report_callback(run_dir, data)] if launched() else [])],
             **extra)
         # What this run really uses: the recipe's settings, or those picked for this machine.
-        run_dir.record(speed={"attn_implementation": getattr(model.config, "_attn_implementation", None),
+        run_dir.record(speed={"attn_implementation": attn_implementation(model.config),
                               "use_liger_kernel": args.use_liger_kernel,
                               "dataset_num_proc": getattr(args, "dataset_num_proc", None)})
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -169,8 +159,35 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()
-    if config.get("hub") and is_main_process():  # the run is complete first: a failed upload loses nothing
-        from .hub import after_training
-
-        after_training(run_dir.path, config["hub"])
     return metrics
+
+
+def start(resolved, verb: str, recipe: str, sets, *, output_dir: str | None = None, overwrite: bool = False,
+          resume: str | None = None, resume_force: bool = False, node_rank: int = 0, extra_args=(),
+          show: bool = False, always: bool = False) -> int | None:
+    """Check the launch, print its notes, and run it; None when the recipe is one plain process (the
+    caller then trains in this process), else the launch's exit code. `show` prints the command and
+    writes its config instead of running; `always` launches even a single process."""
+    import shlex
+
+    # Data problems first, before torch is imported to count GPUs, and once, not by every process;
+    # the data is then cached, so the run itself does not read it again.
+    if not show:
+        check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
+                   locate=resolved.locate, model=resolved.config["model"])
+    gpus = gpu_count()
+    launch = settle(resolved.config, node_rank, gpus)
+    for line in preflight(resolved, launch, gpus, extra_args):
+        sys.stderr.write(line + "\n")
+    if not (launch.needed or always or show):
+        return None
+    passthrough = [*(["--output-dir", output_dir] if output_dir else []), *(["--overwrite"] if overwrite else []),
+                   *(["--resume", resume] if resume else []), *(["--resume-force"] if resume_force else [])]
+    args = child_args(verb, recipe, sets, launch, passthrough)
+    if show:
+        write_config(resolved, launch)
+        print(shlex.join(launch_command(resolved, launch, args, extra_args)))
+        return 0
+    if node_rank == 0:  # the machine whose rank 0 writes the run directory
+        RunDir(Path(output_dir or resolved.config["output_dir"]), resolved, overwrite, resume)
+    return spawn(resolved, launch, args, extra_args)

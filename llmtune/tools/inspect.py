@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curate, stream
+from ..compat import sft_dataset_preparer
+from ..data import curate, load_data, stream
+from ..logs import quiet
+from ..runner.session import training_args
+from ..tokenizer import end_of_turn_token, load_tokenizer, require_chat_template
 
 # Token lengths are measured on at most this many rows per source (a seeded random sample).
 MEASURED_ROWS = 5000
@@ -33,9 +37,7 @@ class TrainingView:
     """How the trainer of a resolved recipe tokenizes and masks rows (untruncated)."""
 
     def __init__(self, resolved, tokenizer, data):
-        from trl import SFTConfig, SFTTrainer
-
-        from ..train import training_args
+        from trl import SFTConfig
 
         self.tokenizer = tokenizer
         self.shape = shape = data.shape
@@ -56,11 +58,10 @@ class TrainingView:
             # SFTTrainer would refuse to start; show what `assistant_only_loss: false` would train instead.
             args.assistant_only_loss = False
         self.args = args
-        self._trainer = SFTTrainer.__new__(SFTTrainer)  # only its dataset preparation is used
-        self._trainer._tokenizer = tokenizer
-        self._trainer.chat_template = self.template.training if self.template.patched else None
-        self._trainer.completion_only_loss = (args.completion_only_loss if args.completion_only_loss is not None
-                                              else "prompt" in shape or "preference" in shape)
+        self._prepare = sft_dataset_preparer(
+            tokenizer, self.template.training if self.template.patched else None,
+            args.completion_only_loss if args.completion_only_loss is not None
+            else "prompt" in shape or "preference" in shape)
         self.stop_token = self._stop_token()
 
     def _template(self, args) -> Template:
@@ -80,8 +81,6 @@ class TrainingView:
         return Template(saved, patched, True, True)
 
     def _stop_token(self) -> tuple[int, str] | None:
-        from ..infer import end_of_turn_token
-
         if self.conversational and self.template.training:
             found = end_of_turn_token(self.tokenizer, self.template.training)
             if found is not None:
@@ -113,9 +112,7 @@ class TrainingView:
             return [self._prompt_only(row) for row in rows]
         args = self.args
         untruncated = {"max_length": None, "shuffle_dataset": False}  # rows stay in order: labels follow them
-        prepared = self._trainer._prepare_dataset(
-            datasets.Dataset.from_list(rows), self.tokenizer, _Override(args, untruncated), packing=False,
-            formatting_func=None, dataset_name="inspect")
+        prepared = self._prepare(datasets.Dataset.from_list(rows), _Override(args, untruncated), "inspect")
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
 
     def _prompt_only(self, row):
@@ -166,10 +163,6 @@ def source_stats(resolved, sample_rows: int = 0):
     """(view, [SourceStats per train and eval source], the PreparedData training will use)."""
     import random
 
-    from . import load_data
-    from ..model import load_tokenizer
-    from ..train import require_chat_template
-
     config = resolved.config
     section = config["data"]
     specs = [("train", i, s) for i, s in enumerate(section["train"])]
@@ -219,8 +212,6 @@ def render(tokenizer, tokens: dict, max_length: int | None, color: bool) -> str:
 
 def inspect(resolved, rows: int = 1, color: bool = False) -> tuple[list[str], list[str]]:
     """(lines to print, warnings) for `llmtune data inspect`."""
-    from ..run import quiet
-
     quiet()
     view, sources, data = source_stats(resolved, sample_rows=rows)
     tokenizer = view.tokenizer
