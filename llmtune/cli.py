@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from . import ranks
-from .data import check_data, load_data
+from .data import check_data
 from .errors import UserError
 from .files import read_manifest
 from .launch import rank
@@ -20,7 +21,7 @@ from .recipe.copy import copy_recipe
 from .recipe.jsonschema import render
 from .recipe.loader import shipped_recipe
 from .runner.rundir import devices, package_versions, summarize
-from .runner.session import TrainingFailed, run, start
+from .runner.session import RunOptions, TrainingFailed, prepare_data, run_recipe
 from .secret import redact
 from .tools import push as hub
 from .tools.evaluation import Options, evaluate
@@ -78,34 +79,26 @@ def _fail(problems: list[str], code: int = 2, details: str = ""):
 
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
            dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
-           extra_args=(), show: bool = False, always: bool = False) -> None:
+           extra_args=(), print_command: bool = False, force_launch: bool = False) -> None:
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
-    try:
+    options = RunOptions(str(recipe), tuple(sets or ()), verb or "train", tuple(sys.argv), output_dir, overwrite,
+                         resume, resume_force, node_rank, tuple(extra_args), print_command, force_launch)
+    with _exit_codes():
         resolved = resolve(recipe, sets or [], verb=verb)
         if dry_run:
-            import yaml
+            return _dry_run(resolved)
+        outcome = run_recipe(resolved, options)
+        if outcome.metrics is not None and resolved.config.get("hub") and ranks.is_main_process():
+            _upload(outcome.run_dir, resolved.config["hub"])  # after the run: a failed upload loses nothing
+    _summary(outcome, options)
 
-            data = load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                             locate=resolved.locate, model=resolved.config["model"])
-            typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
-            for s in data.sources:
-                typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
-            return
 
-        if not ranks.launched():  # many processes: run this command again in each, under accelerate
-            code = start(resolved, verb or "train", str(recipe), sets, output_dir=output_dir, overwrite=overwrite,
-                         resume=resume, resume_force=resume_force, node_rank=node_rank, extra_args=extra_args,
-                         show=show, always=always)
-            if code is not None:
-                if code == 0 and not show and node_rank == 0:
-                    path = Path(output_dir or resolved.config["output_dir"])
-                    summarize(path, read_manifest(path).get("metrics") or {})
-                raise typer.Exit(code)
-        metrics = run(resolved, sys.argv, output_dir=output_dir, overwrite=overwrite, resume=resume,
-                      resume_force=resume_force)
-        if resolved.config.get("hub") and ranks.is_main_process():  # after the run: a failed upload loses nothing
-            after_training(Path(output_dir or resolved.config["output_dir"]), resolved.config["hub"])
+@contextmanager
+def _exit_codes():
+    """What a run raises, as the message and exit code the user gets: 2 bad input, 1 failed, 130 interrupted."""
+    try:
+        yield
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
@@ -116,16 +109,37 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
 
         _fail([f"training failed: {err}", *([err.hint] if err.hint else [])], code=1,
               details="".join(traceback.format_exception(err.__cause__)))
-    except PushFailed as err:  # training finished; only the upload did not
-        path = Path(output_dir or resolved.config["output_dir"])
-        _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {path}; retry the upload "
-               f"with `llmtune push {path}`"], code=1)
     except KeyboardInterrupt as err:
         if ranks.is_main_process():
             typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
         raise typer.Exit(130)
+
+
+def _dry_run(resolved) -> None:
+    import yaml
+
+    data = prepare_data(resolved)
+    typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
+    for s in data.sources:
+        typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
+
+
+def _upload(run_dir: Path, settings: dict) -> None:
+    try:
+        after_training(run_dir, settings)
+    except PushFailed as err:  # training finished; only the upload did not
+        _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {run_dir}; retry the upload "
+               f"with `llmtune push {run_dir}`"], code=1)
+
+
+def _summary(outcome, options) -> None:
+    """The run directory and final metrics, printed once (by rank 0, or by the launcher that started the launch)."""
+    if outcome.metrics is None:  # launched processes trained; their metrics are in the run's manifest
+        if outcome.code == 0 and not options.print_command and options.node_rank == 0:
+            summarize(outcome.run_dir, read_manifest(outcome.run_dir).get("metrics") or {})
+        raise typer.Exit(outcome.code)
     if rank.prints_summary():
-        summarize(Path(output_dir or resolved.config["output_dir"]), metrics)
+        summarize(outcome.run_dir, outcome.metrics)
 
 
 def _method_verb(name: Optional[str], doc: str):
@@ -168,13 +182,13 @@ def launch(
     num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND,
     nodes: Optional[int] = NODES, node_rank: int = NODE_RANK, main_addr: Optional[str] = MAIN_ADDR,
     main_port: Optional[int] = MAIN_PORT,
-    show: bool = typer.Option(False, "--print", help="Print the accelerate command and write the config it uses; "
-                              "run nothing."),
+    print_command: bool = typer.Option(False, "--print", help="Print the accelerate command and write the config it "
+                                       "uses; run nothing."),
 ):
     """Run the recipe's method under `accelerate launch` (even as one process); options after `--` go to accelerate."""
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, main_addr, main_port)]
     _train(recipe, sets, None, output_dir, overwrite, False, resume=resume, resume_force=resume_force,
-           node_rank=node_rank, extra_args=ctx.args, show=show, always=True)
+           node_rank=node_rank, extra_args=ctx.args, print_command=print_command, force_launch=True)
 
 
 @app.command()

@@ -12,6 +12,8 @@ here, so what plan shows is what a run uses; the run's manifest records what was
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -164,13 +166,20 @@ def describe(resolved, args, data, default_attention: str) -> list[str]:
 
 
 def auto_config(model: dict):
-    """The transformers config of the recipe's model (of its base, for a run directory holding an adapter)."""
-    import transformers
+    """The transformers config of the recipe's model (of its base, for a run directory holding an adapter).
 
+    Read once per process: the attention pick, the Liger pick, packing and `plan` all ask for it. Each caller
+    gets its own copy, so none sees another's changes."""
     stacked = adapter_run(model)
     source = stacked["base_model_name_or_path"] if stacked else model_path(model)
+    return copy.deepcopy(_read_config(source, model.get("revision"), model["trust_remote_code"], model["name"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_config(source: str, revision: str | None, trust_remote_code: bool, name: str):
+    import transformers
+
     try:
-        return transformers.AutoConfig.from_pretrained(source, revision=model.get("revision"),
-                                                       trust_remote_code=model["trust_remote_code"])
+        return transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name: cannot read the config of '{model['name']}': {err}") from None
+        raise UserError(f"model.name: cannot read the config of '{name}': {err}") from None

@@ -11,7 +11,7 @@ from llmtune.builtin import builtin_path
 from llmtune.model import convert_adapter, peft_config, save_initial_adapter
 from llmtune.recipe.schema import mergeable
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, write_recipe
 

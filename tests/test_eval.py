@@ -11,7 +11,7 @@ import torch
 from llmtune.tools.export import merge
 from llmtune.tools.infer import load
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli
 

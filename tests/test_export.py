@@ -11,7 +11,7 @@ import torch
 
 from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import cli, write_jsonl, write_recipe
 

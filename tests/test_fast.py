@@ -17,7 +17,7 @@ from llmtune.methods import sft
 from llmtune.tools.plan import plan
 from llmtune.recipe.check import resolve
 from llmtune.runner.resume import fingerprint
-from llmtune.runner.session import run, training_args
+from llmtune.runner.session import train as run, training_args
 
 from .conftest import RECIPES, write_recipe
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import cli, write_jsonl, write_recipe
 from .test_ppo import letter_rm, quarter_means  # noqa: F401 - a fixture, shared with the PPO tests

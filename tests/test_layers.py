@@ -9,11 +9,9 @@ at module level, directly or through another llmtune module): keeping torch out 
 from __future__ import annotations
 
 import ast
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmtune"
 

@@ -13,7 +13,7 @@ import torch
 
 from llmtune.methods import ppo_core as core
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import ROOT, cli, write_jsonl, write_recipe
 

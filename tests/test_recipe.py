@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from llmtune.errors import UserError
-from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
 from llmtune.secret import redact
 

@@ -22,7 +22,7 @@ from llmtune.runner import lock
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.runner.resume import STAGING, checkpoint_to_resume, complete_checkpoints
-from llmtune.runner.session import TrainingFailed, run
+from llmtune.runner.session import TrainingFailed, train as run
 
 from .conftest import RECIPES, cli as plain_cli, write_recipe
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli, write_jsonl, write_recipe
 

@@ -23,15 +23,16 @@ MIN_TRAIN_ROWS = 16
 
 
 def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
-    """Raise UserError if the data has problems; data that a run prepared before is known good."""
+    """Raise UserError if the data has problems; data that a run prepared before is known good. Writes nothing
+    (`validate`): the cache is filled by the run that uses the data."""
     if data.get("streaming"):
         return stream.check(data, method=method, locate=locate)
     cache_key = cache.key(data, method, seed, model)
     if not (cache_key and cache.has(cache_key)):
-        load_data(data, method=method, seed=seed, locate=locate, model=model)
+        load_data(data, method=method, seed=seed, locate=locate, model=model, store=False)
 
 
-def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
+def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, store=True):
     """Build the train (and eval) sets of a validated `data:` section for `method`.
 
     `locate(("data", "train", 0, "path"))` names where a key is in the recipe
@@ -39,6 +40,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     `model` (the recipe's `model:` section) gives the tokenizer `data.curate` counts tokens with.
     The result depends only on the data, `seed` and, for token counts, the tokenizer.
     With `streaming:` the train set is a `datasets.IterableDataset` read lazily (stream.py).
+    `store`: keep what was prepared in the cache (cache.py) for the next run.
     """
     if data.get("streaming"):
         return stream.load(data, method=method, seed=seed, locate=locate)
@@ -96,7 +98,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
         sources=[source.report for source in every],
         warnings=warnings,
     )
-    if cache_key:
+    if cache_key and store:
         meta = {"shape": prepared.shape, "sources": [vars(s) for s in prepared.sources], "warnings": warnings}
         cache.store(cache_key, prepared.train, prepared.eval, meta)
         # Hand back the on-disk copy: TRL's tokenization of it is then cached for the next run too.

@@ -117,7 +117,20 @@ def _local_files(path, where):
 
 
 def sha256_files(paths):
-    """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`."""
+    """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`.
+
+    Kept for the process by the files' paths, sizes and modification times: the cache key and the
+    run's record both need it, and each file is read for it only once."""
+    stamp = tuple((os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = _hash_files(paths)
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict = {}
+
+
+def _hash_files(paths):
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
