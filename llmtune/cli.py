@@ -9,27 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from . import ranks
-from .data import check_data
 from .errors import UserError
-from .files import read_manifest
-from .launch import rank
-from .launch.rank import record_failure
-from .paths import SHIPPED
-from .recipe.check import resolve
-from .recipe.copy import copy_recipe
-from .recipe.jsonschema import render
-from .recipe.loader import shipped_recipe
-from .runner.rundir import devices, package_versions, summarize
-from .runner.session import RunOptions, TrainingFailed, prepare_data, run_recipe
-from .secret import redact
-from .tools import push as hub
-from .tools.evaluation import Options, evaluate
-from .tools.export import export_gguf, merge as merge_run
-from .tools.infer import Sampling, chat as run_chat, generate as run_generate, load, prompt_ids
-from .tools.inspect import inspect
-from .tools.plan import plan as make_plan
-from .tools.push import PushFailed, after_training
 from .verbs import METHODS
 
 app = typer.Typer(
@@ -69,6 +49,8 @@ def _launch_sets(num_processes, backend, nodes, main_addr, main_port) -> list[st
 
 
 def _fail(problems: list[str], code: int = 2, details: str = ""):
+    from .launch.rank import record_failure
+
     if not record_failure(problems, code, details):  # a launched process hands its error to the launcher
         for problem in problems:
             typer.echo(f"error: {problem}", err=True)
@@ -80,6 +62,10 @@ def _fail(problems: list[str], code: int = 2, details: str = ""):
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
            dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
            extra_args=(), print_command: bool = False, force_launch: bool = False) -> None:
+    from . import ranks
+    from .recipe.check import resolve
+    from .runner.session import RunOptions, run_recipe
+
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
     options = RunOptions(str(recipe), tuple(sets or ()), verb or "train", tuple(sys.argv), output_dir, overwrite,
@@ -97,6 +83,9 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
 @contextmanager
 def _exit_codes():
     """What a run raises, as the message and exit code the user gets: 2 bad input, 1 failed, 130 interrupted."""
+    from . import ranks
+    from .runner.session import TrainingFailed
+
     try:
         yield
     except UserError as err:
@@ -118,6 +107,9 @@ def _exit_codes():
 def _dry_run(resolved) -> None:
     import yaml
 
+    from .runner.session import prepare_data
+    from .secret import redact
+
     data = prepare_data(resolved)
     typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
     for s in data.sources:
@@ -125,6 +117,8 @@ def _dry_run(resolved) -> None:
 
 
 def _upload(run_dir: Path, settings: dict) -> None:
+    from .tools.push import PushFailed, after_training
+
     try:
         after_training(run_dir, settings)
     except PushFailed as err:  # training finished; only the upload did not
@@ -134,6 +128,10 @@ def _upload(run_dir: Path, settings: dict) -> None:
 
 def _summary(outcome, options) -> None:
     """The run directory and final metrics, printed once (by rank 0, or by the launcher that started the launch)."""
+    from .files import read_manifest
+    from .launch import rank
+    from .runner.rundir import summarize
+
     if outcome.metrics is None:  # launched processes trained; their metrics are in the run's manifest
         if outcome.code == 0 and not options.print_command and options.node_rank == 0:
             summarize(outcome.run_dir, read_manifest(outcome.run_dir).get("metrics") or {})
@@ -198,6 +196,9 @@ def validate(
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files."),
 ):
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
+    from .data import check_data
+    from .recipe.check import resolve
+
     problems = []
     for recipe in recipes:
         try:
@@ -217,6 +218,8 @@ def validate(
 def schema():
     """Print the recipe's JSON Schema (llmtune's sections, each method's TRL config fields, each adapter type's PEFT
     fields, with their help text) for YAML editors: `llmtune schema > recipe.schema.json`."""
+    from .recipe.jsonschema import render
+
     typer.echo(render(), nl=False)
 
 
@@ -224,6 +227,8 @@ def schema():
 def env():
     """Versions of llmtune and its libraries, and the devices torch sees."""
     import json
+
+    from .runner.rundir import devices, package_versions
 
     typer.echo(json.dumps({"packages": package_versions(), "devices": devices()}, indent=2))
 
@@ -239,6 +244,9 @@ def data_inspect(
 ):
     """Per source: format and why, token lengths, sample rows through the real chat template with the trained
     tokens marked, the stop token; warnings about templates, masks and truncation. Exit 0, or 2 on bad data."""
+    from .recipe.check import resolve
+    from .tools.inspect import inspect
+
     try:
         color = sys.stdout.isatty() if color is None else color
         lines, warnings = inspect(resolve(recipe, set_), rows, color)
@@ -259,6 +267,9 @@ def plan(
 ):
     """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
     launch command, without loading any weights."""
+    from .recipe.check import resolve
+    from .tools.plan import plan as make_plan
+
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
         lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
@@ -276,6 +287,8 @@ def merge(
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
     (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
+    from .tools.export import merge as merge_run
+
     try:
         written, notes = merge_run(run_dir, out, overwrite)
     except UserError as err:
@@ -297,6 +310,8 @@ def export(
 ):
     """Write the trained model as one GGUF file with its tokenizer and chat template (Llama architecture), and an
     Ollama Modelfile beside it."""
+    from .tools.export import export_gguf
+
     if format_ != "gguf":
         _fail([f"--format {format_}: the only export format is `gguf`"])
     try:
@@ -327,6 +342,8 @@ def push(
     """Upload a finished run to the Hugging Face Hub: model or adapter, tokenizer, model card, recipe.yaml,
     manifest.json, metrics.jsonl, loss.png, eval results (no checkpoints, no train.log). Token: HF_TOKEN or
     `hf auth login`."""
+    from .tools import push as hub
+
     try:
         settings = hub.target(run_dir, repo_id, private, revision)
         if dry_run:
@@ -354,6 +371,8 @@ SYSTEM = typer.Option(None, "--system", help="A system message before the conver
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+    from .tools.infer import Sampling
+
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
@@ -367,6 +386,8 @@ def generate(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
+    from .tools.infer import generate as run_generate, load, prompt_ids
+
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     try:
         loaded = load(run_dir)
@@ -389,6 +410,8 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Chat with the trained model in the terminal, through the run's own chat template."""
+    from .tools.infer import chat as run_chat, load
+
     try:
         run_chat(load(run_dir), _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
                  system)
@@ -415,6 +438,8 @@ def eval_(
                                          "GPU when there is one]."),
 ):
     """Score the trained model on lm-evaluation-harness tasks; results go to RUN_DIR/eval/ and manifest.json."""
+    from .tools.evaluation import Options, evaluate
+
     try:
         lines, written = evaluate(run_dir, tasks, Options(limit, num_fewshot, batch_size, apply_chat_template,
                                                           device))
@@ -427,6 +452,8 @@ def eval_(
 @recipes_app.command("list")
 def recipes_list():
     """Shipped recipes with the first line of their header comment."""
+    from .paths import SHIPPED
+
     for path in sorted(SHIPPED.rglob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[:1]
         about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
@@ -436,6 +463,8 @@ def recipes_list():
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="Recipe name from `llmtune recipes list`.")):
     """Print a shipped recipe."""
+    from .recipe.loader import shipped_recipe
+
     path = shipped_recipe(name)
     if path is None:
         _fail([f"no shipped recipe '{name}'; see `llmtune recipes list`"])
@@ -448,6 +477,8 @@ def recipes_copy(
     dest: Path = typer.Argument(..., help="A .yaml file, or a folder (created if missing)."),
 ):
     """Copy a shipped recipe to edit as your own; the sample data it names goes to data/ beside it."""
+    from .recipe.copy import copy_recipe
+
     try:
         for written in copy_recipe(name, dest):
             typer.echo(f"wrote {written}")
