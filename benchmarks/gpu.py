@@ -76,7 +76,7 @@ LLMTUNE_CHILD = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 metrics = run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
 print(json.dumps({{"runtime": metrics["train_runtime"], "peak": torch.cuda.max_memory_allocated(),
                   "tokens": json.loads(open({out!r} + "/metrics.jsonl").readlines()[-1]).get("num_tokens"),

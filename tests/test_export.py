@@ -258,7 +258,7 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
 
 # Ollama Modelfile: its TEMPLATE is executed as Go's text/template would (tests/gotemplate.py, and Go itself
 # when installed) and compared with transformers' rendering of the chat template the run trained with.
-CHATS = [  # (messages, ends in an answer Ollama continues); other texts than llmtune.ollama checks itself with
+CHATS = [  # (messages, ends in an answer Ollama continues); other texts than llmtune.tools.ollama checks itself with
     ([{"role": "user", "content": "Say hi"}], False),
     ([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi!"},
       {"role": "user", "content": "And\nbye?"}], False),

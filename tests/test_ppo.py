@@ -367,7 +367,7 @@ DDP_SCRIPT = """\
 import hashlib, sys, torch
 from llmtune.methods import ppo
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 build = ppo.build_trainer
 def keep(**inputs):
