@@ -61,7 +61,7 @@ def bpe_tokenizer(folder: Path) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmtune.model import TINY_CHAT_TEMPLATE, TINY_SPECIALS
+    from llmtune.builtin import TINY_CHAT_TEMPLATE, TINY_SPECIALS
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,7 +88,7 @@ def main() -> None:
 
         write(folder, rows)
         model = {"name": "builtin:tiny", "revision": None, "chat_template": None, "trust_remote_code": False}
-        from llmtune.model import builtin_path
+        from llmtune.builtin import builtin_path
 
         builtin_path("tiny")  # built once, outside the timings
         bpe = bpe_tokenizer(folder)

@@ -41,8 +41,9 @@ def child(path: str, num_proc: int | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from llmtune.data import load_data
     from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
-    from llmtune.run import quiet
+    from llmtune.model import load_model
+    from llmtune.tokenizer import load_tokenizer
+    from llmtune.logs import quiet
 
     quiet()
     start = time.perf_counter()
@@ -110,7 +111,7 @@ def main() -> None:
 def compare_processes(n: int, sizes: list[int], repeats: int) -> None:
     """TRL's tokenization (first run, cold caches) in one process and in `n`, per row count."""
     sys.path.insert(0, str(ROOT))
-    from llmtune.fast import tokenize_processes
+    from llmtune.defaults import tokenize_processes
 
     rng = random.Random(0)
     print(f"tokenizing `messages` rows, first run; {len(os.sched_getaffinity(0))} usable cores; seconds, median "

@@ -38,7 +38,7 @@ def build_model(size: str, out: Path) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     hidden, layers, heads, kv, inter = SIZES[size]
     tokenizer = build_tiny_tokenizer()
@@ -81,7 +81,7 @@ LLMTUNE_CHILD = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 metrics = run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
 print(json.dumps({{"runtime": metrics["train_runtime"], "peak": torch.cuda.max_memory_allocated(),
                   "tokens": [r["num_tokens"] for r in map(json.loads, open({out!r} + "/metrics.jsonl"))

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="compare with packing on in both")
     opts = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     model_dir = str(builtin_path("tiny"))
     with tempfile.TemporaryDirectory() as tmp:

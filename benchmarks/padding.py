@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 def trainer_for(packing: bool):
     from llmtune.data import load_data
     from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
+    from llmtune.model import load_model
+    from llmtune.tokenizer import load_tokenizer
     from trl import SFTConfig
 
     section = {"train": [{"path": str(ROOT / "recipes/data/chat.jsonl"), "format": "auto", "columns": {},
@@ -47,7 +48,7 @@ def masks(trainer):
 
 
 def main() -> None:
-    from llmtune.run import quiet
+    from llmtune.logs import quiet
 
     quiet()
     print(f"{'setting':<40} {'efficiency':>10} {'tokens/s':>10}")

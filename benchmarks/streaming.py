@@ -29,8 +29,9 @@ def child(path: str, mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     from llmtune.data import load_data
     from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
-    from llmtune.run import quiet
+    from llmtune.model import load_model
+    from llmtune.tokenizer import load_tokenizer
+    from llmtune.logs import quiet
 
     quiet()
     section = {"train": [{"path": path, "format": "auto", "columns": {}, "weight": 1.0}], "eval": None,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .errors import UserError
-from .methods import METHODS
+from .verbs import METHODS
 
 app = typer.Typer(
     help="Fine-tune language models from YAML recipes (TRL, PEFT, bitsandbytes, accelerate).",
@@ -61,63 +62,83 @@ def _fail(problems: list[str], code: int = 2, details: str = ""):
 
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
            dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
-           extra_args=(), show: bool = False, always: bool = False) -> None:
-    from .launch import rank
+           extra_args=(), print_command: bool = False, force_launch: bool = False) -> None:
+    from . import ranks
     from .recipe.check import resolve
+    from .runner.session import RunOptions, run_recipe
 
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
-    try:
+    options = RunOptions(str(recipe), tuple(sets or ()), verb or "train", tuple(sys.argv), output_dir, overwrite,
+                         resume, resume_force, node_rank, tuple(extra_args), print_command, force_launch)
+    with _exit_codes():
         resolved = resolve(recipe, sets or [], verb=verb)
         if dry_run:
-            import yaml
+            return _dry_run(resolved)
+        outcome = run_recipe(resolved, options)
+        if outcome.metrics is not None and resolved.config.get("hub") and ranks.is_main_process():
+            _upload(outcome.run_dir, resolved.config["hub"])  # after the run: a failed upload loses nothing
+    _summary(outcome, options)
 
-            from .data import load_data
-            from .recipe.loader import redact
 
-            data = load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                             locate=resolved.locate, model=resolved.config["model"])
-            typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
-            for s in data.sources:
-                typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
-            return
-        from .run import read_manifest, summarize
-        from .hub import PushFailed
-        from .train import TrainingFailed, run
+@contextmanager
+def _exit_codes():
+    """What a run raises, as the message and exit code the user gets: 2 bad input, 1 failed, 130 interrupted."""
+    from . import ranks
+    from .runner.session import TrainingFailed
 
-        if not rank.launched():  # many processes: run this command again in each, under accelerate
-            from .launch.launcher import start
-
-            code = start(resolved, verb or "train", str(recipe), sets, output_dir=output_dir, overwrite=overwrite,
-                         resume=resume, resume_force=resume_force, node_rank=node_rank, extra_args=extra_args,
-                         show=show, always=always)
-            if code is not None:
-                if code == 0 and not show and node_rank == 0:
-                    path = Path(output_dir or resolved.config["output_dir"])
-                    summarize(path, read_manifest(path).get("metrics") or {})
-                raise typer.Exit(code)
-        metrics = run(resolved, sys.argv, output_dir=output_dir, overwrite=overwrite, resume=resume,
-                      resume_force=resume_force)
+    try:
+        yield
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
-        if rank.rank() == 0:
+        if ranks.is_main_process():
             _fail([f"training failed: {err}", *([err.hint] if err.hint else []), f"full traceback: {err.log}"],
                   code=1)
         import traceback  # only rank 0 writes train.log: another rank's traceback goes with its error
 
         _fail([f"training failed: {err}", *([err.hint] if err.hint else [])], code=1,
               details="".join(traceback.format_exception(err.__cause__)))
-    except PushFailed as err:  # training finished; only the upload did not
-        path = Path(output_dir or resolved.config["output_dir"])
-        _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {path}; retry the upload "
-               f"with `llmtune push {path}`"], code=1)
     except KeyboardInterrupt as err:
-        if rank.rank() == 0:
+        if ranks.is_main_process():
             typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
         raise typer.Exit(130)
+
+
+def _dry_run(resolved) -> None:
+    import yaml
+
+    from .runner.session import prepare_data
+    from .secret import redact
+
+    data = prepare_data(resolved)
+    typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
+    for s in data.sources:
+        typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
+
+
+def _upload(run_dir: Path, settings: dict) -> None:
+    from .tools.push import PushFailed, after_training
+
+    try:
+        after_training(run_dir, settings)
+    except PushFailed as err:  # training finished; only the upload did not
+        _fail([f"upload to the Hub failed: {err}", f"the run is complete and intact in {run_dir}; retry the upload "
+               f"with `llmtune push {run_dir}`"], code=1)
+
+
+def _summary(outcome, options) -> None:
+    """The run directory and final metrics, printed once (by rank 0, or by the launcher that started the launch)."""
+    from .files import read_manifest
+    from .launch import rank
+    from .runner.rundir import summarize
+
+    if outcome.metrics is None:  # launched processes trained; their metrics are in the run's manifest
+        if outcome.code == 0 and not options.print_command and options.node_rank == 0:
+            summarize(outcome.run_dir, read_manifest(outcome.run_dir).get("metrics") or {})
+        raise typer.Exit(outcome.code)
     if rank.prints_summary():
-        summarize(Path(output_dir or resolved.config["output_dir"]), metrics)
+        summarize(outcome.run_dir, outcome.metrics)
 
 
 def _method_verb(name: Optional[str], doc: str):
@@ -160,13 +181,13 @@ def launch(
     num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND,
     nodes: Optional[int] = NODES, node_rank: int = NODE_RANK, main_addr: Optional[str] = MAIN_ADDR,
     main_port: Optional[int] = MAIN_PORT,
-    show: bool = typer.Option(False, "--print", help="Print the accelerate command and write the config it uses; "
-                              "run nothing."),
+    print_command: bool = typer.Option(False, "--print", help="Print the accelerate command and write the config it "
+                                       "uses; run nothing."),
 ):
     """Run the recipe's method under `accelerate launch` (even as one process); options after `--` go to accelerate."""
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, main_addr, main_port)]
     _train(recipe, sets, None, output_dir, overwrite, False, resume=resume, resume_force=resume_force,
-           node_rank=node_rank, extra_args=ctx.args, show=show, always=True)
+           node_rank=node_rank, extra_args=ctx.args, print_command=print_command, force_launch=True)
 
 
 @app.command()
@@ -176,6 +197,7 @@ def validate(
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files."),
 ):
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
+    from .data import check_data
     from .recipe.check import resolve
 
     problems = []
@@ -183,8 +205,6 @@ def validate(
         try:
             resolved = resolve(recipe, set_)
             if not no_data:
-                from .data import check_data
-
                 check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                            locate=resolved.locate, model=resolved.config["model"])
         except UserError as err:
@@ -209,7 +229,7 @@ def env():
     """Versions of llmtune and its libraries, and the devices torch sees."""
     import json
 
-    from .run import devices, package_versions
+    from .runner.rundir import devices, package_versions
 
     typer.echo(json.dumps({"packages": package_versions(), "devices": devices()}, indent=2))
 
@@ -226,10 +246,9 @@ def data_inspect(
     """Per source: format and why, token lengths, sample rows through the real chat template with the trained
     tokens marked, the stop token; warnings about templates, masks and truncation. Exit 0, or 2 on bad data."""
     from .recipe.check import resolve
+    from .tools.inspect import inspect
 
     try:
-        from .data.inspect import inspect
-
         color = sys.stdout.isatty() if color is None else color
         lines, warnings = inspect(resolve(recipe, set_), rows, color)
     except UserError as err:
@@ -250,11 +269,10 @@ def plan(
     """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
     launch command, without loading any weights."""
     from .recipe.check import resolve
+    from .tools.plan import plan as make_plan
 
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
-        from .plan import plan as make_plan
-
         lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
     except UserError as err:
         _fail(err.problems)
@@ -270,7 +288,7 @@ def merge(
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
     (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
-    from .export import merge as merge_run
+    from .tools.export import merge as merge_run
 
     try:
         written, notes = merge_run(run_dir, out, overwrite)
@@ -293,11 +311,11 @@ def export(
 ):
     """Write the trained model as one GGUF file with its tokenizer and chat template (Llama, Mistral, Qwen2/2.5,
     Qwen3, Gemma 2, Gemma 3 text, Phi-3 architectures), and an Ollama Modelfile beside it."""
+    from .tools.export import export_gguf
+
     if format_ != "gguf":
         _fail([f"--format {format_}: the only export format is `gguf`"])
     try:
-        from .export import export_gguf
-
         written, notes, warnings = export_gguf(run_dir, out, quant, overwrite, ollama)
     except ImportError as err:
         _fail([f"GGUF export needs the `gguf` package: pip install 'llmtune-recipes[export]' ({err})"])
@@ -325,7 +343,7 @@ def push(
     """Upload a finished run to the Hugging Face Hub: model or adapter, tokenizer, model card, recipe.yaml,
     manifest.json, metrics.jsonl, loss.png, eval results (no checkpoints, no train.log). Token: HF_TOKEN or
     `hf auth login`."""
-    from . import hub
+    from .tools import push as hub
 
     try:
         settings = hub.target(run_dir, repo_id, private, revision)
@@ -355,7 +373,7 @@ SYSTEM = typer.Option(None, "--system", help="A system message before the conver
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
-    from .infer import Sampling
+    from .tools.infer import Sampling
 
     return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
@@ -370,8 +388,7 @@ def generate(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
-    from .infer import generate as run_generate
-    from .infer import load, prompt_ids
+    from .tools.infer import generate as run_generate, load, prompt_ids
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     try:
@@ -395,8 +412,7 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Chat with the trained model in the terminal, through the run's own chat template."""
-    from .infer import chat as run_chat
-    from .infer import load
+    from .tools.infer import chat as run_chat, load
 
     try:
         run_chat(load(run_dir), _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
@@ -424,9 +440,9 @@ def eval_(
                                          "GPU when there is one]."),
 ):
     """Score the trained model on lm-evaluation-harness tasks; results go to RUN_DIR/eval/ and manifest.json."""
-    try:
-        from .evaluation import Options, evaluate
+    from .tools.evaluation import Options, evaluate
 
+    try:
         lines, written = evaluate(run_dir, tasks, Options(limit, num_fewshot, batch_size, apply_chat_template,
                                                           device))
     except UserError as err:
@@ -438,7 +454,7 @@ def eval_(
 @recipes_app.command("list")
 def recipes_list():
     """Shipped recipes with the first line of their header comment."""
-    from .recipe.loader import SHIPPED
+    from .paths import SHIPPED
 
     for path in sorted(SHIPPED.rglob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[:1]

@@ -1,4 +1,4 @@
-"""Go's text/template, the subset `llmtune.ollama` emits, to check Modelfile templates without Ollama.
+"""Go's text/template, the subset `llmtune.tools.ollama` emits, to check Modelfile templates without Ollama.
 
 Text and actions with `{{-`/`-}}` trimming; `range $i, $_ := PIPE`, `if`/`else if`/`else`/`end`;
 `$x := PIPE`; pipes of `.Field`, `$.Field`, `$var`, string and integer literals, parentheses (and

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from llmtune.errors import UserError
-from llmtune.infer import Sampling, generate, load, prompt_ids
-from llmtune.model import builtin_path, convert_adapter, mergeable, peft_config, save_initial_adapter
+from llmtune.tools.infer import Sampling, generate, load, prompt_ids
+from llmtune.builtin import builtin_path
+from llmtune.model import convert_adapter, peft_config, save_initial_adapter
+from llmtune.recipe.schema import mergeable
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, make_recipe
 
@@ -51,7 +53,7 @@ def test_each_adapter_trains_saves_reloads_and_generates(tmp_path, name):
         if mergeable(peft_type):  # what `llmtune merge` relies on: folded in, the model computes the same
             torch.testing.assert_close(loaded.model.merge_and_unload()(ids).logits, logits, atol=1e-4, rtol=1e-4)
         else:  # virtual tokens: `llmtune merge` says there is nothing to fold
-            from llmtune.export import merge
+            from llmtune.tools.export import merge
 
             with pytest.raises(UserError, match="adds virtual tokens rather than weight updates"):
                 merge(out, tmp_path / "merged")
@@ -67,17 +69,17 @@ def test_each_adapter_trains_saves_reloads_and_generates(tmp_path, name):
 
 @pytest.mark.slow
 def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tmp_path):
-    import llmtune.model
+    import llmtune.runner.session
 
     seen = {}
-    real = llmtune.model.loraplus_optimizer
+    real = llmtune.runner.session.loraplus_optimizer
 
     def spy(trainer, ratio):
         seen["optimizer"] = real(trainer, ratio)
         return seen["optimizer"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llmtune.model, "loraplus_optimizer", spy)
+        mp.setattr(llmtune.runner.session, "loraplus_optimizer", spy)
         run(resolve(RECIPES / "adapters/loraplus.yaml", ["train.max_steps=1", "data.eval=0"]), ["llmtune"],
             output_dir=str(tmp_path / "run"))
     rates = {group["initial_lr"] for group in seen["optimizer"].param_groups if group["params"]}

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from llmtune.data import METHOD_FORMATS, load_data
+from llmtune.data import load_data
+from llmtune.verbs import METHODS
 from llmtune.errors import UserError
 
 from .conftest import write_jsonl
@@ -459,7 +460,7 @@ def test_prompts_for_rl_methods(tmp_path):
     assert (data.sources[0].format, data.shape, data.train.to_list()) == (
         "prompt", "conversational_prompt_only", [{"prompt": CHAT[:1]}]
     )
-    assert METHOD_FORMATS["ppo"] == ("prompt",)
+    assert METHODS["ppo"].formats == ("prompt",)
 
 
 def test_a_prompt_beside_half_a_pair_matches_no_format(tmp_path):

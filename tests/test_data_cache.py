@@ -2,7 +2,7 @@
 
 import pytest
 
-import llmtune.data as data_module
+import llmtune.data.prepare as data_module
 from llmtune.data import load_data
 
 from .conftest import write_jsonl

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from llmtune.export import merge
-from llmtune.infer import load
+from llmtune.tools.export import merge
+from llmtune.tools.infer import load
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli
 
@@ -105,7 +105,7 @@ def test_eval_scores_the_shipped_task_as_computed_by_hand(quickstart, expected, 
     # The quickstart learned something the task measures: the untrained base scores lower (chance is 0.25).
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     base = by_hand(AutoModelForCausalLM.from_pretrained(builtin_path("tiny")), load(quickstart).tokenizer)
     assert scores["acc,none"] > base["acc"] + 0.15

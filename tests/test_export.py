@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmtune.infer import Sampling, generate, load, prompt_ids
+from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import cli, make_recipe, write_jsonl
 from .llamacpp import llama_cpp
@@ -70,13 +70,13 @@ def test_qlora_merge_folds_into_the_dequantized_weights_it_trained_against(tmp_p
     ids = prompt_ids(adapter.tokenizer, [{"role": "user", "content": "Count to 3"}])
     with torch.no_grad():
         reference = adapter.model(input_ids=ids).logits
-        from llmtune.export import merged_model
+        from llmtune.tools.export import merged_model
 
         ours = merged_model(run_dir)[0](input_ids=ids).logits
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from llmtune.model import builtin_path
+        from llmtune.builtin import builtin_path
 
         naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_path("tiny")),
                                           run_dir).merge_and_unload()(input_ids=ids).logits
@@ -230,7 +230,7 @@ def test_gguf_round_trips_through_the_gguf_reader(lora_run, tmp_path, quant):
     assert meta["tokenizer.chat_template"] == tokenizer.chat_template.replace("{% generation %}", "").replace(
         "{% endgeneration %}", "")
 
-    from llmtune.export import merged_model
+    from llmtune.tools.export import merged_model
 
     weights = merged_model(lora_run)[0].state_dict()
     tensors = {t.name: t for t in reader.tensors}
@@ -251,7 +251,7 @@ def test_gguf_round_trips_through_the_gguf_reader(lora_run, tmp_path, quant):
 def test_unsupported_architecture_fails_clearly(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
@@ -284,7 +284,7 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
     """Llama 3.x shapes: rope_freqs from llama3 rope scaling, output head tied to the embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
@@ -305,7 +305,7 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_llama_cpp(tmp_path):
 
 # Ollama Modelfile: its TEMPLATE is executed as Go's text/template would (tests/gotemplate.py, and Go itself
 # when installed) and compared with transformers' rendering of the chat template the run trained with.
-CHATS = [  # (messages, ends in an answer Ollama continues); other texts than llmtune.ollama checks itself with
+CHATS = [  # (messages, ends in an answer Ollama continues); other texts than llmtune.tools.ollama checks itself with
     ([{"role": "user", "content": "Say hi"}], False),
     ([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi!"},
       {"role": "user", "content": "And\nbye?"}], False),
@@ -360,7 +360,7 @@ def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, t
     import gguf
     from transformers import AutoTokenizer
 
-    from llmtune.infer import end_of_turn_token
+    from llmtune.tokenizer import end_of_turn_token
 
     from .gotemplate import execute
 
@@ -386,7 +386,7 @@ def test_export_writes_an_ollama_modelfile_that_renders_like_the_run(lora_run, t
 
 @pytest.mark.slow
 def test_no_modelfile_without_a_decomposable_template_and_never_a_stale_one(lora_run, tmp_path):
-    from llmtune.model import read_chat_template
+    from llmtune.paths import read_chat_template
 
     run_dir = tmp_path / "run"
     shutil.copytree(lora_run, run_dir)
@@ -398,7 +398,7 @@ def test_no_modelfile_without_a_decomposable_template_and_never_a_stale_one(lora
     assert [p.name for p in run_dir.glob("*.gguf")] == ["lora-f16.gguf"] and not list(run_dir.glob("*Modelfile*"))
 
     from llmtune.errors import UserError
-    from llmtune.export import export_gguf
+    from llmtune.tools.export import export_gguf
 
     assert export_gguf(lora_run, tmp_path / "a.gguf", ollama=False)[2] == []  # --no-ollama
     assert (tmp_path / "a.gguf").is_file() and not (tmp_path / "a.Modelfile").exists()
@@ -420,8 +420,9 @@ REFUSED = {"llama3_2": "writes today's date", "gemma3": "depends on the turns ar
 
 def trl_template_modelfiles(adds_bos):
     """(name, tokenizer, Modelfile commands, notes, BOS llama.cpp adds) per decomposable TRL template (tiny vocab)."""
-    from llmtune.model import build_tiny_tokenizer, read_chat_template
-    from llmtune.ollama import modelfile
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.paths import read_chat_template
+    from llmtune.tools.ollama import modelfile
 
     for name in DECOMPOSABLE:
         tokenizer = build_tiny_tokenizer()
@@ -444,8 +445,9 @@ def expected_renders(tokenizer, commands, bos):
 
 @pytest.mark.parametrize("adds_bos", [False, True])
 def test_trl_chat_templates_become_ollama_templates_or_a_reason(adds_bos):
-    from llmtune.model import build_tiny_tokenizer, read_chat_template
-    from llmtune.ollama import NotDecomposable, modelfile
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.paths import read_chat_template
+    from llmtune.tools.ollama import NotDecomposable, modelfile
 
     from .gotemplate import execute
 
@@ -470,8 +472,9 @@ def test_trl_chat_templates_become_ollama_templates_or_a_reason(adds_bos):
 
 def test_every_shipped_trl_template_gets_a_verified_modelfile_or_a_reason():
     """No template TRL ships (their `_training` variants included) crashes the export or gets a wrong template."""
-    from llmtune.model import _trl_templates_dir, build_tiny_tokenizer
-    from llmtune.ollama import NotDecomposable, modelfile
+    from llmtune.paths import _trl_templates_dir
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.tools.ollama import NotDecomposable, modelfile
 
     from .gotemplate import execute
 
@@ -494,7 +497,7 @@ def test_modelfile_templates_render_the_same_in_go_text_template():
     """The same templates through Go's own text/template, as Ollama executes them (tests/ollama_render.go)."""
     import subprocess
 
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     tiny = build_tiny_tokenizer()
     jobs = [{"Template": TINY_OLLAMA_TEMPLATE, "Chats": [ollama_data(chat, None)["Messages"] for chat, _ in CHATS]}]

@@ -11,13 +11,13 @@ import os
 import pytest
 from transformers import utils
 
-from llmtune import fast
+from llmtune import defaults as fast
 from llmtune.data import load_data
 from llmtune.methods import sft
-from llmtune.plan import plan
+from llmtune.tools.plan import plan
 from llmtune.recipe.check import resolve
-from llmtune.resume import fingerprint
-from llmtune.train import run, training_args
+from llmtune.runner.resume import fingerprint
+from llmtune.runner.session import train as run, training_args
 
 from .conftest import RECIPES, make_recipe
 

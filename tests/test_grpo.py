@@ -6,7 +6,7 @@ import json
 import pytest
 
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import cli, make_recipe, write_jsonl
 from .test_ppo import letter_rm, quarter_means  # noqa: F401 - a fixture, shared with the PPO tests

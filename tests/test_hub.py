@@ -13,8 +13,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo
 from typer.testing import CliRunner
 
-from llmtune import hub
+from llmtune.tools import push as hub
 from llmtune.cli import app
+from llmtune.files import is_repo_id
 
 from .conftest import RECIPES, cli, make_recipe, write_recipe
 
@@ -149,8 +150,8 @@ def test_uploaded_card_is_a_hub_card(pushed):
     # On the Hub the card loads from the repository; the local card from the folder.
     assert card.count('from_pretrained("me/tiny-sft")') == 2 and str(out) not in card
     assert f'from_pretrained("{out}")' in (out / "README.md").read_text()
-    assert hub.is_repo_id("Qwen/Qwen2.5-0.5B") and not hub.is_repo_id("builtin:tiny")
-    assert not hub.is_repo_id("Qwen2.5-0.5B") and not hub.is_repo_id("a--b/c") and not hub.is_repo_id("a/b.git")
+    assert is_repo_id("Qwen/Qwen2.5-0.5B") and not is_repo_id("builtin:tiny")
+    assert not is_repo_id("Qwen2.5-0.5B") and not is_repo_id("a--b/c") and not is_repo_id("a/b.git")
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from llmtune.data.inspect import TrainingView, inspect
+from llmtune.tools.inspect import TrainingView, inspect
 from llmtune.recipe.check import resolve
 
 from .conftest import cli, make_recipe, write_jsonl
@@ -51,8 +51,9 @@ def test_marked_tokens_are_the_labels_sft_trains(tmp_path, row, marked):
     """What inspect marks is what SFTTrainer (with a model) puts in `labels`."""
     from llmtune.data import load_data
     from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
-    from llmtune.train import training_args
+    from llmtune.model import load_model
+    from llmtune.tokenizer import load_tokenizer
+    from llmtune.runner.session import training_args
 
     resolved = resolve(recipe(tmp_path, rows=[row] * 16))
     lines, warnings = inspect(resolved, rows=1)

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from llmtune.launch import effective_batch, launch_command, settle
-from llmtune.launch import rules
-from llmtune.launch.launcher import CONFIGS, accelerate_config, child_args, preflight
+from llmtune.recipe import rules
+from llmtune.paths import LAUNCH_CONFIGS as CONFIGS
+from llmtune.launch.launcher import accelerate_config, child_args, preflight
 from llmtune.recipe.check import resolve
 from llmtune.errors import UserError
 
@@ -86,7 +87,7 @@ def test_backend_trains_on_two_processes(tmp_path, backend):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     base = AutoModelForCausalLM.from_pretrained(builtin_path("tiny")).state_dict()
     if adapter:

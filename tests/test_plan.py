@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from llmtune.plan import GIB, RUNTIME_OVERHEAD, Settings, Shape, estimate, model_shape, plan
+from llmtune.memory import GIB, RUNTIME_OVERHEAD, Settings, Shape, estimate, model_shape
+from llmtune.tools.plan import plan
 from llmtune.recipe.check import resolve
 
 from .conftest import RECIPES, cli, make_recipe
@@ -20,7 +21,7 @@ def config_only_model(tmp_path_factory, llmtune_cache):
     """A model folder with config.json and a tokenizer, and no weights at all."""
     from transformers import LlamaConfig
 
-    from llmtune.model import build_tiny_tokenizer
+    from llmtune.builtin import build_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("llama-1b-config")
     LlamaConfig(**LLAMA_1B, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
@@ -55,7 +56,8 @@ def test_parameter_counts_equal_the_loaded_model(tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path, peft_config
+    from llmtune.builtin import builtin_path
+    from llmtune.model import peft_config
 
     resolved = resolve(recipe_for(tmp_path, "builtin:tiny", {"type": "dora", "r": 4}))
     shape = model_shape(resolved.config)

@@ -13,7 +13,7 @@ import torch
 
 from llmtune.methods import ppo_core as core
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import ROOT, cli, make_recipe, write_jsonl
 
@@ -101,7 +101,7 @@ def build_letter_reward_model(out: Path) -> Path:
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_path("tiny"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
@@ -198,7 +198,7 @@ def test_lora_policy_reloads_and_generates_on_an_unchanged_base(lora_run):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["method"] == "ppo"
@@ -233,7 +233,7 @@ def capture_trainer(monkeypatch):
 def test_full_fine_tuning_keeps_a_frozen_reference_and_learns_values(tmp_path, letter_rm, prompts, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     seen = capture_trainer(monkeypatch)
     recipe = ppo_recipe(tmp_path, letter_rm, prompts, adapter=None, steps=8, lr=1e-4)
@@ -261,8 +261,9 @@ def lora_trainer(tmp_path, letter_rm, prompts, sets=()):
     """The PPOTrainer `llmtune ppo` builds for a LoRA recipe, untrained, its adapter given random weights."""
     from llmtune.data import load_data
     from llmtune.methods import ppo
-    from llmtune.model import load_model, load_tokenizer, peft_config
-    from llmtune.train import training_args
+    from llmtune.model import load_model, peft_config
+    from llmtune.tokenizer import load_tokenizer
+    from llmtune.runner.session import training_args
 
     resolved = resolve(ppo_recipe(tmp_path, letter_rm, prompts), sets)
     config = resolved.config
@@ -282,7 +283,7 @@ def lora_trainer(tmp_path, letter_rm, prompts, sets=()):
 def test_adapter_disabled_reference_matches_the_base_model(tmp_path, letter_rm, prompts):
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     trainer, batch = lora_trainer(tmp_path, letter_rm, prompts)
     sequences, attention, positions, _ = trainer._generate(batch)
@@ -352,7 +353,7 @@ DDP_SCRIPT = """\
 import hashlib, sys, torch
 from llmtune.methods import ppo
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 build = ppo.build_trainer
 def keep(**inputs):

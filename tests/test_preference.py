@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
@@ -105,7 +105,7 @@ def ref_pass_calls(monkeypatch, tmp_path, llmtune_cache):
     """Count the reference model's forward passes, in an empty ref-log-prob cache."""
     from trl import DPOTrainer
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     builtin_path("tiny")  # built in the session cache first
     cache = tmp_path / "cache"
@@ -151,8 +151,8 @@ def test_a_resumed_run_loads_reference_log_probs(tmp_path, ref_pass_calls, monke
     import os
     import signal
 
-    from llmtune import run as run_module
-    from llmtune.interrupt import Interrupted
+    from llmtune.runner import session as run_module
+    from llmtune.runner.interrupt import Interrupted
 
     metrics_callback = run_module.metrics_callback
 
@@ -307,7 +307,7 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     accuracy, scores = pair_accuracy(model, tokenizer)
     assert accuracy == 1.0 and (scores[:, 0] - scores[:, 1]).min() > 1, scores  # chosen scored above rejected
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
     from transformers import set_seed
 
     set_seed(42)  # the untrained head the run started from

@@ -11,6 +11,7 @@ import yaml
 from llmtune.errors import UserError
 from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
+from llmtune.secret import redact
 
 from .conftest import RECIPES, cli, make_recipe, write_recipe
 
@@ -109,7 +110,7 @@ def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
     recipe = make_recipe(tmp_path, data=data_file, text="output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
     assert resolved.config["output_dir"] == "runs/secret_value_123"
-    assert loader.redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
+    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
     hub_token = make_recipe(tmp_path, data=data_file, name="t", train={"hub_token": "x"})
     assert "export HF_TOKEN instead" in problems(hub_token)[0]
 

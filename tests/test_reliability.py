@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from llmtune import lock
+from llmtune.runner import lock
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
-from llmtune.resume import STAGING, checkpoint_to_resume, complete_checkpoints
-from llmtune.train import TrainingFailed, run
+from llmtune.runner.resume import STAGING, checkpoint_to_resume, complete_checkpoints
+from llmtune.runner.session import TrainingFailed, train as run
 
 from .conftest import RECIPES, cli as plain_cli, make_recipe, write_recipe
 
@@ -450,7 +450,7 @@ def test_out_of_memory_names_the_knobs_that_lower_it(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_recognised_however_the_writer_reports_it():
-    from llmtune.faults import disk_full, out_of_memory
+    from llmtune.runner.diagnose import disk_full, out_of_memory
 
     torch_style = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     torch_style.__context__ = RuntimeError("basic_ios::clear: iostream error")
@@ -500,7 +500,7 @@ def scorer(tmp_path_factory):
     """A sequence-classification model for PPO/GRPO to score with (its scores need not mean anything)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     out = tmp_path_factory.mktemp("scorer") / "rm"
     AutoModelForSequenceClassification.from_pretrained(builtin_path("tiny"), num_labels=1).save_pretrained(out)
@@ -525,7 +525,7 @@ def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatc
     from safetensors.torch import load_file
     from transformers.trainer_callback import CallbackHandler
 
-    from llmtune.interrupt import Interrupted
+    from llmtune.runner.interrupt import Interrupted
 
     method, data, adapter, train = METHODS[case]
     fmt = "prompt" if method in ("grpo", "ppo") else "auto"
@@ -566,7 +566,7 @@ def test_every_method_resumes_to_the_same_run(case, scorer, tmp_path, monkeypatc
 
 
 def test_a_new_run_clears_the_earlier_runs_model_files(tmp_path):
-    from llmtune.resume import prepare
+    from llmtune.runner.resume import prepare
 
     for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
                  "tokenizer.json", "notes.txt"):
@@ -591,7 +591,7 @@ def test_a_diverged_run_stops_at_the_step_says_what_to_try_and_saves_no_model(tm
 def test_the_divergence_guard_leaves_fp16_loss_scaling_alone():
     from types import SimpleNamespace
 
-    from llmtune.faults import Diverged, divergence_guard
+    from llmtune.runner.diagnose import Diverged, divergence_guard
 
     state = SimpleNamespace(global_step=3)
     divergence_guard(SimpleNamespace(fp16=True)).on_log(None, state, None, logs={"grad_norm": float("inf")})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli, make_recipe, write_jsonl
 
@@ -36,7 +36,7 @@ def train(tmp_path, name="run", adapter=LORA, data=CHAT, steps=20, lr=3e-3, eval
 def base_weights():
     from transformers import AutoModelForCausalLM
 
-    from llmtune.model import builtin_path
+    from llmtune.builtin import builtin_path
 
     return AutoModelForCausalLM.from_pretrained(builtin_path("tiny")).state_dict()
 
@@ -122,7 +122,7 @@ def test_resolved_recipe_reproduces_the_run(lora_run, tmp_path):
 
 @pytest.mark.slow
 def test_qlora_trains_4bit_base_on_cpu(tmp_path):
-    from llmtune import model as model_module
+    from llmtune.runner import session as model_module
 
     seen = {}
     original = model_module.load_model
@@ -180,8 +180,9 @@ def sft_trainer(recipe, sets=()):
     """The SFTTrainer llmtune builds for a recipe, without training."""
     from llmtune.data import load_data
     from llmtune.methods import sft
-    from llmtune.model import load_model, load_tokenizer
-    from llmtune.train import training_args
+    from llmtune.model import load_model
+    from llmtune.tokenizer import load_tokenizer
+    from llmtune.runner.session import training_args
 
     resolved = resolve(recipe, sets)
     prepared = load_data(resolved.config["data"], method="sft", seed=0)

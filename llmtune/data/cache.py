@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmtune.data.sources import local_fingerprint
 from llmtune.errors import UserError
+from llmtune.paths import cache_dir
 
 VERSION = 2  # bump when conversion changes what a cached dataset holds
 
@@ -50,8 +51,6 @@ def key(data, method, seed, model=None):
 
 
 def folder(cache_key):
-    from llmtune.model import cache_dir
-
     return cache_dir() / "data" / cache_key
 
 

@@ -31,6 +31,7 @@ import json
 import re
 
 from llmtune.errors import UserError
+from llmtune.tokenizer import load_tokenizer
 
 # What each step's count means, in the words `lines()` and the warnings use.
 STEPS = {
@@ -46,29 +47,6 @@ EXAMPLES = 5  # row locations kept per step
 NUM_PERM = 128  # MinHash values per row: the similarity estimate's error is about 0.04
 SHINGLE = 3  # words per near-duplicate shingle
 _WORD = re.compile(r"\w+")
-
-
-def check(checker, config: dict) -> None:
-    """Values of `data.curate` that each parse but mean nothing, reported before anything is read."""
-    data = config.get("data") or {}
-    spec = data.get("curate")
-    if not spec:
-        return
-    where = ("data", "curate")
-    near, low, high = spec.get("near_dedup"), spec.get("min_tokens"), spec.get("max_tokens")
-    if near is not None and not 0 < near <= 1:
-        checker.error(where + ("near_dedup",), f"`data.curate.near_dedup` is a similarity in (0, 1], e.g. 0.8; "
-                      f"got {near}")
-    for key, value in (("min_tokens", low), ("max_tokens", high), ("contamination_ngram",
-                                                                   spec.get("contamination_ngram"))):
-        if value is not None and value < 1:
-            checker.error(where + (key,), f"`data.curate.{key}` must be >= 1; got {value}")
-    if low is not None and high is not None and low > high:
-        checker.error(where + ("min_tokens",), f"`data.curate.min_tokens: {low}` is above `max_tokens: {high}`: "
-                      "no row could be kept")
-    if spec.get("contamination", "off") != "off" and not data.get("eval"):
-        checker.error(where + ("contamination",), "the contamination check compares train with eval rows, and "
-                      "there is no eval set: add `data.eval:` (sources, or a fraction) or set `contamination: off`")
 
 
 def clean(groups, spec: dict, *, max_length: int | None, model: dict | None) -> None:
@@ -313,8 +291,6 @@ def _minhash(grams, owner, count: int):
 
 def _token_counter(model: dict):
     """A function from rows to their token counts with the model's tokenizer, as training renders the rows."""
-    from llmtune.model import load_tokenizer
-
     tokenizer = load_tokenizer(model)
 
     def render(row) -> list[str]:

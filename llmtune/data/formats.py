@@ -186,20 +186,6 @@ _FORMATS = {
 
 FORMATS = tuple(_FORMATS)
 
-_SFT = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-_PAIRED = ("preference",)
-_PROMPTS = ("prompt",)
-METHOD_FORMATS = {
-    "sft": _SFT,
-    "dpo": _PAIRED,
-    "orpo": _PAIRED,
-    "reward": _PAIRED,
-    "kto": ("kto", "preference"),  # KTOTrainer unpairs preference data itself
-    "ppo": _PROMPTS,
-    "grpo": _PROMPTS,
-    "rloo": _PROMPTS,
-}
-
 
 def _quoted(columns):
     return ", ".join(f"'{column}'" for column in columns)

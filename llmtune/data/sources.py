@@ -49,7 +49,7 @@ def read_source(path, *, name, split, revision, where):
             problems.append(where)
         else:
             rows.append((where, row))
-    return Read(rows, problems, [shown for shown, _ in files], _sha256([real for _, real in files]))
+    return Read(rows, problems, [shown for shown, _ in files], sha256_files([real for _, real in files]))
 
 
 def records(files):
@@ -86,7 +86,7 @@ def local_fingerprint(path, where):
     files = _local_files(path, where)
     if files is None:
         return None
-    return _sha256([real for _, real in files]) + ":" + ",".join(shown for shown, _ in files)
+    return sha256_files([real for _, real in files]) + ":" + ",".join(shown for shown, _ in files)
 
 
 def _supported(file_name):
@@ -116,8 +116,21 @@ def _local_files(path, where):
     return None
 
 
-def _sha256(paths):
-    """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`."""
+def sha256_files(paths):
+    """One digest over the files' bytes in order: for a single file it equals `sha256sum FILE`.
+
+    Kept for the process by the files' paths, sizes and modification times: the cache key and the
+    run's record both need it, and each file is read for it only once."""
+    stamp = tuple((os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = _hash_files(paths)
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict = {}
+
+
+def _hash_files(paths):
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:

@@ -15,19 +15,9 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from llmtune.data import (
-    PreparedData,
-    SourceReport,
-    _load_sources,
-    _mixed as _mixed_whole,
-    common_kind,
-    convert,
-    describe_kind,
-    detected,
-    renamed,
-    to_kind,
-)
-from llmtune.data.sources import _sha256, stream_records
+from llmtune.data.formats import common_kind, convert, describe_kind, to_kind
+from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, mixed as mixed_whole, renamed
+from llmtune.data.sources import sha256_files, stream_records
 from llmtune.errors import UserError
 
 CHECK_ROWS = 1000
@@ -56,21 +46,21 @@ def load(data, *, method, seed, locate):
     features = datasets.Dataset.from_list(to_kind(streams[0].head, streams[0].kind, kind)).features
     for stream in streams:
         if stream.real_files:  # one pass over the bytes, no parsing: the manifest records what was read
-            stream.report.sha256 = _sha256(stream.real_files)
+            stream.report.sha256 = sha256_files(stream.real_files)
     # One generator mixes and shuffles: datasets' own shuffle of a generator costs a thread
     # hand-off per row (5x slower). A tuple, because datasets splits list arguments into shards.
     train = datasets.IterableDataset.from_generator(
         _mixed, features=features, gen_kwargs={"streams": tuple(streams), "target": kind, "seed": seed})
     eval_set = None
     if evals:
-        eval_set = datasets.Dataset.from_list(_mixed_whole(evals, random.Random(seed)), features=features)
+        eval_set = datasets.Dataset.from_list(mixed_whole(evals, random.Random(seed)), features=features)
     return PreparedData(train, eval_set, kind[0], [s.report for s in streams] + [s.report for s in evals], [])
 
 
 def _open_all(data, method, locate):
     problems = []
-    streams = _load_sources(data["train"], ("data", "train"), method, locate, problems, load=_open)
-    evals = _load_sources(data.get("eval") or [], ("data", "eval"), method, locate, problems)
+    streams = load_sources(data["train"], ("data", "train"), method, locate, problems, load=_open)
+    evals = load_sources(data.get("eval") or [], ("data", "eval"), method, locate, problems)
     if problems:
         raise UserError(problems)
     kind = common_kind(source.kind for source in streams + evals)

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..recipe.loader import SHIPPED
-from . import rules
+from ..files import write_atomic
+from ..paths import LAUNCH_CONFIGS as CONFIGS, cache_dir
+from ..recipe import rules
 from .rank import LAUNCH_DIR_ENV
-
-CONFIGS = SHIPPED / "launch"
 
 
 @dataclass(frozen=True)
@@ -97,8 +96,6 @@ def accelerate_config(launch: Launch) -> tuple[dict, Path | None]:
 def config_dir(resolved, launch: Launch) -> Path:
     """Where the configs for this recipe and launch go: named by their content, so the same settings
     always give the same file."""
-    from ..model import cache_dir
-
     key = repr((launch, (CONFIGS / f"{launch.backend}.yaml").read_text(encoding="utf-8"),
                 Path(launch.deepspeed_config).read_text(encoding="utf-8") if launch.deepspeed_config else ""))
     return cache_dir() / "launch" / f"{resolved.config['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -112,19 +109,12 @@ def write_config(resolved, launch: Launch) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config, deepspeed = accelerate_config(launch)
     if deepspeed is not None:
-        _write(folder / "deepspeed.json", deepspeed.read_text(encoding="utf-8"))
+        write_atomic(folder / "deepspeed.json", deepspeed.read_text(encoding="utf-8"))
         config["deepspeed_config"]["deepspeed_config_file"] = str(folder / "deepspeed.json")
     header = (f"# Written by llmtune for `{resolved.config['name']}`: recipes/launch/{launch.backend}.yaml with "
               f"{launch.processes} process(es) on each of {launch.nodes} machine(s).\n")
-    _write(folder / "accelerate.yaml", header + yaml.safe_dump(config, sort_keys=False))
+    write_atomic(folder / "accelerate.yaml", header + yaml.safe_dump(config, sort_keys=False))
     return folder / "accelerate.yaml"
-
-
-def _write(path: Path, text: str) -> None:
-    """Write then rename: a launch reading this file while another writes it never sees half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def child_args(verb: str, recipe: str, sets, launch: Launch, passthrough=()) -> list[str]:
@@ -148,7 +138,7 @@ def launch_command(resolved, launch: Launch, args: list[str], extra_args=()) -> 
     return ["accelerate", "launch", "--config_file", str(config), *extra_args, "-m", "llmtune", *args]
 
 
-def run(resolved, launch: Launch, args: list[str], extra_args=()) -> int:
+def spawn(resolved, launch: Launch, args: list[str], extra_args=()) -> int:
     """Launch, wait, and return the exit code; a failed launch prints its first failing rank's error."""
     from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
@@ -196,38 +186,3 @@ def report(err) -> int:
     sys.stderr.write(f"error: rank {ranked} exited with {failure.exitcode} ({failure.message}); the output above "
                      "is its own\n")
     return 1
-
-
-def start(resolved, verb: str, recipe: str, sets, *, output_dir: str | None = None, overwrite: bool = False,
-          resume: str | None = None, resume_force: bool = False, node_rank: int = 0, extra_args=(),
-          show: bool = False, always: bool = False) -> int | None:
-    """Check the launch, print its notes, and run it; None when the recipe is one plain process (the
-    caller then trains in this process), else the launch's exit code. `show` prints the command and
-    writes its config instead of running; `always` launches even a single process."""
-    import shlex
-
-    from ..data import check_data
-
-    # Data problems first, before torch is imported to count GPUs, and once, not by every process;
-    # the data is then cached, so the run itself does not read it again.
-    if not show:
-        check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                   locate=resolved.locate, model=resolved.config["model"])
-    gpus = gpu_count()
-    launch = settle(resolved.config, node_rank, gpus)
-    for line in preflight(resolved, launch, gpus, extra_args):
-        sys.stderr.write(line + "\n")
-    if not (launch.needed or always or show):
-        return None
-    passthrough = [*(["--output-dir", output_dir] if output_dir else []), *(["--overwrite"] if overwrite else []),
-                   *(["--resume", resume] if resume else []), *(["--resume-force"] if resume_force else [])]
-    args = child_args(verb, recipe, sets, launch, passthrough)
-    if show:
-        write_config(resolved, launch)
-        print(shlex.join(launch_command(resolved, launch, args, extra_args)))
-        return 0
-    from ..run import RunDir
-
-    if node_rank == 0:  # the machine whose rank 0 writes the run directory
-        RunDir(Path(output_dir or resolved.config["output_dir"]), resolved, overwrite, resume)
-    return run(resolved, launch, args, extra_args)

@@ -12,20 +12,11 @@ import socket
 import time
 from pathlib import Path
 
+from ..compat import dataset_fingerprint, fsdp_on_cpu
+from ..ranks import launched, local_rank, rank
+
 # Where llmtune's launcher wrote the accelerate (and DeepSpeed) config; rank 0 copies it into the run.
 LAUNCH_DIR_ENV = "LLMTUNE_LAUNCH_DIR"
-
-
-def launched() -> bool:
-    return "LOCAL_RANK" in os.environ
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def deepspeed_stage() -> int | None:
@@ -71,8 +62,6 @@ def training_args() -> dict:
     if deepspeed_stage() is not None:
         return {"ddp_backend": "gloo"}
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        from .compat import fsdp_on_cpu
-
         fsdp_on_cpu()
     return {"use_cpu": True}
 
@@ -104,7 +93,7 @@ def report_callback(run_dir, data):
                     "model": type(model).__name__, "steps": state.global_step,
                     "losses_sha256": hashlib.sha256(json.dumps(losses).encode()).hexdigest()[:16],
                     "last_loss": losses[-1] if losses else None,
-                    "data_fingerprint": getattr(data.train, "_fingerprint", None)}
+                    "data_fingerprint": dataset_fingerprint(data.train)}
             everyone = gather_object([mine])
             if state.is_world_process_zero:
                 run_dir.manifest["ranks"] = sorted(everyone, key=lambda r: r["rank"])

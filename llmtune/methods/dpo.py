@@ -2,11 +2,10 @@
 
 The reference model: with an adapter, the base with the adapter switched off (no second copy);
 in full fine-tuning, the starting model, or `ref_model:` when the recipe names one. Reference
-log-probs are precomputed before training and cached on disk (see llmtune/ref_logps.py).
+log-probs are precomputed before training and cached on disk (see llmtune/methods/ref_logps.py).
 """
 
-from .. import ref_logps
-from . import shared_defaults
+from . import ref_logps, shared_defaults
 
 
 def defaults(config: dict, data) -> dict:

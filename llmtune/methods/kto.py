@@ -2,11 +2,10 @@
 
 Data is `prompt`/`completion`/`label` rows, or preference pairs, which KTOTrainer splits into a
 desirable (chosen, label true) and an undesirable (rejected, label false) row each. The reference
-model is handled as in DPO, with its log-probs cached on disk the same way (llmtune/ref_logps.py).
+model is handled as in DPO, with its log-probs cached on disk the same way (llmtune/methods/ref_logps.py).
 """
 
-from .. import ref_logps
-from . import shared_defaults
+from . import ref_logps, shared_defaults
 
 
 def defaults(config: dict, data) -> dict:

@@ -13,14 +13,13 @@ import copy
 import dataclasses
 
 from ..errors import UserError
+from ..tokenizer import load_tokenizer
+from .rewards import check_reward_model, load_reward_model, load_sequence_classifier
 
 
 def defaults(config: dict, data) -> dict:
     """PPOConfig values llmtune sets unless the recipe's `train:` does; checks what the
     recipe's `train:` cannot (the reward model exists, the stop token and tokenizers fit)."""
-    from ..model import load_tokenizer
-    from .rewards import check_reward_model
-
     check_reward_model(config["reward_model"])
     train = config["train"]
     tokenizer = None
@@ -48,7 +47,6 @@ def defaults(config: dict, data) -> dict:
 
 def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks, recipe):
     from .ppo_trainer import PPOTrainer
-    from .rewards import load_reward_model, load_sequence_classifier
 
     reward_model, reward_tokenizer = load_reward_model(recipe["reward_model"], recipe)
     if args.value_model == "reward_model":

@@ -21,6 +21,7 @@ from transformers import GenerationConfig, Trainer, TrainerState
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from ..compat import KeepColumns
 from . import ppo_core as core
 
 VALUE_WEIGHTS = "value_model.safetensors"  # a file, not a folder: Trainer would take an adapter folder for the policy's
@@ -61,7 +62,9 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(KeepColumns, Trainer):
+    keep_columns = ("input_ids", "prompt")  # the prompt text is what the reward model reads
+
     def __init__(self, *, args, model, ref_model, value_model, reward_model, reward_tokenizer, processing_class,
                  train_dataset, eval_dataset=None, callbacks=None):
         """`model` is the policy (a PeftModel when training an adapter, whose reference is the
@@ -104,9 +107,6 @@ class PPOTrainer(Trainer):
             return {"input_ids": ids[-max_length:] if max_length else ids}
 
         return dataset.map(tokenize)
-
-    def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["input_ids", "prompt"]  # the prompt text is what the reward model reads
 
     def _collate(self, rows):
         ids = pad([row["input_ids"] for row in rows], self.processing_class.pad_token_id, left=True)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..model import load_model
 
 
 def check_reward_model(path: str) -> None:
@@ -34,8 +35,6 @@ def load_sequence_classifier(config: dict, name: str, revision: str | None = Non
     """A one-output sequence-classification model, loaded like the recipe's model (dtype, attention,
     quantization; a run directory's adapter folded in). `trainable` without an `adapter:` in the
     recipe leaves every weight trainable (with one, the caller adds it)."""
-    from ..model import load_model
-
     model = {**config["model"], "name": name, "revision": revision, "run_adapter": "merge"}
     classifier = load_model({**config, "model": model}, "SequenceClassification")
     return classifier.requires_grad_(trainable and config.get("adapter") is None)

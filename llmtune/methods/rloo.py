@@ -2,11 +2,10 @@
 `reward_functions:` (see rewards.py)."""
 
 from .rewards import online_defaults as defaults  # noqa: F401 - the method interface
+from .rewards import online_trainer
 
 
 def build_trainer(**inputs):
     from trl import RLOOTrainer
-
-    from .rewards import online_trainer
 
     return online_trainer(RLOOTrainer, **inputs)

@@ -1,5 +1,8 @@
 """SFT: the recipe as `trl.SFTConfig` + `trl.SFTTrainer`."""
 
+from ..data import masking
+from ..defaults import attention
+
 
 # Attention kernels that run packed rows as separate sequences (varlen), so packing saves work
 # instead of adding cross-row attention that is then masked away.
@@ -8,8 +11,6 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 def defaults(config: dict, data) -> dict:
     """SFTConfig values llmtune sets unless the recipe's `train:` does."""
-    from ..fast import attention
-
     model = config["model"]
     # The attention the run will use: the recipe's, or flash attention picked for this machine.
     varlen = attention(model).value in VARLEN_ATTENTION and not model["trust_remote_code"]
@@ -32,8 +33,6 @@ def defaults(config: dict, data) -> dict:
 
 def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks):
     from trl import SFTTrainer
-
-    from ..data import masking
 
     train, evals = data.train, data.eval
     if masking.renders_masks(args, data.shape, tokenizer):

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 
 from ..errors import UserError
-from ..launch.rules import check_recipe
-from .. import hub, stopping
-from ..data import curate
-from ..methods import METHODS, Method
-from . import fields, loader
-from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection,
-                     did_you_mean)
+from ..files import adapter_run
+from ..paths import read_chat_template
+from ..verbs import METHODS, Method
+from . import fields, loader, sections
+from .rules import check_recipe
+from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection, did_you_mean,
+                     mergeable)
 
 # TrainingArguments fields that llmtune fills from its own sections; setting them in
 # `train:` as well would leave two sources of truth.
@@ -64,13 +64,13 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     if config.get("adapter") is not None:
         config["adapter"] = _check_adapter(check, config["adapter"])
     _cross_checks(check, config)
-    check_recipe(check, config)  # the launch rules that need only the recipe (llmtune/launch/rules.py)
+    check_recipe(check, config)  # the launch rules that need only the recipe (rules.py)
     if method is not None:
         _method_checks(check, method, config)
         _reward_checks(check, method, config)
-    stopping.check(check, method, config)
-    curate.check(check, config)
-    hub.check(check, config)
+    sections.check_early_stopping(check, method, config)
+    sections.check_curate(check, config)
+    sections.check_hub(check, config)
     if check.problems:
         raise UserError(check.problems)
     return Resolved(recipe=recipe, config=config, method=method)
@@ -148,8 +148,6 @@ def _cross_checks(check: Checker, config: dict) -> None:
                     "(e.g. `adapter: {type: lora, r: 16}`) for QLoRA, or remove `quantization:`")
     template = (config.get("model") or {}).get("chat_template")
     if template:
-        from ..model import read_chat_template
-
         try:
             read_chat_template(template)
         except UserError as err:
@@ -169,9 +167,10 @@ def _cross_checks(check: Checker, config: dict) -> None:
 def _streaming_checks(check: Checker, config: dict, data: dict) -> None:
     """What a stream cannot give: a length, a random hold-out, a pass over all rows."""
     where = ("data", "streaming")
-    if config.get("method") not in (None, "sft"):
-        check.error(where, f"`llmtune {config['method']}` cannot stream its data; only sft can. Set "
-                    "`data.streaming: false`")
+    method = METHODS.get(config.get("method"))
+    if method is not None and not method.streams:
+        check.error(where, f"`llmtune {method.name}` cannot stream its data; only "
+                    f"{', '.join(m.name for m in METHODS.values() if m.streams)} can. Set `data.streaming: false`")
     steps = (config.get("train") or {}).get("max_steps")
     if not (isinstance(steps, int) and steps > 0):
         check.error(where, "a stream has no length to count epochs by: set `train.max_steps:`")
@@ -191,7 +190,6 @@ def _method_checks(check: Checker, method: Method, config: dict) -> None:
                     "set `data.packing: false`")
     if config.get("ref_model") is not None and not method.reference:
         check.error(("ref_model",), f"`llmtune {method.name}` trains without a reference model; remove `ref_model:`")
-    from ..model import adapter_run, mergeable
 
     model = config.get("model") or {}
     run = adapter_run(model) if isinstance(model.get("name"), str) else None
@@ -226,14 +224,15 @@ def _reward_checks(check: Checker, method: Method, config: dict) -> None:
                 check.error((key,), f"`llmtune {method.name}` scores no responses; remove `{key}:` (it is for "
                             f"{', '.join(m.name for m in METHODS.values() if m.rewards)})")
         return
-    if method.name == "ppo":
+    if not method.reward_functions:
         if model is None:
-            check.error(("method",), "`method: ppo` needs a reward model to score its responses: add "
+            check.error(("method",), f"`method: {method.name}` needs a reward model to score its responses: add "
                         "`reward_model: runs/my-reward` (a run directory of `llmtune reward`) or a Hub "
                         "sequence-classification model id")
         if functions:
-            check.error(("reward_functions",), "`llmtune ppo` scores with `reward_model:` only; reward functions "
-                        "work with `method: grpo` or `method: rloo`")
+            check.error(("reward_functions",), f"`llmtune {method.name}` scores with `reward_model:` only; reward "
+                        "functions work with "
+                        + " or ".join(f"`method: {m.name}`" for m in METHODS.values() if m.reward_functions))
     elif model is None and not functions:
         check.error(("method",), f"`method: {method.name}` needs something to score its responses: add "
                     "`reward_model: runs/my-reward` and/or `reward_functions: [my_module:my_reward]`")

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from .loader import SHIPPED, _read_yaml, shipped_recipe
+from ..paths import SHIPPED
+from .loader import _read_yaml, shipped_recipe
 
 
 def copy_recipe(name: str, dest: Path) -> list[Path]:

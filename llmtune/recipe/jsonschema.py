@@ -21,7 +21,7 @@ from dataclasses import MISSING, fields
 from importlib import metadata
 from typing import Literal, Union
 
-from ..methods import METHODS
+from ..verbs import METHODS
 from . import fields as library
 from .check import TRAIN_OWNED
 from .schema import ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, RecipeSection

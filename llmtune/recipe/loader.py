@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from ..paths import SHIPPED
+from ..secret import SECRET_NAME
 
-SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _REF = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -384,16 +384,3 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if problems:
         raise UserError(problems)
     return Recipe(path=path, data=data, locs=locs, secrets=secrets)
-
-
-def redact(data, secrets: dict):
-    """`data` with secret values put back as the `${env:VAR}` references they came from."""
-    if isinstance(data, dict):
-        return {k: redact(v, secrets) for k, v in data.items()}
-    if isinstance(data, list):
-        return [redact(v, secrets) for v in data]
-    if isinstance(data, str):
-        for var, value in secrets.items():
-            if value:
-                data = data.replace(value, f"${{env:{var}}}")
-    return data

@@ -12,7 +12,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal, Union
 
-from ..methods import METHODS
+from ..verbs import METHODS
 
 # The verb table is the one list of methods; the schema takes its names from there.
 MethodName = Literal[tuple(METHODS)]
@@ -362,3 +362,19 @@ def _kind(value) -> str:
     if isinstance(value, (dict, list)):
         return {dict: "a mapping", list: "a list"}[type(value)]
     return f"{type(value).__name__} {value!r}"
+
+
+def mergeable(adapter_type: str) -> bool:
+    """Whether an adapter can be folded into its base weights (`llmtune merge`); prompt learning cannot.
+
+    `adapter_type` is the recipe's `adapter.type` (`lora`, `prefix`, ...) or PEFT's `peft_type` from a run's
+    adapter_config.json (`LORA`, `PREFIX_TUNING`, ...).
+    """
+    if adapter_type in ADAPTERS:
+        return ADAPTERS[adapter_type].mergeable
+    from peft import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[adapter_type]
+    kinds = [kind for kind in ADAPTERS.values() if kind.config.split(":")[1] == cls.__name__]
+    return kinds[0].mergeable if kinds else not issubclass(cls, PromptLearningConfig)

@@ -1,4 +1,4 @@
-"""`llmtune plan`: what a recipe will cost, before any weight is loaded.
+"""The memory model: what a recipe will cost per GPU, before any weight is loaded (`plan`, diagnose.py).
 
 Parameter counts come from the model's config: the model (and its PEFT adapter) is built
 on the `meta` device, which allocates nothing, so counts are exact for any architecture.
@@ -20,16 +20,22 @@ i MLP size, h_kv the key/value width, V vocabulary. a_layer was measured on Llam
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from .compat import attn_implementation
+from .defaults import auto_config
 from .errors import UserError
+from .files import adapter_run
+from .model import peft_config
 
 GIB = 1024 ** 3
+
+
 # CUDA context, kernels and allocator slack: not in any term above, always there on a GPU.
 RUNTIME_OVERHEAD = 1.0 * GIB
+
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -82,7 +88,6 @@ def model_shape(config: dict, head: str = "CausalLM") -> Shape:
     import transformers
     from accelerate import init_empty_weights
 
-    from .model import adapter_run, auto_config, peft_config
 
     model = config["model"]
     adapter = config.get("adapter")
@@ -92,7 +97,7 @@ def model_shape(config: dict, head: str = "CausalLM") -> Shape:
         net = getattr(transformers, f"AutoModelFor{head}").from_config(
             hf_config, trust_remote_code=model["trust_remote_code"])
     net.tie_weights()  # from_config leaves tied embeddings as two tensors (and cannot tie under init_empty_weights)
-    attention = net.config._attn_implementation
+    attention = attn_implementation(net.config)
     params = sum(p.numel() for p in net.parameters())
     output = net.get_output_embeddings()
     linears = [m for m in net.modules() if isinstance(m, nn.Linear) and m is not output]
@@ -242,143 +247,3 @@ def suggestions(shape: Shape, s: Settings, budget: int) -> list[tuple[str, int]]
 
 def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
-
-
-# Methods whose every example is a chosen and a rejected sequence, run through the model together.
-PAIRED = {"dpo", "orpo", "reward"}
-# Methods that keep a frozen reference copy of the model when there is no adapter to switch off.
-REFERENCE = {"dpo", "kto"}
-
-
-def _checkpointing(args) -> bool:
-    return bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
-
-
-def launch_lines(resolved, recipe, sets) -> tuple[object, list[str]]:
-    """The recipe's launch settled for this machine, and the command lines that run it."""
-    import shlex
-
-    from .launch import launch_command, settle
-    from .launch.launcher import child_args, write_config
-
-    launch = settle(resolved.config)
-    typed = shlex.join(["llmtune", resolved.method.name, str(recipe), *(a for s in sets for a in ("--set", s))])
-    if not launch.needed:
-        return launch, [typed]
-    write_config(resolved, launch)  # under the llmtune cache, so the printed command runs as it is
-    command = launch_command(resolved, launch, child_args(resolved.method.name, str(recipe), sets, launch))
-    return launch, [typed, f"which runs: {shlex.join(command)}"]
-
-
-def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
-    """The lines `llmtune plan` prints; the launch comes from the recipe's `launch:` (after `sets`)."""
-    import importlib
-
-    import yaml
-
-    from .data.inspect import percentiles, sampled, source_stats
-    from .recipe.loader import redact
-    from .run import quiet
-    from .train import training_args
-
-    from .launch import effective_batch
-
-    budget = parse_size(gpu_memory) if gpu_memory else None
-    quiet()
-    launch, commands = launch_lines(resolved, recipe, sets)
-    processes, backend = launch.world, launch.backend
-    config, method = resolved.config, resolved.method
-    lines = ["# resolved recipe", yaml.safe_dump(redact(config, resolved.recipe.secrets), sort_keys=False).rstrip()]
-    view, sources, data = source_stats(resolved)
-    max_length = config["data"]["max_length"]
-    lines.append("\n# data")
-    longest, tokens = 0, 0
-    for stats in sources:
-        r = stats.report
-        p = percentiles(stats.lengths)
-        longest = max(longest, p["max"])
-        tokens += sum(min(n, max_length or n) for n in stats.lengths) * (r.rows or 0) / max(stats.measured, 1)
-        counted = "streamed" if r.rows is None else f"{r.rows} rows"
-        lines.append(f"{r.path}: {r.format} ({r.reason}), {counted}; tokens per row{sampled(stats)}: p50 {p['p50']}, "
-                     f"p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; {stats.truncated} rows over max_length "
-                     f"{max_length}")
-    streamed = data.sources[0].rows is None  # no count before the run: train.max_steps sets its length
-    rows = None if streamed else len(data.train)
-    lines.append(f"training rows after eval hold-out and weights: {'streamed' if streamed else rows}"
-                 + (f"; eval rows: {len(data.eval)}" if data.eval is not None else ""))
-    lines += [f"warning: {w}" for w in data.warnings]  # e.g. what the chat template does to the rows
-
-    shape = model_shape(config, method.head)
-    runner = importlib.import_module(method.runner)
-    args = training_args(resolved, Path(".llmtune-plan"), runner.defaults(config, data), data)  # creates nothing
-    kind = "full fine-tuning" if config.get("adapter") is None else f"{config['adapter']['type']} adapter"
-    lines += ["\n# model", f"{config['model']['name']} ({shape.architecture}), weights in {shape.dtype}",
-              f"parameters: {shape.params:,} total; {shape.trainable:,} trainable "
-              f"({100 * shape.trainable / shape.params:.2f}%, {kind})"]
-    from .fast import describe
-
-    lines += ["\n# speed (picked for this machine where the recipe leaves it open)",
-              *describe(resolved, args, data, shape.attention)]
-
-    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    effective = effective_batch(config, processes)
-    packed = bool(getattr(args, "packing", False))
-    lines += ["\n# batch",
-              f"effective batch: {per_device} per device x {accumulation} accumulation x {processes} process(es) "
-              f"= {effective} {'packed sequences' if packed else 'rows'} per optimizer step"]
-    if streamed:
-        lines.append(f"steps: {args.max_steps} in total (train.max_steps; a stream has no epochs to count)")
-    else:
-        sequences = math.ceil(tokens / max_length) if packed and max_length else rows
-        batches = math.ceil(sequences / (per_device * processes))
-        per_epoch = max(math.ceil(batches / accumulation), 1)
-        total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
-        lines.append(f"steps: {per_epoch} per epoch"
-                     f"{' (packing: about ' + str(sequences) + ' sequences)' if packed else ''}, {total} in total"
-                     + (" (train.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"))
-
-    seq_len = max_length if packed and max_length else min(longest, max_length or longest)
-    batch = per_device * (2 if method.name in PAIRED else 1)
-    optim = getattr(args.optim, "value", str(args.optim))
-    settings = Settings(batch=batch, seq_len=seq_len, checkpointing=_checkpointing(args), optim=optim,
-                        quant=config.get("quantization"), adapter=config.get("adapter"), processes=processes,
-                        backend=backend)
-    est = estimate(shape, settings)
-    if method.name in REFERENCE and config.get("adapter") is None and not getattr(args, "precompute_ref_log_probs",
-                                                                                  False):
-        est.terms["reference"] = est.terms["weights"]
-        est.notes.append("a frozen reference copy of the model (full fine-tuning; an adapter would reuse the base)")
-    lines.append("\n# memory per GPU (an estimate; docs/plan.md explains each term)")
-    explain = {
-        "weights": f"{shape.params:,} parameters, {_weights_kind(shape, settings)}",
-        "adapter": f"{shape.trainable:,} trainable adapter parameters in float32" if settings.adapter else "none",
-        "gradients": f"for the {shape.trainable:,} trainable parameters",
-        "optimizer": f"{optim}: {optimizer_bytes(optim, grad_bytes(shape, settings))[1]}",
-        "activations": f"{batch} x {seq_len} tokens"
-                       + (" (chosen + rejected)" if method.name in PAIRED else "")
-                       + (", gradient checkpointing" if settings.checkpointing else ", no gradient checkpointing"),
-        "runtime": "CUDA context, kernels, allocator slack",
-        "reference": "frozen reference model",
-    }
-    for name, value in est.terms.items():
-        lines.append(f"  {name:<12} {gib(value):>12}   {explain[name]}")
-    lines.append(f"  {'total':<12} {gib(est.total):>12}")
-    lines += [f"  note: {note}" for note in est.notes]
-    if processes > 1:
-        lines.append(f"  {processes} processes with {backend}" + (", sharded" if backend != "ddp" else
-                                                                  ": a whole copy on each GPU"))
-    if budget is not None:
-        if est.total <= budget:
-            lines.append(f"fits in {gib(budget)} ({gib(budget - est.total)} to spare)")
-        else:
-            lines.append(f"does NOT fit in {gib(budget)} (short by {gib(est.total - budget)}); change, in order:")
-            for text, after in suggestions(shape, settings, budget):
-                mark = "fits" if after <= budget else "still over"
-                lines.append(f"  - {text}: {gib(after)} ({mark})")
-    return lines + ["\n# launch", *commands]
-
-
-def _weights_kind(shape: Shape, s: Settings) -> str:
-    if s.quant is None:
-        return f"in {shape.dtype}"
-    return f"{shape.linear:,} of them in {s.quant['bits']}-bit, the rest in {shape.dtype}"

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from ..data.masking import fold_system, has_system_role
+from ..errors import UserError
+from ..files import adapter_run
+from ..logs import quiet
+from ..model import load_model
+from ..tokenizer import stop_token_ids
+from ..verbs import METHODS
 
 
 @dataclass
@@ -48,8 +54,6 @@ def is_adapter(run_dir: Path) -> bool:
 
 def base_model_section(run_dir: Path, recipe: dict | None) -> dict:
     """A `model:` section for an adapter's base: the recipe's (from adapter_config.json without a recipe)."""
-    from .model import adapter_run
-
     if recipe and recipe.get("model"):
         section = recipe["model"]
         stacked = adapter_run(section)  # the run kept training another run's adapter: load that one's base
@@ -60,8 +64,6 @@ def base_model_section(run_dir: Path, recipe: dict | None) -> dict:
 
 def model_head(recipe: dict | None) -> str:
     """`CausalLM`, or the head of the method that trained the run (a reward model's SequenceClassification)."""
-    from .methods import METHODS
-
     method = METHODS.get((recipe or {}).get("method"))
     return method.head if method else "CausalLM"
 
@@ -70,9 +72,6 @@ def load(run_dir, *, quantized: bool = True) -> Loaded:
     """The model of a run directory ready to generate; `quantized=False` loads a quantized base dequantized."""
     import torch
     import transformers
-
-    from .model import load_model
-    from .run import quiet
 
     quiet()
     run_dir = Path(run_dir)
@@ -101,36 +100,6 @@ def load(run_dir, *, quantized: bool = True) -> Loaded:
     return Loaded(model, tokenizer, adapter, recipe, head, notes)
 
 
-def end_of_turn_token(tokenizer, chat_template: str | None = None) -> tuple[int, str] | None:
-    """The special token a chat template closes an assistant turn with, as (id, text), or None."""
-    content = "LLMTUNE_PROBE"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}],
-            chat_template=chat_template, tokenize=False)
-    except Exception:  # a template that needs other roles or keys: no probe, fall back to eos
-        return None
-    if content not in text:
-        return None
-    suffix = text[text.rindex(content) + len(content):]
-    special = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
-    for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
-        if token_id in special:
-            return token_id, tokenizer.convert_ids_to_tokens(token_id)
-    return None
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The model's eos tokens plus the chat template's end-of-turn token."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
-    extra = [tokenizer.eos_token_id]
-    if tokenizer.chat_template:
-        turn = end_of_turn_token(tokenizer)
-        extra.append(turn and turn[0])
-    return ids + [i for i in extra if i is not None and i not in ids]
-
-
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
@@ -153,8 +122,6 @@ def prompt_ids(tokenizer, messages: list[dict] | None = None, text: str | None =
     if messages is not None:
         if not tokenizer.chat_template:
             raise UserError("this model's tokenizer has no chat template; pass --raw to send the prompt as plain text")
-        from .data.masking import fold_system, has_system_role
-
         if not has_system_role(tokenizer):  # as training did (data/masking.py): the system text opens the user turn
             messages = fold_system(messages)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 
-from .model import cache_dir
+from ..compat import RefLogpsHook
+from ..files import atomic_path
+from ..paths import cache_dir
 
 log = logging.getLogger("llmtune")
 
@@ -91,12 +91,12 @@ def reference(model, ref_model, peft_config, args):
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
-class RefLogpsCache:
+class RefLogpsCache(RefLogpsHook):
     """Mix into DPOTrainer/KTOTrainer (before it) to keep precomputed reference log-probs on disk."""
 
     ref_settings: tuple[str, ...] = ()  # fields of the trainer's args that change the reference log-probs
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
+    def ref_logps(self, dataset, name, compute):
         import torch
         from accelerate.utils import broadcast_object_list
 
@@ -114,7 +114,7 @@ class RefLogpsCache:
         # The pass draws from the global RNG (a DataLoader seed per iteration); restore it after, so
         # training shuffles the same whether the log-probs were computed or loaded.
         with torch.random.fork_rng(devices=[]):
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            out = compute()
         if path is not None and self.accelerator.is_main_process:
             _store(path, {c: out[c] for c in out.column_names if c not in dataset.column_names})
             log.info("reference log-probs of the %s set: computed, cached in %s", name, path)
@@ -140,10 +140,8 @@ def _store(path, columns: dict) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    save_file({name: torch.tensor(values, dtype=torch.float32) for name, values in columns.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({name: torch.tensor(values, dtype=torch.float32) for name, values in columns.items()}, str(tmp))
 
 
 def _attach(dataset, path):

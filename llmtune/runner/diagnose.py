@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .. import memory
 from .resume import complete_checkpoints
 
 _DISK_FULL = re.compile(r"No space left on device|os error 28|Disk quota exceeded|iostream error|"
@@ -96,25 +97,24 @@ def _memory_advice(resolved, args) -> str:
     """The plan's estimate for this recipe and, in order, the changes that lower it (as `llmtune plan` lists them)."""
     import torch
 
-    from . import plan
 
     config = resolved.config
     budget, where = 0, "CPU memory"  # no budget: every change is listed
     if torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        where = f"GPU memory ({plan.gib(budget)} per GPU)"
+        where = f"GPU memory ({memory.gib(budget)} per GPU)"
     seq_len = config["data"]["max_length"] or 2048
     try:
-        shape = plan.model_shape(config, resolved.method.head)
-        settings = plan.Settings(
-            batch=args.per_device_train_batch_size * (2 if resolved.method.name in plan.PAIRED else 1),
+        shape = memory.model_shape(config, resolved.method.head)
+        settings = memory.Settings(
+            batch=args.per_device_train_batch_size * (2 if resolved.method.paired else 1),
             seq_len=seq_len, checkpointing=bool(args.gradient_checkpointing),
             optim=getattr(args.optim, "value", str(args.optim)), quant=config.get("quantization"),
             adapter=config.get("adapter"), processes=int(os.environ.get("WORLD_SIZE", "1")))
-        total, changes = plan.estimate(shape, settings).total, plan.suggestions(shape, settings, budget)
+        total, changes = memory.estimate(shape, settings).total, memory.suggestions(shape, settings, budget)
     except Exception as failure:  # diagnostics must not hide the out-of-memory error itself
         return f"ran out of {where}; `llmtune plan RECIPE` estimates the memory a recipe needs ({failure})"
-    listed = "".join(f"\n  - {change}: {plan.gib(after)}" for change, after in changes)
-    return (f"ran out of {where}. `llmtune plan` estimates {plan.gib(total)} per GPU for this recipe at "
+    listed = "".join(f"\n  - {change}: {memory.gib(after)}" for change, after in changes)
+    return (f"ran out of {where}. `llmtune plan` estimates {memory.gib(total)} per GPU for this recipe at "
             f"`data.max_length: {seq_len}` (lower it if your rows are shorter). Each change lowers it (the "
             f"estimate after it and those above it):{listed}")

@@ -14,50 +14,24 @@ import os
 import platform
 import subprocess
 import sys
-import warnings
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from . import __version__, lock
-from .errors import UserError
-from .hub import is_repo_id
-from .recipe.loader import SECRET_NAME, redact
+from .. import __version__
+from ..errors import UserError
+from ..files import ARTIFACTS, is_repo_id, read_manifest, write_json
+from ..ranks import is_main_process
+from ..secret import redact, scrub
+from . import lock
+from .resume import prepare
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
-ARTIFACTS = ("adapter_config.json", "config.json")  # a final model: the run finished
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: Path, payload) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def scrub(text: str) -> str:
-    """Remove the values of secret-looking environment variables from text."""
-    for var, value in os.environ.items():
-        if value and len(value) >= 6 and SECRET_NAME.search(var):
-            text = text.replace(value, f"${{env:{var}}}")
-    return text
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launch (RANK is set by the launcher before torch.distributed starts), or a single process."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def package_versions() -> dict:
@@ -116,8 +90,6 @@ class RunDir:
 
     def start(self, data, argv: list[str], checkpoint: Path | None = None) -> None:
         """Take the directory (lock), clear what an earlier run left, write recipe and manifest."""
-        from .resume import prepare
-
         if not is_main_process():
             return
 
@@ -282,50 +254,6 @@ def plot_loss(metrics: list[dict], out: Path) -> bool:
     return True
 
 
-# TRL's modules that warn about the rows they prepare (e.g. "The tokenized prompt is not a prefix ...").
-TRL_DATA_LOGGERS = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.data_utils")
-
-
-class _Once(logging.Filter):
-    """Passes each distinct message once per process."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def filter(self, record):
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
-def quiet() -> None:
-    """Keep the terminal to a progress bar and a summary; details go to train.log."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module=r"(torch|transformers|trl|peft|accelerate|bitsandbytes)(\.|$)")
-    logging.captureWarnings(True)
-    for name in ("trl", "peft", "accelerate", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in TRL_DATA_LOGGERS:  # what TRL says about the data is worth reading: terminal and train.log, once
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.WARNING)
-        if not any(isinstance(f, _Once) for f in logger.filters):
-            logger.addFilter(_Once())
-            if is_main_process():
-                terminal = logging.StreamHandler(sys.stderr)
-                terminal.setFormatter(logging.Formatter("warning: %(message)s"))
-                logger.addHandler(terminal)
-    logging.getLogger("llmtune").setLevel(logging.INFO)  # llmtune's own notes (e.g. a cache hit) reach train.log
-
-
 def progress_callback():
     """Transformers' progress bar, without printing every log dict under it."""
     from transformers.trainer_callback import ProgressCallback
@@ -348,4 +276,3 @@ def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
     hub = read_manifest(run_dir).get("hub")  # where `hub:` uploaded the run
     (stream or sys.stdout).write(f"\nrun directory: {run_dir}\n{shown}\n" +
                                  (f"on the Hub: {hub['url']}\n" if hub else ""))
-

@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 NAME = ".llmtune.lock"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from ..tokenizer import GENERATION_TAG
 
 ROLES = ("system", "user", "assistant")
 
@@ -225,7 +226,6 @@ def modelfile(tokenizer, gguf: Path, stop_ids: list[int], adds_bos: bool) -> tup
     if not template:
         raise NotDecomposable("the run's tokenizer has no chat template (a Modelfile with only "
                               f"`FROM ./{gguf.name}` sends prompts to the model as they are)")
-    from .export import GENERATION_TAG
 
     template = GENERATION_TAG.sub("", template)  # training-only markers
     try:

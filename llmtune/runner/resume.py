@@ -14,8 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..compat import stage_checkpoints
+from ..errors import UserError
+from ..files import write_atomic
 
 STAGING = ".partial"  # where checkpoints and the final model are written before the rename
 STAMP = "llmtune.json"  # in each checkpoint: the fingerprint of what it was trained on
@@ -38,7 +40,7 @@ def fingerprint(resolved, data, args) -> dict[str, str]:
         "adapter": _compact(config.get("adapter")),
         "quantization": _compact(config.get("quantization")),
         "data.max_length": _compact(config["data"]["max_length"]),
-        # As used, not as written: null packs or not depending on the machine's attention (fast.py).
+        # As used, not as written: null packs or not depending on the machine's attention (defaults.py).
         "data.packing": _compact(getattr(args, "packing", config["data"]["packing"])),
         "seed": _compact(config["seed"]),
         "batch shape": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
@@ -150,9 +152,7 @@ def prepare(run_dir: Path, checkpoint: Path | None) -> None:
                     kept.append(line)
             except ValueError:  # a line cut short by a kill
                 pass
-        tmp = metrics.with_name(f".{metrics.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, metrics)
+        write_atomic(metrics, "".join(line + "\n" for line in kept))
     elif metrics.is_file():  # continuing another run's checkpoint: this directory's own metrics are stale
         metrics.unlink()
 
@@ -184,15 +184,11 @@ def make_resumable(trainer, current: dict, checkpoint: Path | None) -> None:
         counted = json.loads((checkpoint / STAMP).read_text(encoding="utf-8")).get("tokens")
         if counted is not None:
             setattr(trainer, TOKEN_COUNT, counted)
-    save = trainer._save_checkpoint
-
-    def staged_save(model, trial):
-        run_dir = Path(trainer._get_output_dir(trial))
+    def staged_save(save_into, run_dir: Path):
         staging = run_dir / STAGING
         name = f"{PREFIX}{trainer.state.global_step}"
-        trainer._get_output_dir = lambda trial=None: str(staging)  # where transformers puts checkpoint-N
         try:
-            save(model, trial)
+            save_into(staging)
             trainer.accelerator.wait_for_everyone()  # every rank has written its shard / RNG state
             if trainer.args.should_save:
                 _seal(trainer, staging / name, current)
@@ -201,13 +197,11 @@ def make_resumable(trainer, current: dict, checkpoint: Path | None) -> None:
         except BaseException:
             shutil.rmtree(staging / name, ignore_errors=True)  # a full disk gets its space back
             raise
-        finally:
-            del trainer._get_output_dir
         if trainer.args.should_save:
             rotate_checkpoints(str(run_dir), trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
         trainer.accelerator.wait_for_everyone()
 
-    trainer._save_checkpoint = staged_save
+    stage_checkpoints(trainer, staged_save)
 
 
 def _seal(trainer, staged: Path, current: dict) -> None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import curate, stream
-from .masking import fold_system, has_system_role
+from ..compat import sft_dataset_preparer
+from ..data import curate, load_data, stream
+from ..data.masking import fold_system, has_system_role, renders_masks, tokenize
+from ..logs import quiet
+from ..runner.session import training_args
+from ..tokenizer import end_of_turn_token, load_tokenizer, require_chat_template
 
 # Token lengths are measured on at most this many rows per source (a seeded random sample).
 MEASURED_ROWS = 5000
@@ -34,9 +38,7 @@ class TrainingView:
     """How the trainer of a resolved recipe tokenizes and masks rows (untruncated)."""
 
     def __init__(self, resolved, tokenizer, data):
-        from trl import SFTConfig, SFTTrainer
-
-        from ..train import training_args
+        from trl import SFTConfig
 
         self.tokenizer = tokenizer
         self.shape = shape = data.shape
@@ -52,10 +54,8 @@ class TrainingView:
                              bf16=False)
         self.max_length = resolved.config["data"]["max_length"]
         self.packing = bool(args.packing)
-        from . import masking
-
         # The run's own decision (methods/sft.py): rows masked by rendering here, handed to TRL tokenized.
-        self.renders_masks = masking.renders_masks(args, shape, tokenizer)
+        self.renders_masks = renders_masks(args, shape, tokenizer)
         self.template = self._template(args)
         if self.renders_masks:
             args.assistant_only_loss = False
@@ -63,11 +63,10 @@ class TrainingView:
             # SFTTrainer would refuse to start; show what `assistant_only_loss: false` would train instead.
             args.assistant_only_loss = False
         self.args = args
-        self._trainer = SFTTrainer.__new__(SFTTrainer)  # only its dataset preparation is used
-        self._trainer._tokenizer = tokenizer
-        self._trainer.chat_template = self.template.training if self.template.patched else None
-        self._trainer.completion_only_loss = (args.completion_only_loss if args.completion_only_loss is not None
-                                              else "prompt" in shape or "preference" in shape)
+        self._prepare = sft_dataset_preparer(
+            tokenizer, self.template.training if self.template.patched else None,
+            args.completion_only_loss if args.completion_only_loss is not None
+            else "prompt" in shape or "preference" in shape)
         self.stop_token = self._stop_token()
 
     def _template(self, args) -> Template:
@@ -87,8 +86,6 @@ class TrainingView:
         return Template(saved, patched, True, True)
 
     def _stop_token(self) -> tuple[int, str] | None:
-        from ..infer import end_of_turn_token
-
         if self.conversational and self.template.training:
             found = end_of_turn_token(self.tokenizer, self.template.training)
             if found is not None:
@@ -120,13 +117,9 @@ class TrainingView:
             return [self._prompt_only(row) for row in rows]
         args = self.args
         if self.renders_masks:
-            from .masking import tokenize
-
             rows = [tokenize(self.tokenizer, row["messages"], row.get("tools")) for row in rows]
         untruncated = {"max_length": None, "shuffle_dataset": False}  # rows stay in order: labels follow them
-        prepared = self._trainer._prepare_dataset(
-            datasets.Dataset.from_list(rows), self.tokenizer, _Override(args, untruncated), packing=False,
-            formatting_func=None, dataset_name="inspect")
+        prepared = self._prepare(datasets.Dataset.from_list(rows), _Override(args, untruncated), "inspect")
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
 
     def _prompt_only(self, row):
@@ -177,10 +170,6 @@ def source_stats(resolved, sample_rows: int = 0):
     """(view, [SourceStats per train and eval source], the PreparedData training will use)."""
     import random
 
-    from . import load_data
-    from ..model import load_tokenizer
-    from ..train import require_chat_template
-
     config = resolved.config
     section = config["data"]
     specs = [("train", i, s) for i, s in enumerate(section["train"])]
@@ -230,8 +219,6 @@ def render(tokenizer, tokens: dict, max_length: int | None, color: bool) -> str:
 
 def inspect(resolved, rows: int = 1, color: bool = False) -> tuple[list[str], list[str]]:
     """(lines to print, warnings) for `llmtune data inspect`."""
-    from ..run import quiet
-
     quiet()
     view, sources, data = source_stats(resolved, sample_rows=rows)
     tokenizer = view.tokenizer

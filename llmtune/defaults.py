@@ -12,15 +12,19 @@ here, so what plan shows is what a run uses; the run's manifest records what was
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-# Methods whose TRL 1.16 trainer applies only Liger's layer kernels (RMSNorm, SwiGLU, RoPE) and keeps its
-# own chunked LM-head loss. For the others transformers' Trainer would also swap in Liger's causal-LM
-# fused-loss forward (over a reward model's classifier, too); ORPO (experimental) and llmtune's PPO are
-# not verified with it. Those get Liger only when the recipe sets it.
-LIGER_METHODS = ("sft", "dpo", "kto", "grpo", "rloo")
+from .builtin import model_path
+from .compat import supports_flash_attention
+from .errors import UserError
+from .files import adapter_run
+from .recipe.fields import field_names
+from .verbs import METHODS
+
 HOPPER = 9  # CUDA compute capability (major) that flash_attention_3 is built for
 
 # TRL tokenizes in one process unless `dataset_num_proc` says otherwise. Workers cost start-up on each of
@@ -70,16 +74,8 @@ def attention(model: dict) -> Pick:
         return Pick(None, "flash-attn is not installed")
     if model["trust_remote_code"]:
         return Pick(None, "the model runs its own code (trust_remote_code)")
-    import transformers
-
-    from .model import auto_config
-
     config = auto_config(model)
-    try:
-        supported = transformers.AutoModel._model_mapping[type(config)]._supports_flash_attn
-    except KeyError:
-        supported = False
-    if not supported:
+    if not supports_flash_attention(config):
         return Pick(None, f"transformers has no flash attention for {config.model_type}")
     dtype = model["dtype"] if model["dtype"] != "auto" else str(getattr(config, "dtype", None)).removeprefix("torch.")
     if dtype not in ("bfloat16", "float16"):
@@ -98,8 +94,8 @@ def liger(config: dict, method: str) -> Pick:
     train = config.get("train") or {}
     if "use_liger_kernel" in train:
         return Pick(train["use_liger_kernel"], "set in the recipe")
-    if method not in LIGER_METHODS:
-        return Pick(None, f"not picked for {method}, only for {', '.join(LIGER_METHODS)}")
+    if not METHODS[method].liger:  # which trainers Liger is verified with: verbs.py
+        return Pick(None, f"not picked for {method}, only for {', '.join(m.name for m in METHODS.values() if m.liger)}")
     if _gpu() is None:
         return Pick(None, "no CUDA GPU")
     from transformers import utils
@@ -108,8 +104,6 @@ def liger(config: dict, method: str) -> Pick:
         return Pick(None, "liger-kernel is not installed")
     if config["model"]["trust_remote_code"]:
         return Pick(None, "the model runs its own code (trust_remote_code)")
-    from .model import auto_config
-
     model_type = auto_config(config["model"]).model_type
     if model_type not in _liger_model_types():
         return Pick(None, f"Liger has no kernels for {model_type}")
@@ -134,11 +128,9 @@ def _rows(data) -> int:
     return len(data.train) if data is not None and hasattr(data.train, "__len__") else 0
 
 
-def defaults(resolved, data=None) -> dict:
-    """TRL config values picked for this machine, for the fields the method's config has (train.py puts the
+def picks(resolved, data=None) -> dict:
+    """TRL config values picked for this machine, for the fields the method's config has (runner/session.py puts the
     recipe's `train:` over them): tokenizing workers for the training rows of `data`, and Liger."""
-    from .recipe.fields import field_names
-
     fields = field_names(resolved.method.config)
     out = {}
     procs = tokenize_processes(_rows(data)) if "dataset_num_proc" in fields else None
@@ -171,3 +163,23 @@ def describe(resolved, args, data, default_attention: str) -> list[str]:
             why = f"{rows:,} rows, {usable_cores()} usable core(s); a worker pays from {PARALLEL_ROWS:,} rows"
         lines.append(f"tokenization: {procs or 1} process{'es' if (procs or 1) > 1 else ''} ({why})")
     return lines
+
+
+def auto_config(model: dict):
+    """The transformers config of the recipe's model (of its base, for a run directory holding an adapter).
+
+    Read once per process: the attention pick, the Liger pick, packing and `plan` all ask for it. Each caller
+    gets its own copy, so none sees another's changes."""
+    stacked = adapter_run(model)
+    source = stacked["base_model_name_or_path"] if stacked else model_path(model)
+    return copy.deepcopy(_read_config(source, model.get("revision"), model["trust_remote_code"], model["name"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_config(source: str, revision: str | None, trust_remote_code: bool, name: str):
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name: cannot read the config of '{name}': {err}") from None

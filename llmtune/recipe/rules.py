@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Callable
+from ..verbs import METHODS
+from . import fields
 
 
 DEEPSPEED = ("zero1", "zero2", "zero3", "zero3-offload")
@@ -223,9 +225,6 @@ RULES = (
 
 def batch_settings(config: dict) -> tuple[int, int]:
     """(per-device batch size, gradient accumulation steps): the recipe's, else the TRL config's defaults."""
-    from ..methods import METHODS
-    from ..recipe import fields
-
     train = config.get("train") or {}
     known = fields.dataclass_fields(METHODS[config["method"]].config)
     return tuple(train.get(name, known[name].default)

@@ -17,7 +17,10 @@ import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from ..files import ARTIFACTS, read_manifest, write_json
+from ..recipe.schema import Checker, HubSection
+from ..recipe.sections import check_hub
 
 MODEL = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "adapter_config.json")
 TOKENIZER = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
@@ -25,40 +28,12 @@ RECORD = ("README.md", "recipe.yaml", "manifest.json", "metrics.jsonl", "loss.pn
 UPLOADED = MODEL + TOKENIZER + RECORD
 RESULTS = "eval/*.json"  # `llmtune eval` scores, which the card's readers want next to the model
 CHECKPOINTS = "checkpoint-*/**/*"
-# The Hub's own rule (huggingface_hub.utils.validate_repo_id), with the namespace required.
-_REPO_ID = re.compile(r"\b[\w.-]+\b/\b[\w.-]{1,96}\b")
-_BRANCH = re.compile(r"[\w.-]+(/[\w.-]+)*")
 NO_TOKEN = "no Hugging Face token: export HF_TOKEN (a token with write access, from " \
            "https://huggingface.co/settings/tokens) or run `hf auth login`"
 
 
 class PushFailed(Exception):
     """The Hub could not be reached or refused the upload; the run directory is as it was."""
-
-
-def is_repo_id(name: str) -> bool:
-    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
-
-
-def check(checker, config: dict) -> None:
-    """What the schema's types let through but the Hub would refuse, reported at validate time."""
-    hub = config.get("hub")
-    if not hub:
-        return
-    if isinstance(hub.get("repo_id"), str) and not is_repo_id(hub["repo_id"]):
-        checker.error(("hub", "repo_id"), "`hub.repo_id` must be a Hub repository id `namespace/name` (your user or "
-                      "organization, then letters, digits, `-`, `_` or `.`; no `--` or `..`), e.g. "
-                      f"`my-org/my-model`; got {hub['repo_id']!r}")
-    revision = hub.get("revision")
-    if isinstance(revision, str) and (not _BRANCH.fullmatch(revision) or ".." in revision
-                                      or revision.endswith(".lock")):
-        checker.error(("hub", "revision"), f"`hub.revision` must be a branch name such as `experiments` or "
-                      f"`v2/lora`; got {revision!r}")
-    for i, pattern in enumerate(hub.get("include") or []):
-        if isinstance(pattern, str) and (not pattern.strip() or Path(pattern).is_absolute()
-                                         or ".." in Path(pattern).parts):
-            checker.error(("hub", "include", i), f"`hub.include` patterns are relative to the run directory and "
-                          f"stay inside it, e.g. `*.gguf`; got {pattern!r}")
 
 
 def files(run_dir: Path, include_checkpoints: bool = False, include=()) -> list[str]:
@@ -73,9 +48,6 @@ def target(run_dir: Path, repo_id: str | None = None, private: bool | None = Non
            revision: str | None = None) -> dict:
     """The `hub:` settings for pushing a finished run: its recipe.yaml's section under the command line's."""
     import yaml
-
-    from .recipe.schema import Checker, HubSection
-    from .run import ARTIFACTS, read_manifest
 
     recipe = run_dir / "recipe.yaml"
     if not run_dir.is_dir():
@@ -100,7 +72,7 @@ def target(run_dir: Path, repo_id: str | None = None, private: bool | None = Non
     checker = Checker(where)
     settings = checker.section(HubSection, {**section, **given}, ("hub",))
     if settings is not None:
-        check(checker, {"hub": settings})
+        check_hub(checker, {"hub": settings})
     if checker.problems:
         raise UserError(checker.problems)
     return settings
@@ -142,8 +114,6 @@ def _card(run_dir: Path, repo_id: str, revision: str | None) -> bytes:
 def push(run_dir: Path, settings: dict, secret: str) -> dict:
     """Upload the run in one commit; record and return {repo_id, revision, commit, url} as manifest.json's `hub`."""
     from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .run import read_manifest, write_json
 
     repo_id, revision = settings["repo_id"], settings["revision"]
     names = files(run_dir, settings["include_checkpoints"], settings["include"])

@@ -23,8 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from .errors import UserError
-from .recipe.loader import SHIPPED, shipped_recipe
+from ..compat import load_task_yaml
+from ..errors import UserError
+from ..files import read_manifest, write_json
+from ..logs import quiet
+from ..paths import SHIPPED
+from ..recipe.loader import shipped_recipe
+from ..runner.rundir import _now, package_versions
+from ..secret import scrub
+from .infer import is_adapter, load, model_head, run_recipe
 
 INSTALL = 'pip install "llmtune-recipes[eval]"'
 # lm-eval's result sections worth keeping; the rest is environment dumps, hashes and the chat template text.
@@ -75,8 +82,6 @@ def parse_tasks(text: str) -> list[Spec]:
 
 def trained_on_chat(run_dir: Path) -> bool | None:
     """Whether the run's training data was conversational; None when its manifest does not say."""
-    from .run import read_manifest
-
     manifest = read_manifest(run_dir)
     if manifest.get("merged_from"):  # `llmtune merge` output: the trained run's manifest knows
         manifest = read_manifest(Path(manifest["merged_from"]))
@@ -126,8 +131,6 @@ def _quiet_lm_eval() -> None:
 
 def _load_specs(manager, spec: Spec) -> list:
     """What TaskManager.load takes for one --tasks item: the task names it matches, or its task file."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     if spec.path is None:
         matched = manager.match_tasks([spec.text])
         if not matched:
@@ -137,7 +140,7 @@ def _load_specs(manager, spec: Spec) -> list:
             raise UserError(f"--tasks {spec.text}: unknown lm-eval task{hint}")
         return matched
     try:
-        cfg = load_yaml(spec.path, resolve_func=True)
+        cfg = load_task_yaml(spec.path, resolve_func=True)
     except Exception as err:  # YAML syntax, a bad include or !function: all the file's problem
         raise UserError(f"{spec.path}: cannot read the task file: {err}") from None
     if isinstance(cfg.get("group"), str):
@@ -229,8 +232,6 @@ def _chat_template(choice: bool | None, run_dir: Path, tokenizer) -> tuple[bool,
 
 def evaluate(run_dir, tasks: str, options: Options) -> tuple[list[str], Path]:
     """Score the run on the tasks; (lines to print, results file). Nothing is written unless all went well."""
-    from .infer import is_adapter, model_head, run_recipe
-
     run_dir = Path(run_dir)
     is_adapter(run_dir)  # a missing or unfinished run fails here, before anything loads
     if model_head(run_recipe(run_dir)) != "CausalLM":
@@ -247,9 +248,6 @@ def evaluate(run_dir, tasks: str, options: Options) -> tuple[list[str], Path]:
         raise UserError(f"llmtune eval needs lm-evaluation-harness: {INSTALL} ({err})") from None
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import make_table
-
-    from .infer import load
-    from .run import quiet
 
     device = _device(options.device) if options.device else None
     quiet()
@@ -283,8 +281,6 @@ def evaluate(run_dir, tasks: str, options: Options) -> tuple[list[str], Path]:
 
 def save(run_dir: Path, results: dict, record: dict) -> Path:
     """RUN_DIR/eval/NAME.json (lm-eval's results, less environment dumps and secrets) and a manifest entry."""
-    from .run import _now, package_versions, read_manifest, scrub, write_json
-
     record = {**record, "time": _now()}
     config = {k: v for k, v in results.get("config", {}).items() if k not in DROPPED_CONFIG}
     payload = {"run_dir": str(run_dir), **record, "config": {**config, "model": str(run_dir)},

@@ -14,13 +14,15 @@ import signal
 import sys
 import time
 
+from ..ranks import is_main_process
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAME_SIGNAL_S = 1.0
 
 
 def _say(message: bytes) -> None:
     """Once per launch (rank 0), and safe inside a signal handler (no buffered I/O)."""
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         os.write(sys.stderr.fileno(), message)
 
 

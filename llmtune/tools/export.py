@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from ..files import write_atomic, write_json
+from ..runner.rundir import package_versions
+from ..tokenizer import GENERATION_TAG, end_of_turn_token, stop_token_ids
+from .infer import is_adapter, load
+from .ollama import NotDecomposable, modelfile
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,6 @@ PRE_TOKENIZERS = {
     r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+": "tekken",  # Mistral NeMo, Ministral
 }
-GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
 
 def _fresh_dir(out: Path, overwrite: bool) -> None:
@@ -70,8 +73,6 @@ def _fresh_dir(out: Path, overwrite: bool) -> None:
 
 def merged_model(run_dir: Path):
     """(model, tokenizer, recipe, notes): the run's model with any adapter folded in, in memory."""
-    from .infer import load
-
     loaded = load(run_dir, quantized=False)
     notes = list(loaded.notes)
     model = loaded.model
@@ -89,9 +90,6 @@ def merged_model(run_dir: Path):
 
 def merge(run_dir, out=None, overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write the run's adapter merged into its base as a full model folder (default RUN_DIR/merged)."""
-    from .infer import is_adapter, stop_token_ids
-    from .run import package_versions, write_json
-
     run_dir = Path(run_dir)
     if not is_adapter(run_dir):
         raise UserError(f"{run_dir}: holds a full model (config.json, no adapter_config.json); there is nothing to "
@@ -268,7 +266,6 @@ def _add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> list[str
         special.chat_template = GENERATION_TAG.sub("", template)
         notes.append("chat template embedded (training-only {% generation %} tags removed)")
     special.add_to_gguf(writer, quiet=True)
-    from .infer import end_of_turn_token
 
     turn = end_of_turn_token(tokenizer) if template else None
     if turn and turn[0] != tokenizer.eos_token_id:  # llama.cpp also stops at the end-of-turn token
@@ -292,7 +289,6 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
     if quant not in GGUF_QUANTS:
         raise UserError(f"--quant {quant}: not one of {', '.join(GGUF_QUANTS)} (k-quants such as q4_k_m: run "
                         "llama.cpp's llama-quantize on an f16 export)")
-    from .infer import is_adapter
 
     is_adapter(run_dir)  # a clear error for a folder that holds no model
     model, tokenizer, recipe, notes = merged_model(run_dir)
@@ -381,15 +377,10 @@ def export_gguf(run_dir, out=None, quant: str = "f16", overwrite: bool = False,
 
 def _write_modelfile(path: Path, gguf_file: Path, model, tokenizer, notes: list[str]) -> list[str]:
     """Write the Ollama Modelfile for `gguf_file`; else the warning saying why not."""
-    from .infer import stop_token_ids
-    from .ollama import NotDecomposable, modelfile
-
     try:
         text, more = modelfile(tokenizer, gguf_file, stop_token_ids(model, tokenizer), _adds_special(tokenizer)["bos"])
     except NotDecomposable as err:
         return [f"no Ollama Modelfile: {err}"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     notes += more + [f"wrote {path} (for Ollama: ollama create NAME -f {path})"]
     return []

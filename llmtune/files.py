@@ -1,0 +1,58 @@
+"""Run-directory file facts, Hub repository ids, and the one write-then-rename helper.
+
+Layout (DESIGN.md): the model or adapter and tokenizer, `recipe.yaml`, `manifest.json`,
+`README.md`, `metrics.jsonl`, `loss.png`, `checkpoint-N/`, and `train.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+ARTIFACTS = ("adapter_config.json", "config.json")  # a final model: the run finished
+BUILTIN_PREFIX = "builtin:"
+# The Hub's own rule (huggingface_hub.utils.validate_repo_id), with the namespace required.
+_REPO_ID = re.compile(r"\b[\w.-]+\b/\b[\w.-]{1,96}\b")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary name beside `path` to write a file to, renamed onto `path` when the block succeeds (removed
+    when it fails): a reader (another process, a later run) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, payload) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def adapter_run(model: dict) -> dict | None:
+    """The adapter config of a run directory named by `model.name` (e.g. an SFT LoRA run), else None."""
+    path = Path(model["name"]).expanduser() / "adapter_config.json"
+    if model["name"].startswith(BUILTIN_PREFIX) or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def is_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")

@@ -1,0 +1,53 @@
+"""Quiet by default: a progress bar and a summary on the terminal; library chatter goes to train.log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from .ranks import is_main_process
+
+# TRL's modules that warn about the rows they prepare (e.g. "The tokenized prompt is not a prefix ...").
+TRL_DATA_LOGGERS = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.data_utils")
+
+
+class _Once(logging.Filter):
+    """Passes each distinct message once per process."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def quiet() -> None:
+    """Keep the terminal to a progress bar and a summary; details go to train.log."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module=r"(torch|transformers|trl|peft|accelerate|bitsandbytes)(\.|$)")
+    logging.captureWarnings(True)
+    for name in ("trl", "peft", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in TRL_DATA_LOGGERS:  # what TRL says about the data is worth reading: terminal and train.log, once
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())
+            if is_main_process():
+                terminal = logging.StreamHandler(sys.stderr)
+                terminal.setFormatter(logging.Formatter("warning: %(message)s"))
+                logger.addHandler(terminal)
+    logging.getLogger("llmtune").setLevel(logging.INFO)  # llmtune's own notes (e.g. a cache hit) reach train.log

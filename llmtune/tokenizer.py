@@ -1,0 +1,68 @@
+"""The tokenizer: loading it (with the recipe's chat template), and what its chat template implies.
+
+Shared by training, `inspect`, `generate`/`chat` and `export`, so all of them see the same template
+and the same end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from .builtin import model_path
+from .errors import UserError
+from .paths import read_chat_template
+
+if TYPE_CHECKING:
+    from .recipe.check import Resolved
+
+GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+def load_tokenizer(model: dict):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path(model), revision=model.get("revision"), trust_remote_code=model["trust_remote_code"])
+    if model.get("chat_template"):
+        tokenizer.chat_template = read_chat_template(model["chat_template"])
+    if tokenizer.pad_token is None:  # batching needs one; the EOS token is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_token(tokenizer, chat_template: str | None = None) -> tuple[int, str] | None:
+    """The special token a chat template closes an assistant turn with, as (id, text), or None."""
+    content = "LLMTUNE_PROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}],
+            chat_template=chat_template, tokenize=False)
+    except Exception:  # a template that needs other roles or keys: no probe, fall back to eos
+        return None
+    if content not in text:
+        return None
+    suffix = text[text.rindex(content) + len(content):]
+    special = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return token_id, tokenizer.convert_ids_to_tokens(token_id)
+    return None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The model's eos tokens plus the chat template's end-of-turn token."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    extra = [tokenizer.eos_token_id]
+    if tokenizer.chat_template:
+        turn = end_of_turn_token(tokenizer)
+        extra.append(turn and turn[0])
+    return ids + [i for i in extra if i is not None and i not in ids]
+
+
+def require_chat_template(resolved: Resolved, shape: str, tokenizer) -> None:
+    if shape.startswith("conversational") and not tokenizer.chat_template:
+        raise UserError(f"{resolved.locate(('model', 'name'))}: the data is conversational but the tokenizer of "
+                        f"'{resolved.config['model']['name']}' has no chat template; set `model.chat_template:` to "
+                        "a named template or a .jinja file")
