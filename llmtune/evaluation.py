@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from . import card
 from .errors import UserError
 from .recipe.loader import SHIPPED, shipped_recipe
 
@@ -295,4 +296,5 @@ def save(run_dir: Path, results: dict, record: dict) -> Path:
     manifest = read_manifest(run_dir)
     entry = {**record, "file": str(out.relative_to(run_dir)), "metrics": _metrics(results)}
     write_json(run_dir / "manifest.json", {**manifest, "evals": [*manifest.get("evals", []), entry]})
+    card.write(run_dir)  # the card shows the scores
     return out

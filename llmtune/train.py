@@ -79,7 +79,9 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     from .model import (convert_adapter, load_model, load_tokenizer, loraplus_optimizer, peft_config,
                         save_initial_adapter)
     from .launch.rank import launched, report_callback
-    from .run import RunDir, is_main_process, metrics_callback, plot_loss, progress_callback, quiet, read_metrics
+    from .card import settings
+    from .metrics import final
+    from .run import RunDir, is_main_process, metrics_callback, plot_metrics, progress_callback, quiet, read_metrics
 
     config = resolved.config
     run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
@@ -128,13 +130,14 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         # What this run really uses: the recipe's settings, or those picked for this machine.
         run_dir.record(speed={"attn_implementation": getattr(model.config, "_attn_implementation", None),
                               "use_liger_kernel": args.use_liger_kernel,
-                              "dataset_num_proc": getattr(args, "dataset_num_proc", None)})
+                              "dataset_num_proc": getattr(args, "dataset_num_proc", None)},
+                       settings=settings(args))
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
-            trainer.add_callback(progress_callback())
+            trainer.add_callback(progress_callback(resolved.method.name))
         interruption.attach(trainer)
         make_resumable(trainer, stamp, checkpoint)
         if (config.get("adapter") or {}).get("loraplus_lr_ratio"):
@@ -142,21 +145,22 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         initial = save_initial_adapter(trainer.model, run_dir.path) if args.should_save else None  # PiSSA, OLoRA
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if interruption.step is not None:
-            plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
+            plot_metrics(resolved.method.name, read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
             raise Interrupted(f"stopped at step {interruption.step}, checkpoint saved in "
                               f"{run_dir.path / f'checkpoint-{interruption.step}'}; continue with the same "
                               "command plus `--resume auto`")
         metrics = dict(result.metrics)
         if data.eval is not None:
             metrics.update(trainer.evaluate())
-        logged = [m["loss"] for m in read_metrics(run_dir.path / "metrics.jsonl") if "loss" in m]
+        rows = read_metrics(run_dir.path / "metrics.jsonl")
+        logged = [m["loss"] for m in rows if "loss" in m]
         if logged:
             metrics.update(first_loss=logged[0], last_loss=logged[-1])
+        metrics.update(final(resolved.method.name, rows, metrics))
         save_final(trainer, tokenizer, run_dir.path)
         if initial:
             convert_adapter(trainer.model, run_dir.path, initial)
-        plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
-        run_dir.write_card(metrics, data)
+        plot_metrics(resolved.method.name, rows, run_dir.path / "loss.png")
         run_dir.finish("completed", metrics)
     except KeyboardInterrupt:
         run_dir.finish("interrupted", {"step": interruption.step})
