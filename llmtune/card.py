@@ -141,8 +141,9 @@ def _settings_rows(manifest: dict, config: dict, peft: dict, steps: int | None) 
         rows.append(("learning rate", f"{s['learning_rate']:g}, {s.get('lr_scheduler_type')} schedule"
                      + (f", warmup {warmup:g}" if warmup else "")))
     if "effective_batch" in s:
-        rows.append(("effective batch", f"{s['effective_batch']} ({s['per_device_train_batch_size']} per device x "
-                     f"{s['gradient_accumulation_steps']} accumulation x {s['processes']} processes)"))
+        rows.append(("effective batch", f"{s['effective_batch']} = {s['per_device_train_batch_size']} per device x "
+                     f"{s['gradient_accumulation_steps']} accumulated x {s['processes']} "
+                     f"process{'es' if s['processes'] > 1 else ''}"))
     if "max_steps" in s:
         length = f"{s['max_steps']} steps" if s["max_steps"] > 0 else f"{s.get('num_train_epochs'):g} epochs"
         rows.append(("length", length + (f" ({steps} trained)" if steps is not None else "")))

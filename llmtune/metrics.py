@@ -109,7 +109,7 @@ def label(key: str) -> str:
 
 def about(key: str) -> str:
     if key in ("train_loss", "eval_loss"):
-        return LOSS.about
+        return LOSS.about + (" on the eval set" if key == "eval_loss" else "")
     return m.about if (m := _metric(key.removeprefix("eval_"))) else ""
 
 

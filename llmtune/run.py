@@ -164,6 +164,13 @@ class RunDir:
             card.write(self.path)
         lock.release(self.lock)
 
+    def plot(self, method: str, logged: list[dict]) -> None:
+        """loss.png: a panel per metric `method` is judged by (the loss among them); the panels drawn go in the
+        manifest."""
+        if is_main_process():
+            panels = judged.plot({"": (method, logged)}, self.path / "loss.png")
+            self.record(plot={"file": "loss.png", "panels": panels})
+
     def log_handler(self) -> logging.Handler:
         """A file handler for `train.log`; warnings go there, not to the terminal (rank 0's only)."""
         if not is_main_process():
@@ -194,11 +201,6 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_metrics(method: str, metrics: list[dict], out: Path) -> list[str]:
-    """loss.png: one panel per metric `method` is judged by (loss among them); the titles drawn (none on rank > 0)."""
-    return judged.plot({"": (method, metrics)}, out) if is_main_process() else []
 
 
 def quiet() -> None:

@@ -81,7 +81,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     from .launch.rank import launched, report_callback
     from .card import settings
     from .metrics import final
-    from .run import RunDir, is_main_process, metrics_callback, plot_metrics, progress_callback, quiet, read_metrics
+    from .run import RunDir, is_main_process, metrics_callback, progress_callback, quiet, read_metrics
 
     config = resolved.config
     run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
@@ -145,7 +145,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         initial = save_initial_adapter(trainer.model, run_dir.path) if args.should_save else None  # PiSSA, OLoRA
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if interruption.step is not None:
-            plot_metrics(resolved.method.name, read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
+            run_dir.plot(resolved.method.name, read_metrics(run_dir.path / "metrics.jsonl"))
             raise Interrupted(f"stopped at step {interruption.step}, checkpoint saved in "
                               f"{run_dir.path / f'checkpoint-{interruption.step}'}; continue with the same "
                               "command plus `--resume auto`")
@@ -160,7 +160,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         save_final(trainer, tokenizer, run_dir.path)
         if initial:
             convert_adapter(trainer.model, run_dir.path, initial)
-        plot_metrics(resolved.method.name, rows, run_dir.path / "loss.png")
+        run_dir.plot(resolved.method.name, rows)
         run_dir.finish("completed", metrics)
     except KeyboardInterrupt:
         run_dir.finish("interrupted", {"step": interruption.step})
