@@ -132,6 +132,7 @@ def three_runs(tmp_path_factory):
         shutil.copy(RECIPES / "data" / name, repo / "data" / name)
     write_jsonl(repo / "data" / "prompts.jsonl", [{"prompt": f"TASK {i}: "} for i in range(32)])
     (repo / "lower.py").write_text(REWARD)
+    (repo / ".gitignore").write_text("runs/\n__pycache__/\n")  # the runs leave the recipes' commit clean
     for method, fields in RUNS.items():
         write_recipe(repo / f"{method}.yaml", RECIPE.format(method=method, **fields))
     git(repo, "init", "-q")
