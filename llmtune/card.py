@@ -67,7 +67,7 @@ def portable(text: str, base: Path) -> str:
 
 
 def portable_file(run_dir: Path, name: str) -> bytes:
-    """A run file's bytes as `push` uploads them: recipe.yaml and manifest.json with portable paths."""
+    """A run file's bytes as `push` uploads them (recipe.yaml, manifest.json, eval results), paths made portable."""
     text = (run_dir / name).read_text(encoding="utf-8")
     recipe = _read_json(run_dir / "manifest.json").get("recipe")
     return (portable(text, anchor(recipe)) if recipe else text).encode("utf-8")

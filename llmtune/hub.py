@@ -24,7 +24,7 @@ MODEL = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation
 TOKENIZER = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
 RECORD = ("README.md", "recipe.yaml", "manifest.json", "metrics.jsonl", "loss.png")
 UPLOADED = MODEL + TOKENIZER + RECORD
-PORTABLE = ("recipe.yaml", "manifest.json")  # uploaded with local paths made relative (card.portable)
+PORTABLE = ("recipe.yaml", "manifest.json")  # uploaded, as RESULTS, with local paths made relative (card.portable)
 RESULTS = "eval/*.json"  # `llmtune eval` scores, which the card's readers want next to the model
 CHECKPOINTS = "checkpoint-*/**/*"
 # The Hub's own rule (huggingface_hub.utils.validate_repo_id), with the namespace required.
@@ -160,6 +160,7 @@ def push(run_dir: Path, settings: dict, secret: str) -> dict:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(name, _card(run_dir, repo_id, revision) if name == "README.md"
                                          else portable_file(run_dir, name) if name in PORTABLE
+                                         or fnmatch(name, RESULTS)
                                          else str(run_dir / name)) for name in names]
         commit = api.create_commit(repo_id, operations, revision=revision,
                                    commit_message=f"llmtune: {run_dir.name}")

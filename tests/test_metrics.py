@@ -234,3 +234,5 @@ def test_eval_scores_go_into_the_card(three_runs, tmp_path):
     text = (out / "README.md").read_text()
     assert "## Evaluation (`llmtune eval`)" in text and "| chat-mc | acc | 0.625 | 8 |" in text
     assert "## Results" in text  # the rest of the card is still there
+    assert str(out) in (out / "eval" / "chat-mc.json").read_text()  # lm-eval's record names the model folder ...
+    assert str(tmp_path) not in card.portable_file(out, "eval/chat-mc.json").decode()  # ... not as uploaded
