@@ -237,8 +237,9 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
 
 
-def write(run_dir: Path) -> None:
-    """(Re)write the card of a training run's folder; a folder without one (a merged model) is left alone."""
+def write(run_dir: Path, scrub) -> None:
+    """(Re)write the card of a training run's folder, through `scrub` (run.scrub: no secret from the environment);
+    a folder without one (a merged model) is left alone."""
     if _read_json(run_dir / "manifest.json").get("method") not in METHODS or not (run_dir / "recipe.yaml").is_file():
         return
-    (run_dir / "README.md").write_text(render(Path(run_dir).resolve()), encoding="utf-8")
+    (run_dir / "README.md").write_text(scrub(render(Path(run_dir).resolve())), encoding="utf-8")

@@ -296,5 +296,5 @@ def save(run_dir: Path, results: dict, record: dict) -> Path:
     manifest = read_manifest(run_dir)
     entry = {**record, "file": str(out.relative_to(run_dir)), "metrics": _metrics(results)}
     write_json(run_dir / "manifest.json", {**manifest, "evals": [*manifest.get("evals", []), entry]})
-    card.write(run_dir)  # the card shows the scores
+    card.write(run_dir, scrub)  # the card shows the scores
     return out

@@ -161,7 +161,7 @@ class RunDir:
         self.manifest.update(status=status, finished=_now(), metrics=metrics)
         write_json(self.path / "manifest.json", self.manifest)
         if status == "completed":
-            card.write(self.path)
+            card.write(self.path, scrub)
         lock.release(self.lock)
 
     def plot(self, method: str, logged: list[dict]) -> None:
