@@ -362,6 +362,35 @@ def push(
     typer.echo(f"pushed {run_dir} to {entry['url']} (commit {entry['commit'][:12]})")
 
 
+@app.command("runs")
+def runs_(folder: Path = typer.Argument(Path("runs"), help="Folder holding run directories, searched at any depth.")):
+    """List the runs under FOLDER, oldest first: status, method, model, data rows used, steps, duration, git commit
+    of the recipe, and the metrics its method is judged by."""
+    from .tools.runs import list_runs
+
+    try:
+        typer.echo("\n".join(list_runs(folder)))
+    except UserError as err:
+        _fail(err.problems)
+
+
+@app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN", help="Two or more run directories (RUN_A RUN_B ...)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the overlay plot (.png, .svg or .pdf) "
+                                       "[default: compare-A-vs-B.png beside the first run]."),
+):
+    """Runs side by side: the keys where their resolved recipes differ, their metrics, and one plot with every
+    run's curves overlaid, a panel per metric."""
+    from .tools.runs import compare as run_compare
+
+    try:
+        lines, _ = run_compare(run_dirs, out)
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+
+
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")
 TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (deterministic); higher samples more freely.")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this probability.")

@@ -14,6 +14,35 @@ _PROMPTS = ("prompt",)
 
 
 @dataclass(frozen=True)
+class Metric:
+    key: str  # the logged name; evaluation logs it as `eval_<key>`
+    label: str  # the card's name for it, and its curve's
+    about: str  # what it says, for the card
+    short: str = ""  # its name in the progress bar; empty: not shown there
+    panel: str = ""  # the plot panel it is drawn in [default: its label]; metrics sharing a panel share axes
+    from_loss: bool = False  # not logged: exp(loss), perplexity
+
+    @property
+    def title(self) -> str:
+        return self.panel or self.label
+
+
+LOSS = Metric("loss", "loss", "the training objective", "loss")
+PERPLEXITY = Metric("perplexity", "perplexity", "exp(loss): how many tokens the model hesitates between",
+                    from_loss=True)
+PAIRS = (
+    Metric("rewards/accuracies", "reward accuracy", "share of pairs whose chosen answer gets the higher implicit "
+           "reward", "acc"),
+    Metric("rewards/margins", "reward margin", "mean implicit reward of the chosen answer minus the rejected one's",
+           "margin"),
+    Metric("logps/chosen", "log-prob chosen", "mean log-probability of the chosen answers", panel="log-probs"),
+    Metric("logps/rejected", "log-prob rejected", "mean log-probability of the rejected answers", panel="log-probs"),
+)
+KL = Metric("kl", "KL to the reference", "how far the policy has moved from the reference model", "kl")
+REWARD = (Metric("reward", "mean reward", "mean reward of the sampled responses", "reward"), KL)
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config: str          # the TRL config class the recipe's `train:` section becomes
@@ -34,6 +63,9 @@ class Method:
     # also swap in Liger's causal-LM fused-loss forward (over a reward model's classifier, too); ORPO
     # (experimental) and llmtune's PPO are not verified with it. Those get Liger only when the recipe sets it.
     liger: bool = False
+    # the metrics it is judged by (progress bar, summary, plot, manifest, card, `runs`, `compare`; runner/metrics.py);
+    # a method that scores sampled responses plots them first, its loss last
+    judged: tuple[Metric, ...] = ()
 
 
 METHODS = {
@@ -41,28 +73,34 @@ METHODS = {
     for m in (
         Method("sft", "trl:SFTConfig", "llmtune.methods.sft",
                "Supervised fine-tuning on chat, instruction, prompt-completion or plain text data.",
-               formats=_SFT, streams=True, assistant_turns=True, liger=True),
+               formats=_SFT, streams=True, assistant_turns=True, liger=True,
+               judged=(PERPLEXITY, Metric("mean_token_accuracy", "mean token accuracy", "share of trained tokens the "
+                                          "model predicts exactly (argmax)", "acc"))),
         Method("dpo", "trl:DPOConfig", "llmtune.methods.dpo",
                "Direct preference optimization (and IPO, hinge, ... via train.loss_type) on chosen/rejected pairs.",
-               formats=_PAIRED, paired=True, reference=True, liger=True),
+               formats=_PAIRED, paired=True, reference=True, liger=True, judged=PAIRS),
         Method("orpo", "trl.experimental.orpo:ORPOConfig", "llmtune.methods.orpo",
                "Odds-ratio preference optimization: SFT and preference in one pass, no reference model.",
-               formats=_PAIRED, experimental=True, paired=True),
+               formats=_PAIRED, experimental=True, paired=True, judged=PAIRS),
         Method("kto", "trl:KTOConfig", "llmtune.methods.kto",
                "Kahneman-Tversky optimization on completions labelled good or bad (or on unpaired preference pairs).",
-               formats=("kto", "preference"), reference=True, liger=True),  # KTOTrainer unpairs preference data
+               formats=("kto", "preference"), reference=True, liger=True,  # KTOTrainer unpairs preference data
+               judged=(*PAIRS[1:], KL)),  # unpaired: no accuracy
         Method("reward", "trl:RewardConfig", "llmtune.methods.reward",
                "Train a reward model (a sequence-classification head scoring text) on chosen/rejected pairs.",
-               formats=_PAIRED, head="SequenceClassification", paired=True),
+               formats=_PAIRED, head="SequenceClassification", paired=True,
+               judged=(Metric("accuracy", "accuracy", "share of pairs the model scores chosen above rejected", "acc"),
+                       Metric("margin", "margin", "mean score of the chosen answer minus the rejected one's",
+                              "margin"))),
         Method("ppo", "llmtune.methods.ppo_config:PPOConfig", "llmtune.methods.ppo",
                "RLHF with PPO (llmtune's own; TRL has none): policy and value model, reward model, KL to the "
-               "reference.", rewards=True),
+               "reference.", rewards=True, judged=REWARD),
         Method("grpo", "trl:GRPOConfig", "llmtune.methods.grpo",
                "Group relative policy optimization: scores groups of sampled responses with a reward model or "
-               "functions.", rewards=True, reward_functions=True, liger=True),
+               "functions.", rewards=True, reward_functions=True, liger=True, judged=REWARD),
         Method("rloo", "trl:RLOOConfig", "llmtune.methods.rloo",
                "REINFORCE leave-one-out: online RL with a reward model or reward functions.", rewards=True,
-               reward_functions=True, liger=True),
+               reward_functions=True, liger=True, judged=REWARD),
     )
 }
 

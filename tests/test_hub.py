@@ -147,9 +147,14 @@ def test_uploaded_card_is_a_hub_card(pushed):
     assert "library_name: peft\n" in front and "pipeline_tag: text-generation\n" in front
     assert "tags: [llmtune, trl, sft, lora]" in front
     assert "base_model" not in front  # builtin:tiny is no Hub id; the Hub's metadata takes only those
-    # On the Hub the card loads from the repository; the local card from the folder.
+    # On the Hub the card loads from the repository; the local card from the folder, relative to the recipe's.
     assert card.count('from_pretrained("me/tiny-sft")') == 2 and str(out) not in card
-    assert f'from_pretrained("{out}")' in (out / "README.md").read_text()
+    assert 'from_pretrained("runs/tiny")' in (out / "README.md").read_text()
+    # Uploaded, the record names local paths relative to the recipe's folder (no git repository here), or cuts them.
+    for name in ("recipe.yaml", "manifest.json"):
+        assert str(out.parent.parent) not in fake.uploaded[name].decode() and "output_dir: runs/tiny" in \
+            fake.uploaded["recipe.yaml"].decode()
+    assert "path: .../chat.jsonl" in fake.uploaded["recipe.yaml"].decode()
     assert is_repo_id("Qwen/Qwen2.5-0.5B") and not is_repo_id("builtin:tiny")
     assert not is_repo_id("Qwen2.5-0.5B") and not is_repo_id("a--b/c") and not is_repo_id("a/b.git")
 

@@ -76,6 +76,8 @@ def test_backend_trains_on_two_processes(tmp_path, backend):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch: 4 per device x 1 accumulation x 2 process(es) = 8" in result.stderr
     assert result.stdout.count("run directory:") == 1  # one summary, not one per rank
+    # The card, written by rank 0, counts every process in the effective batch.
+    assert "| effective batch | 8 = 4 per device x 1 accumulated x 2 processes |" in (out / "README.md").read_text()
     seen = assert_ranks_agree(out)
     assert seen[0]["distributed_type"] == distributed
     if backend == "fsdp":

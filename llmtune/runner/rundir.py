@@ -24,7 +24,8 @@ from ..errors import UserError
 from ..files import ARTIFACTS, is_repo_id, read_manifest, write_json
 from ..ranks import is_main_process
 from ..secret import redact, scrub
-from . import lock
+from . import card, lock
+from . import metrics as judged
 from .resume import prepare
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
@@ -132,7 +133,16 @@ class RunDir:
             return
         self.manifest.update(status=status, finished=_now(), metrics=metrics)
         write_json(self.path / "manifest.json", self.manifest)
+        if status == "completed":
+            card.write(self.path, scrub)
         lock.release(self.lock)
+
+    def plot(self, method: str, logged: list[dict]) -> None:
+        """loss.png: a panel per metric `method` is judged by (the loss among them); the panels drawn go in the
+        manifest."""
+        if is_main_process():
+            panels = judged.plot({"": (method, logged)}, self.path / "loss.png")
+            self.record(plot={"file": "loss.png", "panels": panels})
 
     def log_handler(self) -> logging.Handler:
         """A file handler for `train.log`; warnings go there, not to the terminal (rank 0's only)."""
@@ -145,67 +155,6 @@ class RunDir:
         handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         handler.setFormatter(Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         return handler
-
-    def write_card(self, metrics: dict, data) -> None:
-        if not is_main_process():
-            return
-        config = self.resolved.config
-        adapter = config.get("adapter")
-        quant = config.get("quantization")
-        saved_adapter = (self.path / "adapter_config.json").is_file()  # also a stacked run's (model.run_adapter)
-        kind = "full fine-tune" if not saved_adapter else "adapter" if adapter is None else (
-            f"{'Q' if quant else ''}{adapter['type'].upper()} adapter (r={adapter.get('r', 'PEFT default')})")
-        head = self.resolved.method.head
-        loader = f"AutoModelFor{head}" if not saved_adapter else f"AutoPeftModelFor{head}"
-        package = "transformers" if not saved_adapter else "peft"
-        # The base's own config has no one-label head: a reward adapter's score head needs it spelled out.
-        extra = ", num_labels=1, pad_token_id=tokenizer.pad_token_id" if saved_adapter and head != "CausalLM" else ""
-        rows = "\n".join(f"| `{s.path}` | {s.format} | {s.counted} | {s.sha256 or s.revision or ''} |"
-                         for s in data.sources)
-        shown = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                          for k, v in metrics.items())
-        method, base = self.resolved.method, config["model"]["name"]
-        tags = ["llmtune", *(["trl"] if method.config.startswith("trl") else []), method.name,
-                *([adapter["type"]] if adapter else []), *(["qlora"] if quant and adapter else [])]
-        # The Hub's metadata takes a Hub model id only, not a local folder or builtin:tiny.
-        base_model = f"base_model: {base}\n" if is_repo_id(base) and not Path(base).exists() else ""
-        pipeline = "text-generation" if head == "CausalLM" else "text-classification"
-        card = f"""---
-library_name: {package}
-{base_model}pipeline_tag: {pipeline}
-tags: [{', '.join(tags)}]
----
-# {config['name']}
-
-{kind} of `{config['model']['name']}` trained with `llmtune {self.resolved.method.name}` (llmtune {__version__}).
-
-## Data
-
-| source | format | rows | sha256 / revision |
-|---|---|---|---|
-{rows}
-
-## Final metrics
-
-| metric | value |
-|---|---|
-{shown}
-
-## Settings
-
-The full resolved recipe is in `recipe.yaml`; package versions and devices in `manifest.json`.
-
-## Load it
-
-```python
-from {package} import {loader}
-from transformers import AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{self.path}")  # carries the chat template used in training
-model = {loader}.from_pretrained("{self.path}"{extra})
-```
-"""
-        (self.path / "README.md").write_text(scrub(card), encoding="utf-8")
 
 
 def metrics_callback(path: Path):
@@ -227,52 +176,27 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss(metrics: list[dict], out: Path) -> bool:
-    """Training (and eval) loss against step; False when nothing was logged (or not rank 0)."""
-    if not is_main_process():
-        return False
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    if not train and not evals:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def progress_callback():
-    """Transformers' progress bar, without printing every log dict under it."""
+def progress_callback(method: str):
+    """Transformers' progress bar, showing the loss, the eval loss and `method`'s metrics instead of printing every
+    log dict under it."""
     from transformers.trainer_callback import ProgressCallback
+
+    shown: dict = {}  # what the bar shows, kept between log rows (the eval loss comes in rows of its own)
 
     class Bar(ProgressCallback):
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
             pass  # evaluation is short; a second bar would only scroll the first
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs and "loss" in logs:
-                shown = {k: f"{logs[k]:.4f}" for k in ("loss", "reward") if k in logs}  # reward: ppo, grpo, rloo
-                self.training_bar.set_postfix(shown, refresh=False)
+            if self.training_bar is not None and logs:
+                self.training_bar.set_postfix(judged.bar(method, logs, shown), refresh=False)
 
     return Bar
 
 
 def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
-    keys = [k for k in ("train_loss", "eval_loss", "train_runtime") if k in metrics]
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
-    hub = read_manifest(run_dir).get("hub")  # where `hub:` uploaded the run
+    manifest = read_manifest(run_dir)
+    shown = judged.summary(manifest.get("method", ""), metrics)
+    hub = manifest.get("hub")  # where `hub:` uploaded the run
     (stream or sys.stdout).write(f"\nrun directory: {run_dir}\n{shown}\n" +
                                  (f"on the Hub: {hub['url']}\n" if hub else ""))

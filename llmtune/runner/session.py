@@ -33,7 +33,9 @@ from . import stopping
 from .diagnose import divergence_guard, explain
 from .interrupt import Interrupted, Interruption
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
-from .rundir import RunDir, metrics_callback, plot_loss, progress_callback, read_metrics
+from .card import settings
+from .metrics import final
+from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
 
 
 class TrainingFailed(Exception):
@@ -219,11 +221,12 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
     # What this run really uses: the recipe's settings, or those picked for this machine.
     run_dir.record(speed={"attn_implementation": attn_implementation(model.config),
                           "use_liger_kernel": args.use_liger_kernel,
-                          "dataset_num_proc": getattr(args, "dataset_num_proc", None)})
+                          "dataset_num_proc": getattr(args, "dataset_num_proc", None)},
+                  settings=settings(args))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if not args.disable_tqdm:
-        trainer.add_callback(progress_callback())
+        trainer.add_callback(progress_callback(resolved.method.name))
     if (config.get("adapter") or {}).get("loraplus_lr_ratio"):
         trainer.optimizer = loraplus_optimizer(trainer, config["adapter"]["loraplus_lr_ratio"])
     return trainer
@@ -232,23 +235,25 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
 def execute(trainer, tokenizer, data, run_dir: RunDir, checkpoint: Path | None, interruption) -> dict:
     """Train, evaluate, save the model and write the run's record; the final metrics."""
     args = trainer.args
+    method = run_dir.resolved.method.name
     initial = save_initial_adapter(trainer.model, run_dir.path) if args.should_save else None  # PiSSA, OLoRA
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if interruption.step is not None:
-        plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
+        run_dir.plot(method, read_metrics(run_dir.path / "metrics.jsonl"))
         raise Interrupted(f"stopped at step {interruption.step}, checkpoint saved in "
                           f"{run_dir.path / f'checkpoint-{interruption.step}'}; continue with the same "
                           "command plus `--resume auto`")
     metrics = dict(result.metrics)
     if data.eval is not None:
         metrics.update(trainer.evaluate())
-    logged = [m["loss"] for m in read_metrics(run_dir.path / "metrics.jsonl") if "loss" in m]
+    rows = read_metrics(run_dir.path / "metrics.jsonl")
+    logged = [m["loss"] for m in rows if "loss" in m]
     if logged:
         metrics.update(first_loss=logged[0], last_loss=logged[-1])
+    metrics.update(final(method, rows, metrics))
     save_final(trainer, tokenizer, run_dir.path)
     if initial:
         convert_adapter(trainer.model, run_dir.path, initial)
-    plot_loss(read_metrics(run_dir.path / "metrics.jsonl"), run_dir.path / "loss.png")
-    run_dir.write_card(metrics, data)
+    run_dir.plot(method, rows)
     run_dir.finish("completed", metrics)
     return metrics

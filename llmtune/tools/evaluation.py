@@ -29,6 +29,7 @@ from ..files import read_manifest, write_json
 from ..logs import quiet
 from ..paths import SHIPPED
 from ..recipe.loader import shipped_recipe
+from ..runner import card
 from ..runner.rundir import _now, package_versions
 from ..secret import scrub
 from .infer import is_adapter, load, model_head, run_recipe
@@ -291,4 +292,5 @@ def save(run_dir: Path, results: dict, record: dict) -> Path:
     manifest = read_manifest(run_dir)
     entry = {**record, "file": str(out.relative_to(run_dir)), "metrics": _metrics(results)}
     write_json(run_dir / "manifest.json", {**manifest, "evals": [*manifest.get("evals", []), entry]})
+    card.write(run_dir, scrub)  # the card shows the scores
     return out

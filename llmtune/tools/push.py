@@ -21,11 +21,13 @@ from ..errors import UserError
 from ..files import ARTIFACTS, read_manifest, write_json
 from ..recipe.schema import Checker, HubSection
 from ..recipe.sections import check_hub
+from ..runner.card import portable_file
 
 MODEL = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "adapter_config.json")
 TOKENIZER = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
 RECORD = ("README.md", "recipe.yaml", "manifest.json", "metrics.jsonl", "loss.png")
 UPLOADED = MODEL + TOKENIZER + RECORD
+PORTABLE = ("recipe.yaml", "manifest.json")  # uploaded, as RESULTS, with local paths made relative (card.portable)
 RESULTS = "eval/*.json"  # `llmtune eval` scores, which the card's readers want next to the model
 CHECKPOINTS = "checkpoint-*/**/*"
 NO_TOKEN = "no Hugging Face token: export HF_TOKEN (a token with write access, from " \
@@ -127,6 +129,8 @@ def push(run_dir: Path, settings: dict, secret: str) -> dict:
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(name, _card(run_dir, repo_id, revision) if name == "README.md"
+                                         else portable_file(run_dir, name) if name in PORTABLE
+                                         or fnmatch(name, RESULTS)
                                          else str(run_dir / name)) for name in names]
         commit = api.create_commit(repo_id, operations, revision=revision,
                                    commit_message=f"llmtune: {run_dir.name}")
