@@ -145,7 +145,7 @@ RUN_CHILD = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from llmtune.recipe.check import resolve
-from llmtune.train import run
+from llmtune.runner.session import train as run
 run(resolve({recipe!r}), ["llmtune"], output_dir={out!r}, overwrite=True)
 rows = [json.loads(line) for line in open({out!r} + "/metrics.jsonl")]
 losses = [r["loss"] for r in rows if "loss" in r]
@@ -171,7 +171,8 @@ def build_qwen(out: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from llmtune.model import build_tiny_tokenizer, read_chat_template
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.paths import read_chat_template
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

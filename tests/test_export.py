@@ -156,8 +156,8 @@ def test_chat_reset_forgets_the_conversation_but_keeps_the_system_message(monkey
 
     from transformers import AutoTokenizer
 
-    import llmtune.infer as infer
-    from llmtune.model import builtin_path
+    import llmtune.tools.infer as infer
+    from llmtune.builtin import builtin_path
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_path("tiny"))
     seen = []  # the prompt of each turn, as the model gets it

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmtune.export import PRE_TOKENIZERS
+from llmtune.tools.export import PRE_TOKENIZERS
 
 from .gotemplate import execute
 from .llamacpp import llama_cpp
@@ -75,7 +75,8 @@ def build_tokenizer(pre: str, specials: list[str], roles: tuple, template: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmtune.model import _byte_alphabet, read_chat_template
+    from llmtune.builtin import _byte_alphabet
+    from llmtune.paths import read_chat_template
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre == "default":  # every byte its own token, no merges (as builtin:tiny's)
@@ -134,7 +135,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """family -> (model, tokenizer, gguf path, notes, warnings, Modelfile path)."""
-    from llmtune.export import export_gguf
+    from llmtune.tools.export import export_gguf
 
     out = {}
     for name in FAMILIES:
@@ -227,7 +228,7 @@ def test_what_llama_cpp_would_compute_otherwise_is_refused(tmp_path, name, chang
 
     (In process: `test_unsupported_architecture_fails_clearly` checks the CLI's exit 2 for the same UserError.)"""
     from llmtune.errors import UserError
-    from llmtune.export import export_gguf
+    from llmtune.tools.export import export_gguf
 
     family = FAMILIES[name]
     FAMILIES[name] = (*family[:2], {**family[2], **change}, *family[3:])
@@ -248,7 +249,7 @@ def test_a_sentencepiece_style_tokenizer_is_refused_by_name(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from llmtune.errors import UserError
-    from llmtune.export import export_gguf
+    from llmtune.tools.export import export_gguf
 
     build_family("phi3", tmp_path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259}
