@@ -103,6 +103,18 @@ def builtin_path(name: str) -> Path:
     return target
 
 
+def builtin_tokenizer(model: dict):
+    """A builtin model's tokenizer, made in memory when the model is not built yet: checking a recipe (`validate`)
+    neither builds the model nor writes into the cache; None for any other model."""
+    name = model["name"]
+    if not name.startswith(BUILTIN_PREFIX):
+        return None
+    builtin = name[len(BUILTIN_PREFIX):]
+    if builtin != "tiny" or (cache_dir() / "builtin" / TINY_VERSION / "config.json").is_file():
+        return None  # built (or unknown: builtin_path says so): loaded from its folder like any model
+    return build_tiny_tokenizer()
+
+
 def model_path(model: dict) -> str:
     """Where to load the model from: a builtin's cache folder, or the name as given."""
     name = model["name"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .builtin import model_path
+from .builtin import builtin_tokenizer, model_path
 from .errors import UserError
 from .paths import read_chat_template
 
@@ -22,7 +22,7 @@ GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 def load_tokenizer(model: dict):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = builtin_tokenizer(model) or AutoTokenizer.from_pretrained(
         model_path(model), revision=model.get("revision"), trust_remote_code=model["trust_remote_code"])
     if model.get("chat_template"):
         tokenizer.chat_template = read_chat_template(model["chat_template"])

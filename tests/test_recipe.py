@@ -13,7 +13,7 @@ from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
 from llmtune.secret import redact
 
-from .conftest import RECIPES, cli, make_recipe, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
 
 
 @pytest.fixture
@@ -273,11 +273,19 @@ def validate_imports(recipe, *args, cache):
     return result.stdout.splitlines()[-1]
 
 
-def test_validate_imports_no_ml_library(tmp_path, data_file):
+def test_validate_imports_only_what_its_checks_need(tmp_path, data_file):
     recipe = make_recipe(tmp_path, data=data_file, adapter={"type": "lora"}, quantization={"bits": 4})
-    # The data checked on a cold cache: read, converted and prepared with `datasets`, still no torch.
-    assert validate_imports(recipe, cache=tmp_path / "cold") == "['datasets']"
     assert validate_imports(recipe, "--no-data", cache=tmp_path / "cold-too") == "[]"
+    # Plain text on a cold cache: read, converted and prepared with `datasets`, still no torch.
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello there"}])
+    plain = make_recipe(tmp_path, data=text, name="plain", adapter={"type": "lora"}, quantization={"bits": 4})
+    assert validate_imports(plain, cache=tmp_path / "cold") == "['datasets']"
+    # Conversations are checked against the model's chat template (data/masking.py): its tokenizer and TRL's
+    # training templates load; no weights, no PEFT, no bitsandbytes, and builtin:tiny is not built.
+    imported = validate_imports(recipe, cache=tmp_path / "cold-chat")
+    assert "transformers" in imported and "trl" in imported
+    assert "peft" not in imported and "bitsandbytes" not in imported
+    assert not (tmp_path / "cold-chat" / "builtin").exists()
 
 
 def test_recipes_list_show_copy(tmp_path):
