@@ -61,8 +61,10 @@ def _fail(problems: list[str], code: int = 2, details: str = ""):
 def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optional[str], overwrite: bool,
            dry_run: bool, resume: Optional[str] = None, resume_force: bool = False, node_rank: int = 0,
            extra_args=(), show: bool = False, always: bool = False) -> None:
+    from .hub import PushFailed
     from .launch import rank
     from .recipe.check import resolve
+    from .train import TrainingFailed  # named by the handlers below, so imported before anything can fail
 
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
@@ -81,8 +83,7 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
                 typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
             return
         from .run import read_manifest, summarize
-        from .hub import PushFailed
-        from .train import TrainingFailed, run
+        from .train import run
 
         if not rank.launched():  # many processes: run this command again in each, under accelerate
             from .launch.launcher import start
@@ -100,7 +101,7 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
-        if rank.rank() == 0:
+        if rank.rank() == 0 and err.log is not None:
             _fail([f"training failed: {err}", *([err.hint] if err.hint else []), f"full traceback: {err.log}"],
                   code=1)
         import traceback  # only rank 0 writes train.log: another rank's traceback goes with its error

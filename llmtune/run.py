@@ -7,7 +7,9 @@ and, after a failure, the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
 import json
 import logging
 import os
@@ -34,10 +36,15 @@ def _now() -> str:
 
 
 def write_json(path: Path, payload) -> None:
-    """Write then rename, so a reader never sees half a file."""
+    """Write then rename, so a reader never sees half a file; a failed write (full disk) leaves no temp file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def scrub(text: str) -> str:
@@ -99,31 +106,67 @@ class RunDir:
     def __init__(self, path: Path, resolved, overwrite: bool = False, resume: str | None = None):
         self.path = Path(path)
         self.resolved = resolved
+        self.overwrite, self.resume = overwrite, resume
+        # Under a launch only rank 0 writes here, so only it checks (the others would see its first files).
         if is_main_process():
             lock.refuse_if_held(self.path)
-        # Under a launch only rank 0 writes here, so only it checks (the others would see its first files).
-        if is_main_process() and self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            status = read_manifest(self.path).get("status")
-            finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
-            if finished or not (resume and status):  # resuming writes into the unfinished run it continues
-                what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
-                    else "is not empty"
-                again = "--resume auto to continue it, " if status and not finished else ""
-                raise UserError(f"{self.path}: output directory {what}; pass {again}--output-dir DIR for a new run "
-                                "or --overwrite to write into it")
+            self.refuse_if_taken()  # early, before the data is read; decided again under the lock in start()
         self.manifest: dict = {}
         self.lock: Path | None = None
 
-    def start(self, data, argv: list[str], checkpoint: Path | None = None) -> None:
-        """Take the directory (lock), clear what an earlier run left, write recipe and manifest."""
-        from .resume import prepare
+    def refuse_if_taken(self) -> None:
+        """Refuse a directory holding someone else's files, or a run this one must not replace or continue."""
+        entries = [p.name for p in self.path.iterdir() if p.name != lock.NAME] if self.path.is_dir() else []
+        if not entries:
+            return
+        manifest = read_manifest(self.path)
+        if not manifest.get("llmtune"):  # not written by llmtune: --overwrite would delete the user's files
+            listed = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{self.path}: output directory is not empty ({listed}) and is not an llmtune run "
+                            "directory (no manifest.json), so llmtune will not write into it, even with "
+                            "--overwrite; pass --output-dir DIR (a new or empty folder)")
+        if self.overwrite:
+            return
+        status = manifest.get("status")
+        finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
+        if finished or not (self.resume and status):  # resuming writes into the unfinished run it continues
+            what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
+                else "is not empty"
+            again = "--resume auto to continue it, " if status and not finished else ""
+            raise UserError(f"{self.path}: output directory {what}; pass {again}--output-dir DIR for a new run "
+                            "or --overwrite to write into it")
 
+    def start(self, data, argv: list[str], checkpoint: Path | None = None) -> None:
+        """Take the directory (lock), decide again under it, clear what an earlier run left, write recipe and
+        manifest. Refused or failed, it leaves the lock released and a folder it created removed."""
         if not is_main_process():
             return
+        created = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = lock.acquire(self.path)
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot create the run directory: {err.strerror}; pass --output-dir "
+                            "DIR (a writable folder)") from None
+        try:
+            # Another run into this directory may have finished since __init__ looked: nothing is replaced
+            # unless this run, now holding the lock, may replace it.
+            self.refuse_if_taken()
+            self._write_start(data, argv, checkpoint)
+        except BaseException as err:
+            lock.release(self.lock)
+            self.lock = None
+            if created:  # this run made the folder: a refused or failed start leaves none behind
+                shutil.rmtree(created[-1], ignore_errors=True)
+            if isinstance(err, OSError):
+                raise UserError(f"{self.path}: cannot write the run directory: {err.strerror}; free space there "
+                                "or pass --output-dir DIR (a writable folder)") from None
+            raise
 
-        self.path.mkdir(parents=True, exist_ok=True)
+    def _write_start(self, data, argv: list[str], checkpoint: Path | None) -> None:
+        from .resume import prepare
+
         previous = read_manifest(self.path) if checkpoint is not None else {}
-        self.lock = lock.acquire(self.path)
         prepare(self.path, checkpoint)
         recipe = redact({**self.resolved.config, "output_dir": str(self.path)}, self.resolved.recipe.secrets)
         text = "# Resolved by llmtune: every default filled in; rerun with `llmtune train recipe.yaml`.\n"
@@ -155,12 +198,19 @@ class RunDir:
         self.manifest.update(fields)
         write_json(self.path / "manifest.json", self.manifest)
 
-    def finish(self, status: str, metrics: dict) -> None:
+    def finish(self, status: str, metrics: dict) -> str | None:
+        """Record the outcome and release the lock; what could not be recorded (a full or read-only disk) is
+        returned, not raised, so it never hides the failure being recorded."""
         if not is_main_process():
-            return
+            return None
         self.manifest.update(status=status, finished=_now(), metrics=metrics)
-        write_json(self.path / "manifest.json", self.manifest)
-        lock.release(self.lock)
+        try:
+            write_json(self.path / "manifest.json", self.manifest)
+        except OSError as err:
+            return f"could not record status `{status}` in {self.path / 'manifest.json'}: {err.strerror}"
+        finally:
+            lock.release(self.lock)  # on a read-only disk it stays; the next run clears it (its process is gone)
+        return None
 
     def log_handler(self) -> logging.Handler:
         """A file handler for `train.log`; warnings go there, not to the terminal (rank 0's only)."""
@@ -170,7 +220,13 @@ class RunDir:
             def format(self, record):
                 return scrub(super().format(record))
 
-        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        class Log(logging.FileHandler):
+            failed = False
+
+            def handleError(self, record):  # a full disk: no second traceback on the terminal; the caller says so
+                self.failed = True
+
+        handler = Log(self.path / "train.log", encoding="utf-8")
         handler.setFormatter(Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         return handler
 

@@ -20,8 +20,8 @@ from .recipe.check import Resolved
 class TrainingFailed(Exception):
     """Training raised; the traceback is in the run directory's train.log."""
 
-    def __init__(self, log: Path, cause: BaseException, hint: str | None = None):
-        self.log = log
+    def __init__(self, log: Path | None, cause: BaseException, hint: str | None = None):
+        self.log = log  # None: train.log could not be written (full disk), so the caller shows the traceback
         self.hint = hint  # what to try, for failures users can fix (disk full, out of memory)
         super().__init__(f"{type(cause).__name__}: {cause}")
 
@@ -163,8 +163,10 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
         raise
     except Exception as err:
         logging.getLogger("llmtune").error("training failed\n%s", traceback.format_exc())
-        run_dir.finish("failed", {})
-        raise TrainingFailed(run_dir.path / "train.log", err, explain(err, run_dir.path, resolved, args)) from err
+        unrecorded = run_dir.finish("failed", {})  # a full or read-only disk: said, not raised over `err`
+        hint = "\n".join(filter(None, [explain(err, run_dir.path, resolved, args), unrecorded]))
+        log = None if getattr(handler, "failed", False) else run_dir.path / "train.log"
+        raise TrainingFailed(log, err, hint or None) from err
     finally:
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
