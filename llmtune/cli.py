@@ -76,6 +76,9 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
             from .data import load_data
             from .recipe.loader import redact
 
+            from .recipe import preflight
+
+            preflight.model(resolved)
             data = load_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                              locate=resolved.locate, model=resolved.config["model"])
             typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
@@ -173,7 +176,7 @@ def launch(
 def validate(
     recipes: List[Path] = typer.Argument(..., help="Recipe files to check."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files."),
+    no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files and model."),
 ):
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
     from .recipe.check import resolve
@@ -184,7 +187,9 @@ def validate(
             resolved = resolve(recipe, set_)
             if not no_data:
                 from .data import check_data
+                from .recipe import preflight
 
+                preflight.model(resolved)
                 check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                            locate=resolved.locate, model=resolved.config["model"])
         except UserError as err:

@@ -26,6 +26,7 @@ from . import __version__, lock
 from .errors import UserError
 from .hub import is_repo_id
 from .recipe.loader import SECRET_NAME, redact
+from .recipe.preflight import output_dir_problem
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 ARTIFACTS = ("adapter_config.json", "config.json")  # a final model: the run finished
@@ -109,6 +110,9 @@ class RunDir:
         self.overwrite, self.resume = overwrite, resume
         # Under a launch only rank 0 writes here, so only it checks (the others would see its first files).
         if is_main_process():
+            problem = output_dir_problem(self.path)  # as `validate` checks the recipe's `output_dir`
+            if problem:
+                raise UserError(f"output directory {problem}")
             lock.refuse_if_held(self.path)
             self.refuse_if_taken()  # early, before the data is read; decided again under the lock in start()
         self.manifest: dict = {}

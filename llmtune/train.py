@@ -81,8 +81,11 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     from .launch.rank import launched, report_callback
     from .run import RunDir, is_main_process, metrics_callback, plot_loss, progress_callback, quiet, read_metrics
 
+    from .recipe import preflight
+
     config = resolved.config
-    run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
+    run_dir = RunDir(Path(output_dir or config["output_dir"]).expanduser(), resolved, overwrite, resume)
+    preflight.model(resolved)  # what `validate` checks of the model, before any weight loads
     data = load_data(config["data"], method=resolved.method.name, seed=config["seed"], locate=resolved.locate,
                      model=config["model"])
     quiet()

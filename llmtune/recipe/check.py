@@ -11,7 +11,7 @@ from ..launch.rules import check_recipe
 from .. import hub, stopping
 from ..data import curate
 from ..methods import METHODS, Method
-from . import fields, loader
+from . import fields, loader, preflight
 from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection,
                      did_you_mean)
 
@@ -64,6 +64,7 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     if config.get("adapter") is not None:
         config["adapter"] = _check_adapter(check, config["adapter"])
     _cross_checks(check, config)
+    preflight.values(check, config)
     check_recipe(check, config)  # the launch rules that need only the recipe (llmtune/launch/rules.py)
     if method is not None:
         _method_checks(check, method, config)
