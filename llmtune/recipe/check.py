@@ -103,6 +103,9 @@ def _check_train(check: Checker, method: Method, train: dict) -> dict:
     return _check_fields(check, "train", method.config, train, TRAIN_OWNED)
 
 
+# A weight repeats a source's rows in memory; beyond this it only fills memory (`max_steps` trains longer).
+MAX_WEIGHT = 1000
+
 # LoRA initialisations that need a step llmtune does not take: PEFT would fail, or save an adapter that fits no base.
 UNSUPPORTED_INITS = {
     "loftq": "it replaces the base weights by LoftQ's own quantization of them, so the saved adapter would not fit "
@@ -159,8 +162,9 @@ def _cross_checks(check: Checker, config: dict) -> None:
     if isinstance(data.get("eval"), float) and not 0 <= data["eval"] < 1:
         check.error(("data", "eval"), f"`data.eval` as a fraction must be in [0, 1); got {data['eval']}")
     for i, source in enumerate(data.get("train") or []):
-        if source and source.get("weight") is not None and source["weight"] <= 0:
-            check.error(("data", "train", i, "weight"), f"`weight` must be > 0; got {source['weight']}")
+        if source and source.get("weight") is not None and not 0 < source["weight"] <= MAX_WEIGHT:  # nor .nan
+            check.error(("data", "train", i, "weight"), f"`weight` must be a number in (0, {MAX_WEIGHT}] (it "
+                        f"multiplies the source's rows); got {source['weight']}")
     if isinstance(data.get("max_length"), int) and data["max_length"] < 1:
         check.error(("data", "max_length"), f"`data.max_length` must be >= 1; got {data['max_length']}")
     if data.get("streaming"):

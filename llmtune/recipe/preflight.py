@@ -39,10 +39,6 @@ def values(check, config: dict) -> None:
     dropout = adapter.get("lora_dropout")
     if isinstance(dropout, (int, float)) and not 0 <= dropout < 1:
         check.error(("adapter", "dropout"), f"`adapter.dropout` must be in [0, 1); got {dropout}")
-    for i, source in enumerate(((config.get("data") or {}).get("train") or [])):
-        weight = (source or {}).get("weight")
-        if isinstance(weight, float) and not math.isfinite(weight):
-            check.error(("data", "train", i, "weight"), f"`weight` must be a finite number > 0; got {weight}")
     attention = (config.get("model") or {}).get("attn_implementation")
     if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         check.error(("model", "attn_implementation"), "`flash_attention_2` needs the flash-attn package and a "
