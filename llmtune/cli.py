@@ -68,6 +68,13 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
 
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler's pre-emption) ends the command like Ctrl-C, with 130, from its first moment;
+        # once training runs, llmtune/interrupt.py turns both into a checkpoint first.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         resolved = resolve(recipe, sets or [], verb=verb)
         if dry_run:

@@ -25,7 +25,7 @@ import yaml
 from . import __version__, lock
 from .errors import UserError
 from .hub import is_repo_id
-from .recipe.loader import SECRET_NAME, redact
+from .recipe.loader import redact, scrub
 from .recipe.preflight import output_dir_problem
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
@@ -46,14 +46,6 @@ def write_json(path: Path, payload) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-
-
-def scrub(text: str) -> str:
-    """Remove the values of secret-looking environment variables from text."""
-    for var, value in os.environ.items():
-        if value and len(value) >= 6 and SECRET_NAME.search(var):
-            text = text.replace(value, f"${{env:{var}}}")
-    return text
 
 
 def is_main_process() -> bool:
@@ -174,7 +166,9 @@ class RunDir:
         prepare(self.path, checkpoint)
         recipe = redact({**self.resolved.config, "output_dir": str(self.path)}, self.resolved.recipe.secrets)
         text = "# Resolved by llmtune: every default filled in; rerun with `llmtune train recipe.yaml`.\n"
-        (self.path / "recipe.yaml").write_text(text + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        # scrub: a secret from the environment may also come in through `--set` or a path, not only `${env:...}`
+        (self.path / "recipe.yaml").write_text(scrub(text + yaml.safe_dump(recipe, sort_keys=False)),
+                                               encoding="utf-8")
         method = self.resolved.method
         self.manifest = {
             "llmtune": __version__,
@@ -185,7 +179,7 @@ class RunDir:
             "command": scrub(" ".join(argv)),
             "packages": package_versions(),
             "devices": devices(),
-            "data": [vars(s) for s in data.sources],
+            "data": json.loads(scrub(json.dumps([vars(s) for s in data.sources]))),
             "data_shape": data.shape,  # conversational or not: `llmtune eval` applies the chat template to match
             "trust_remote_code": self.resolved.config["model"]["trust_remote_code"],
             "started": previous.get("started", _now()),

@@ -74,7 +74,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     from .data import load_data
     from .faults import divergence_guard, explain
     from .interrupt import Interrupted, Interruption
-    from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
+    from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
     from . import stopping
     from .model import (convert_adapter, load_model, load_tokenizer, loraplus_optimizer, peft_config,
                         save_initial_adapter)
@@ -95,6 +95,7 @@ def run(resolved: Resolved, argv: list[str], output_dir: str | None = None, over
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
     checkpoint = checkpoint_to_resume(run_dir.path, resume, stamp, resume_force)
+    refuse_nothing_left(checkpoint, args.max_steps, resume_force)
     if resume and is_main_process():
         print(f"resuming from {checkpoint}" if checkpoint else
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmtune.data.sources import local_fingerprint
 from llmtune.errors import UserError
+from llmtune.recipe.loader import scrub
 
 VERSION = 1  # bump when conversion changes what a cached dataset holds
 
@@ -80,7 +81,7 @@ def store(cache_key, train, evals, meta):
         train.save_to_disk(str(tmp / "train"))
         if evals is not None:
             evals.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        (tmp / "meta.json").write_text(scrub(json.dumps(meta)), encoding="utf-8")  # a secret in a data path
         if target.exists():  # another run stored the same key first; its copy is identical
             shutil.rmtree(tmp)
         else:

@@ -436,6 +436,14 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return Recipe(path=path, data=data, locs=locs, secrets=secrets)
 
 
+def scrub(text: str) -> str:
+    """Remove the values of secret-looking environment variables from text."""
+    for var, value in os.environ.items():
+        if value and len(value) >= 6 and SECRET_NAME.search(var):
+            text = text.replace(value, f"${{env:{var}}}")
+    return text
+
+
 def redact(data, secrets: dict):
     """`data` with secret values put back as the `${env:VAR}` references they came from."""
     if isinstance(data, dict):
