@@ -194,9 +194,12 @@ def validate(
             resolved = resolve(recipe, set_)
             if not no_data:
                 from .data import check_data
+                from .launch import launcher
                 from .recipe import preflight
 
                 preflight.model(resolved)
+                gpus = launcher.gpu_count()  # the launch rules for this machine, as the run applies them
+                launcher.preflight(resolved, launcher.settle(resolved.config, 0, gpus), gpus)
                 check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                            locate=resolved.locate, model=resolved.config["model"])
         except UserError as err:

@@ -181,3 +181,20 @@ def test_fuzzed_values_validate_accepts_do_train(key, value, fuzz_folder, tmp_pa
                                       "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "completed"
+
+
+CORPUS = Path(__file__).parent / "data" / "bad"
+
+
+def corpus_cases():
+    """The hand-written corpus, less the cases about the command line itself (a verb, an option)."""
+    return sorted(p.name for p in CORPUS.glob("*.yaml") if not re.search(r"^# (verb|args):", p.read_text(), re.M))
+
+
+@pytest.mark.parametrize("case", corpus_cases())
+def test_validate_refuses_every_corpus_case_the_run_refuses_with_the_same_message(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained = outcome("train", CORPUS / case, [], tmp_path)
+    assert trained[0] == 2 and trained[1], trained
+    assert outcome("validate", CORPUS / case, [], tmp_path) == trained
+    assert not (tmp_path / "out").exists()

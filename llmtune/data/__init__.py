@@ -117,6 +117,10 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
+    if model is not None and kind[0].startswith("conversational"):
+        from llmtune.data.templates import check_rendering
+
+        check_rendering(every, model)
     spec = data.get("curate")
     if spec:
         curate.clean([train, evals], spec, max_length=data.get("max_length"), model=model)

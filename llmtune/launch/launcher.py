@@ -211,6 +211,9 @@ def start(resolved, verb: str, recipe: str, sets, *, output_dir: str | None = No
     # Data problems first, before torch is imported to count GPUs, and once, not by every process;
     # the data is then cached, so the run itself does not read it again.
     if not show:
+        from ..recipe import preflight as recipe_preflight
+
+        recipe_preflight.model(resolved)
         check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
                    locate=resolved.locate, model=resolved.config["model"])
     gpus = gpu_count()
