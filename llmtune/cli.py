@@ -91,6 +91,8 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
             typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
             for s in data.sources:
                 typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
+            for warning in data.warnings:
+                typer.echo(f"warning: {warning}", err=True)
             return
         from .run import read_manifest, summarize
         from .train import run
@@ -200,8 +202,10 @@ def validate(
                 preflight.model(resolved)
                 gpus = launcher.gpu_count()  # the launch rules for this machine, as the run applies them
                 launcher.preflight(resolved, launcher.settle(resolved.config, 0, gpus), gpus)
-                check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                           locate=resolved.locate, model=resolved.config["model"])
+                for warning in check_data(resolved.config["data"], method=resolved.method.name,
+                                          seed=resolved.config["seed"], locate=resolved.locate,
+                                          model=resolved.config["model"]):
+                    typer.echo(f"warning: {warning}", err=True)  # as the run prints it
         except UserError as err:
             problems.extend(err.problems)
         else:

@@ -91,6 +91,16 @@ CASES = {
                       "d.jsonl:7: invalid JSON: Exceeds the limit (4300 digits)"),
     "json-array-huge-int": ("d.json", "[\n" + ",\n".join(LINES[:3] + ['{"n": ' + "9" * 5000 + "}"]) + "\n]\n",
                             [], "d.json:1: invalid JSON: Exceeds the limit"),
+    "max-length-cuts-every-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"}) + "\n"
+                                                     for _ in range(12)), [],
+                                  "every row's prompt fills `data.max_length: 128` tokens, so nothing would be "
+                                  "trained (the first: d.jsonl:1)"),
+    "template-refuses-system": ("d.jsonl", jsonl(json.dumps({"messages": [{"role": "system", "content": "s"},
+                                                                         *json.loads(CHAT)["messages"]]})),
+                                ["model.chat_template=" + str(Path(__file__).parent / "data" / "bad" / "data" /
+                                                              "no-system.jinja")],
+                                "d.jsonl:7: the chat template of 'builtin:tiny' refuses this conversation (roles "
+                                "system, user, assistant): System role not supported"),
     "csv-unbalanced-quote": ("d.csv", "text\n" + "\n".join(f"row {i}" if i != 100 else '"row 100'
                                                            for i in range(400)) + "\n", [],
                              "d.csv:102: a quoted field runs from line 102 to 401"),

@@ -69,17 +69,21 @@ class _Source:
     kind: tuple  # (shape, columns) of the rows
     weight: float
     locations: list  # FILE:LINE of each row, kept aligned with `rows` until the eval hold-out
+    cut: str | None = None  # FILE:LINE of the first row left out for training nothing at max_length (templates.py)
 
 
-def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
-    """Raise UserError if the data has problems; data that a run prepared before is known good."""
+def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) -> list[str]:
+    """Raise UserError if the data has problems, else return its warnings; data that a run prepared before is
+    known good (and its warnings kept)."""
     if data.get("streaming"):
         from llmtune.data import stream
 
-        return stream.check(data, method=method, locate=locate)
+        stream.check(data, method=method, locate=locate)
+        return []
     cache_key = cache.key(data, method, seed, model)
-    if not (cache_key and cache.has(cache_key)):
-        load_data(data, method=method, seed=seed, locate=locate, model=model)
+    if cache_key and cache.has(cache_key):
+        return cache.meta(cache_key)["warnings"]
+    return load_data(data, method=method, seed=seed, locate=locate, model=model).warnings
 
 
 def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
@@ -117,10 +121,17 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
-    if model is not None and kind[0].startswith("conversational"):
-        from llmtune.data.templates import check_rendering
+    cut = []
+    if model is not None:
+        from llmtune.data import templates
+        from llmtune.model import load_tokenizer
 
-        check_rendering(every, model)
+        tokenizer = load_tokenizer(model)
+        if kind[0].startswith("conversational"):
+            templates.check_rendering(every, model, tokenizer)
+        if data.get("max_length"):
+            cut = templates.drop_cut(every, data["max_length"], tokenizer)
+            templates.require_trained(train, data["max_length"], locate(("data", "max_length")))
     spec = data.get("curate")
     if spec:
         curate.clean([train, evals], spec, max_length=data.get("max_length"), model=model)
@@ -138,7 +149,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
     if not train_rows:
         raise UserError(f"{locate(('data', 'train'))}: no training rows are left after weighting; raise a `weight:`")
 
-    warnings = notes
+    warnings = cut + notes
     if len(train_rows) < MIN_TRAIN_ROWS:
         warnings.append(
             f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "

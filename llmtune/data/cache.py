@@ -25,8 +25,7 @@ VERSION = 1  # bump when conversion changes what a cached dataset holds
 def key(data, method, seed, model=None):
     """The cache key of a `data:` section, or None when a source is not local.
 
-    `model` (the recipe's `model:` section) counts only when `data.curate` measures token lengths with its
-    tokenizer.
+    `model` (the recipe's `model:` section): its tokenizer checks and measures the rows.
     """
     specs = data["train"] + (data["eval"] if isinstance(data.get("eval"), list) else [])
     try:
@@ -39,9 +38,9 @@ def key(data, method, seed, model=None):
     spec = data.get("curate")
     if spec:
         recipe["curate"] = spec
-        if spec.get("min_tokens") is not None or spec.get("max_tokens") is not None:
-            recipe["tokenizer"] = {k: (model or {}).get(k) for k in ("name", "revision", "chat_template")}
-            recipe["max_length"] = data.get("max_length")  # rows over it are counted as truncated
+    if model is not None:  # rows are checked against its chat template, and cut at max_length (templates.py)
+        recipe["tokenizer"] = {k: model.get(k) for k in ("name", "revision", "chat_template")}
+        recipe["max_length"] = data.get("max_length")
     payload = json.dumps([VERSION, method, seed, recipe, digests], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -56,6 +55,10 @@ def has(cache_key) -> bool:
     return (folder(cache_key) / "meta.json").is_file()
 
 
+def meta(cache_key) -> dict:
+    return json.loads((folder(cache_key) / "meta.json").read_text(encoding="utf-8"))
+
+
 def load(cache_key):
     """(train, eval, meta) from the cache, or None on a miss."""
     where = folder(cache_key)
@@ -63,10 +66,10 @@ def load(cache_key):
         return None
     import datasets
 
-    meta = json.loads((where / "meta.json").read_text(encoding="utf-8"))
+    info = meta(cache_key)
     train = datasets.load_from_disk(str(where / "train"))
     evals = datasets.load_from_disk(str(where / "eval")) if (where / "eval").is_dir() else None
-    return train, evals, meta
+    return train, evals, info
 
 
 def store(cache_key, train, evals, meta):
