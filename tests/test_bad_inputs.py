@@ -93,8 +93,7 @@ CASES = {
                             [], "d.json:1: invalid JSON: Exceeds the limit"),
     "max-length-cuts-every-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"}) + "\n"
                                                      for _ in range(12)), [],
-                                  "every row's prompt fills `data.max_length: 128` tokens, so nothing would be "
-                                  "trained (the first: d.jsonl:1)"),
+                                  "d.jsonl:1); raise `data.max_length` or shorten the prompts"),
     "template-refuses-system": ("d.jsonl", jsonl(json.dumps({"messages": [{"role": "system", "content": "s"},
                                                                          *json.loads(CHAT)["messages"]]})),
                                 ["model.chat_template=" + str(Path(__file__).parent / "data" / "bad" / "data" /
