@@ -160,7 +160,7 @@ def test_parallel_tokenization_trains_is_cached_and_keeps_the_resume_fingerprint
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert manifest["speed"] == {"attn_implementation": "sdpa", "use_liger_kernel": False, "dataset_num_proc": 2}
 
-    folder = cache.folder(cache.key(resolved.config["data"], "sft", resolved.config["seed"]))
+    folder = cache.folder(cache.key(resolved.config["data"], "sft", resolved.config["seed"], resolved.config["model"]))
     shards = {p: p.stat().st_mtime_ns for p in folder.rglob("cache-*_of_00002.arrow")}
     assert shards  # datasets wrote each worker's share of TRL's tokenization next to the prepared data
     run(resolve(recipe), ["llmtune", "sft", str(recipe)], output_dir=str(tmp_path / "two"))

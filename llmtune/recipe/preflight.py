@@ -152,7 +152,8 @@ def _hub_model(name: str, revision: str | None, where: str) -> None:
                         "path of a model folder, or a Hub id such as `Qwen/Qwen2.5-0.5B`") from None
     if isinstance(cached, str):
         return
-    if constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads HF_HUB_OFFLINE once, when first imported; the variable may have been set since
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
         raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the Hub "
                         "is offline (HF_HUB_OFFLINE); download it first (`hf download "
                         f"{name}`) with the Hub reachable, or give the path of a model folder")
