@@ -64,11 +64,10 @@ def build_tiny_tokenizer():
         chat_template=TINY_CHAT_TEMPLATE, model_max_length=2048)
 
 
-def build_tiny_model(tokenizer):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def tiny_config(tokenizer):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
         # Wider than the usual 0.02 so the output head can express sharp predictions and a LoRA
@@ -76,8 +75,14 @@ def build_tiny_model(tokenizer):
         initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_model(tokenizer):
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_config(tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
@@ -103,16 +108,22 @@ def builtin_path(name: str) -> Path:
     return target
 
 
+def _unbuilt_builtin(model: dict) -> bool:
+    """`builtin:tiny` whose folder is not built yet (an unknown builtin is left to builtin_path to refuse)."""
+    name = model["name"]
+    return name == f"{BUILTIN_PREFIX}tiny" and not (cache_dir() / "builtin" / TINY_VERSION / "config.json").is_file()
+
+
+def builtin_config(model: dict):
+    """A builtin model's config, made in memory when the model is not built yet (see builtin_tokenizer); None for
+    any other model."""
+    return tiny_config(build_tiny_tokenizer()) if _unbuilt_builtin(model) else None
+
+
 def builtin_tokenizer(model: dict):
     """A builtin model's tokenizer, made in memory when the model is not built yet: checking a recipe (`validate`)
     neither builds the model nor writes into the cache; None for any other model."""
-    name = model["name"]
-    if not name.startswith(BUILTIN_PREFIX):
-        return None
-    builtin = name[len(BUILTIN_PREFIX):]
-    if builtin != "tiny" or (cache_dir() / "builtin" / TINY_VERSION / "config.json").is_file():
-        return None  # built (or unknown: builtin_path says so): loaded from its folder like any model
-    return build_tiny_tokenizer()
+    return build_tiny_tokenizer() if _unbuilt_builtin(model) else None
 
 
 def model_path(model: dict) -> str:

@@ -69,6 +69,13 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
 
     if resume_force and resume is None:
         _fail(["--resume-force goes with --resume auto|PATH"])
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler's pre-emption) ends the command like Ctrl-C, with 130, from its first moment;
+        # once training runs, runner/interrupt.py turns both into a checkpoint first.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     options = RunOptions(str(recipe), tuple(sets or ()), verb or "train", tuple(sys.argv), output_dir, overwrite,
                          resume, resume_force, node_rank, tuple(extra_args), print_command, force_launch)
     with _exit_codes():
@@ -92,7 +99,7 @@ def _exit_codes():
     except UserError as err:
         _fail(err.problems)
     except TrainingFailed as err:
-        if ranks.is_main_process():
+        if ranks.is_main_process() and err.log is not None:
             _fail([f"training failed: {err}", *([err.hint] if err.hint else []), f"full traceback: {err.log}"],
                   code=1)
         import traceback  # only rank 0 writes train.log: another rank's traceback goes with its error
@@ -108,13 +115,17 @@ def _exit_codes():
 def _dry_run(resolved) -> None:
     import yaml
 
+    from .runner import preflight
     from .runner.session import prepare_data
     from .secret import redact
 
+    preflight.model(resolved)
     data = prepare_data(resolved)
     typer.echo(yaml.safe_dump(redact(resolved.config, resolved.recipe.secrets), sort_keys=False))
     for s in data.sources:
         typer.echo(f"data: {s.path}: {s.format} ({s.reason}), {s.counted}")
+    for warning in data.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _upload(run_dir: Path, settings: dict) -> None:
@@ -194,7 +205,7 @@ def launch(
 def validate(
     recipes: List[Path] = typer.Argument(..., help="Recipe files to check."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files."),
+    no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files and model."),
 ):
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
     from .data import check_data
@@ -205,8 +216,13 @@ def validate(
         try:
             resolved = resolve(recipe, set_)
             if not no_data:
-                check_data(resolved.config["data"], method=resolved.method.name, seed=resolved.config["seed"],
-                           locate=resolved.locate, model=resolved.config["model"])
+                from .runner import preflight
+
+                preflight.check(resolved)  # the model (its config only) and the launch rules for this machine
+                for warning in check_data(resolved.config["data"], method=resolved.method.name,
+                                          seed=resolved.config["seed"], locate=resolved.locate,
+                                          model=resolved.config["model"]):
+                    typer.echo(f"warning: {warning}", err=True)  # as the run prints it
         except UserError as err:
             problems.extend(err.problems)
         else:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from .builtin import model_path
+from .builtin import builtin_config, model_path
 from .compat import supports_flash_attention
 from .errors import UserError
 from .files import adapter_run
@@ -171,6 +171,9 @@ def auto_config(model: dict):
     Read once per process: the attention pick, the Liger pick, packing and `plan` all ask for it. Each caller
     gets its own copy, so none sees another's changes."""
     stacked = adapter_run(model)
+    made = None if stacked else builtin_config(model)  # checking a recipe builds no model (validate)
+    if made is not None:
+        return made
     source = stacked["base_model_name_or_path"] if stacked else model_path(model)
     return copy.deepcopy(_read_config(source, model.get("revision"), model["trust_remote_code"], model["name"]))
 

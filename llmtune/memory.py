@@ -110,7 +110,7 @@ def model_shape(config: dict, head: str = "CausalLM") -> Shape:
         elif adapter is not None:
             from peft import get_peft_model
 
-            net = get_peft_model(net, peft_config(adapter, head))
+            net = get_peft_model(net, peft_config(adapter, head, model))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     text = hf_config.get_text_config()
     heads = text.num_attention_heads

@@ -108,11 +108,16 @@ def test_template_trl_patches_for_training_is_shown_and_a_foreign_stop_token_fla
 
 @pytest.mark.slow
 def test_truncated_rows_are_counted_and_flagged(tmp_path):
-    rows = CHAT + [{"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}]
+    # A long answer is cut at its end; a prompt that fills max_length leaves nothing to train: that row is left out.
+    rows = CHAT + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 80}]},
+                   {"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "ok"}]}]
     result = cli("data", "inspect", recipe(tmp_path, rows=rows, max_length=40))
     assert result.returncode == 0, result.stderr
     assert "1 longer than max_length 40" in result.stdout
     assert "1 of 17 rows are longer than `data.max_length: 40`" in result.stderr
+    assert (f"1 of 18 rows of {tmp_path / 'data.jsonl'} have a prompt of `data.max_length: 40` tokens or more, so "
+            f"nothing of them would be trained; they are left out (the first: {tmp_path / 'data.jsonl'}:18)") \
+        in result.stderr
 
 
 @pytest.mark.slow

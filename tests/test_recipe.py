@@ -13,7 +13,7 @@ from llmtune.recipe import loader
 from llmtune.recipe.check import resolve
 from llmtune.secret import redact
 
-from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_recipe
 
 
 @pytest.fixture
@@ -275,16 +275,13 @@ def validate_imports(recipe, *args, cache):
 
 def test_validate_imports_only_what_its_checks_need(tmp_path, data_file):
     recipe = make_recipe(tmp_path, data=data_file, adapter={"type": "lora"}, quantization={"bits": 4})
+    # The recipe alone: no ML library.
     assert validate_imports(recipe, "--no-data", cache=tmp_path / "cold-too") == "[]"
-    # Plain text on a cold cache: read, converted and prepared with `datasets`, still no torch.
-    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello there"}])
-    plain = make_recipe(tmp_path, data=text, name="plain", adapter={"type": "lora"}, quantization={"bits": 4})
-    assert validate_imports(plain, cache=tmp_path / "cold") == "['datasets']"
-    # Conversations are checked against the model's chat template (data/masking.py): its tokenizer and TRL's
-    # training templates load; no weights, no PEFT, no bitsandbytes, and builtin:tiny is not built.
+    # With the data, validate checks what the run would refuse once the model loaded: the adapter against the
+    # model built on the meta device (torch, PEFT; no weights: builtin:tiny is not even built), the rows against
+    # the tokenizer (chat template, prompts that fill max_length: transformers, TRL's training templates).
     imported = validate_imports(recipe, cache=tmp_path / "cold-chat")
-    assert "transformers" in imported and "trl" in imported
-    assert "peft" not in imported and "bitsandbytes" not in imported
+    assert all(m in imported for m in ("torch", "transformers", "peft", "trl", "datasets")), imported
     assert not (tmp_path / "cold-chat" / "builtin").exists()
 
 

@@ -75,7 +75,9 @@ def test_the_model_config_is_read_once_per_process(monkeypatch):
     from transformers import utils
 
     from llmtune import defaults
+    from llmtune.builtin import builtin_path
 
+    builtin_path("tiny")  # built: its config is read from its folder (an unbuilt one is made in memory)
     defaults._read_config.cache_clear()
     reads = []
     real = transformers.AutoConfig.from_pretrained

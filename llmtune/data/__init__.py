@@ -12,7 +12,7 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 
 import random
 
-from llmtune.data import cache, curate, masking, mix, stream
+from llmtune.data import cache, curate, masking, mix, stream, templates
 from llmtune.data.formats import FORMATS, common_kind, describe_kind, to_kind
 from llmtune.data.prepare import PreparedData, SourceReport, load_sources, mixed
 from llmtune.errors import UserError
@@ -25,14 +25,16 @@ __all__ = ["FORMATS", "PreparedData", "SourceReport", "check_data", "load_data"]
 MIN_TRAIN_ROWS = 16
 
 
-def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None):
-    """Raise UserError if the data has problems; data that a run prepared before is known good. Writes nothing
-    (`validate`): the cache is filled by the run that uses the data."""
+def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) -> list[str]:
+    """Raise UserError if the data has problems, else return its warnings; data that a run prepared before is known
+    good (and its warnings kept). Writes nothing (`validate`): the cache is filled by the run that uses the data."""
     if data.get("streaming"):
-        return stream.check(data, method=method, locate=locate)
+        stream.check(data, method=method, locate=locate)
+        return []
     cache_key = cache.key(data, method, seed, model)
-    if not (cache_key and cache.has(cache_key)):
-        load_data(data, method=method, seed=seed, locate=locate, model=model, store=False)
+    if cache_key and cache.has(cache_key):
+        return cache.meta(cache_key)["warnings"]
+    return load_data(data, method=method, seed=seed, locate=locate, model=model, store=False).warnings
 
 
 def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, store=True):
@@ -70,7 +72,16 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
-    templated = _templated(every, kind[0], method, model, locate) if model is not None else []
+    templated, cut = [], []
+    if model is not None:
+        tokenizer = load_tokenizer(model)
+        if kind[0].startswith("conversational") and tokenizer.chat_template:
+            system = masking.has_system_role(tokenizer)  # else training folds it into the first user turn
+            templates.check_rendering(every, model, tokenizer, (lambda m: m) if system else masking.fold_system)
+        templated = _templated(every, kind[0], method, model, tokenizer, locate)
+        if data.get("max_length"):
+            cut = templates.drop_cut(every, data["max_length"], tokenizer)
+            templates.require_trained(train, data["max_length"], locate(("data", "max_length")))
     spec = data.get("curate")
     if spec:
         curate.clean([train, evals], spec, max_length=data.get("max_length"), model=model)
@@ -88,7 +99,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
     if not train_rows:
         raise UserError(f"{locate(('data', 'train'))}: no training rows are left after weighting; raise a `weight:`")
 
-    warnings = templated + notes
+    warnings = templated + cut + notes
     if len(train_rows) < MIN_TRAIN_ROWS:
         warnings.append(
             f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "
@@ -113,12 +124,11 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
     return prepared
 
 
-def _templated(sources, shape, method, model, locate):
+def _templated(sources, shape, method, model, tokenizer, locate):
     """Conversations as the model's chat template renders them (data/masking.py): system messages folded where it
     has no system role, rows SFT cannot cut into turns refused; returns warnings on what it does to the rows."""
     if not shape.startswith("conversational"):
         return []
-    tokenizer = load_tokenizer(model)
     if not tokenizer.chat_template:  # the run refuses conversational data without one, with the fix
         return []
     cut = (METHODS[method].assistant_turns and shape == "conversational_language_modeling"

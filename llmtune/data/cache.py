@@ -18,8 +18,9 @@ from pathlib import Path
 from llmtune.data.sources import local_fingerprint
 from llmtune.errors import UserError
 from llmtune.paths import cache_dir
+from llmtune.secret import scrub
 
-VERSION = 2  # bump when conversion changes what a cached dataset holds
+VERSION = 3  # bump when conversion changes what a cached dataset holds
 
 
 def key(data, method, seed, model=None):
@@ -44,8 +45,8 @@ def key(data, method, seed, model=None):
     spec = data.get("curate")
     if spec:
         recipe["curate"] = spec
-        if spec.get("min_tokens") is not None or spec.get("max_tokens") is not None:
-            recipe["max_length"] = data.get("max_length")  # rows over it are counted as truncated
+    if model is not None:  # rows whose prompt fills max_length are left out (data/templates.py)
+        recipe["max_length"] = data.get("max_length")
     payload = json.dumps([VERSION, method, seed, recipe, digests], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -58,6 +59,10 @@ def has(cache_key) -> bool:
     return (folder(cache_key) / "meta.json").is_file()
 
 
+def meta(cache_key) -> dict:
+    return json.loads((folder(cache_key) / "meta.json").read_text(encoding="utf-8"))
+
+
 def load(cache_key):
     """(train, eval, meta) from the cache, or None on a miss."""
     where = folder(cache_key)
@@ -65,10 +70,10 @@ def load(cache_key):
         return None
     import datasets
 
-    meta = json.loads((where / "meta.json").read_text(encoding="utf-8"))
+    info = meta(cache_key)
     train = datasets.load_from_disk(str(where / "train"))
     evals = datasets.load_from_disk(str(where / "eval")) if (where / "eval").is_dir() else None
-    return train, evals, meta
+    return train, evals, info
 
 
 def store(cache_key, train, evals, meta):
@@ -83,7 +88,7 @@ def store(cache_key, train, evals, meta):
         train.save_to_disk(str(tmp / "train"))
         if evals is not None:
             evals.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        (tmp / "meta.json").write_text(scrub(json.dumps(meta)), encoding="utf-8")  # a secret in a data path
         if target.exists():  # another run stored the same key first; its copy is identical
             shutil.rmtree(tmp)
         else:

@@ -47,6 +47,7 @@ class _Source:
     kind: tuple  # (shape, columns) of the rows
     weight: float
     locations: list  # FILE:LINE of each row, kept aligned with `rows` until the eval hold-out
+    cut: str | None = None  # FILE:LINE of the first row left out for training nothing at max_length (templates.py)
 
 
 def load_sources(specs, key, method, locate, problems, load=None):

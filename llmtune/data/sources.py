@@ -106,7 +106,12 @@ def _local_files(path, where):
             raise UserError(f"{where}: cannot read '{path}': data files must be {_EXTENSION_LIST}")
         return [(path, real)]
     if any(char in path for char in "*?["):
-        matches = sorted(m for m in glob.glob(real, recursive=True) if _supported(m) and os.path.isfile(m))
+        matches, seen = [], set()
+        for m in sorted(glob.glob(real, recursive=True)):
+            # `**` follows symlinks, a loop included: each file is read once, under its first name
+            if _supported(m) and os.path.isfile(m) and os.path.realpath(m) not in seen:
+                seen.add(os.path.realpath(m))
+                matches.append(m)
         if not matches:
             raise UserError(f"{where}: no {_EXTENSION_LIST} files match '{path}'")
         return [(m, m) for m in matches]
@@ -143,15 +148,33 @@ def _invalid_json(where, error):
     return f"{where}: invalid JSON: {error.msg} (column {error.colno})"
 
 
+def _parse_json(text, where):
+    """(value, None) or (None, problem): what Python's parser takes but no row can be, said with `where`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, _invalid_json(where(error.lineno), error)
+    except RecursionError:
+        return None, f"{where(1)}: invalid JSON: nested too deeply (thousands of `[` or `{{`)"
+    except ValueError as error:  # an integer of more than 4300 digits
+        return None, f"{where(1)}: invalid JSON: {str(error).split(';')[0]}"
+    if "\\u" in text and "\\ud" in text.lower():  # cheap test first: escapes are rare
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, (f"{where(1)}: invalid JSON: a lone surrogate escape (`\\ud800`-`\\udfff` without its "
+                          "pair) is not a character; fix the text's encoding")
+    return value, None
+
+
 def _jsonl_records(real, shown):
     with open(real, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield _invalid_json(f"{shown}:{number}", error), None
+            value, problem = _parse_json(line, lambda _, number=number: f"{shown}:{number}")
+            if problem:
+                yield problem, None
                 continue
             yield _object(f"{shown}:{number}", value)
 
@@ -162,10 +185,9 @@ def _json_records(real, shown):
         text = f.read()
     if not text.strip():
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        yield _invalid_json(f"{shown}:{error.lineno}", error), None
+    data, problem = _parse_json(text, lambda line: f"{shown}:{line}")
+    if problem:
+        yield problem, None
         return
     if not isinstance(data, list):
         yield f"{shown}: expected a JSON array of objects, got {json_type(data)} (one object per line is .jsonl)", None
@@ -174,20 +196,34 @@ def _json_records(real, shown):
         yield _object(f"{shown}: row {index}", value)
 
 
+# Python's default (128 KiB) refuses long documents in one field; this still stops a runaway quote at some point.
+CSV_FIELD_LIMIT = 64 * 2**20
+
+
 def _csv_records(real, shown):
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(real, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         line = reader.line_num  # a record, the header included, may span several lines
+        rows, spanning = 0, None
         for record in reader:
-            where, line = f"{shown}:{line + 1}", reader.line_num
+            where, start, line = f"{shown}:{line + 1}", line + 1, reader.line_num
             if not record:  # a blank line
                 continue
+            rows += 1
+            if spanning is None and line > start:
+                spanning = (start, line)
             if len(record) != len(header):
                 yield (f"{where}: {len(record)} fields, but the header has {len(header)}; quote fields "
                        "that hold commas or line breaks"), None
                 continue
             yield where, dict(zip(header, record))
+        # Quoted line breaks are legal; a file read as far fewer rows than lines has an unbalanced `"`.
+        if spanning and line > 2 * (rows + 1):
+            yield (f"{shown}:{spanning[0]}: a quoted field runs from line {spanning[0]} to {spanning[1]}, and the "
+                   f"file's {line} lines read as only {rows} rows: an unbalanced `\"` swallows the rows after it; "
+                   "close the quote (a `\"` inside a quoted field is written `\"\"`)"), None
 
 
 def _parquet_records(real, shown):

@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..files import adapter_run
 from ..paths import read_chat_template
 from ..verbs import METHODS, Method
-from . import fields, loader, sections
+from . import fields, loader, preflight, sections
 from .rules import check_recipe
 from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection, did_you_mean,
                      mergeable)
@@ -64,6 +64,7 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     if config.get("adapter") is not None:
         config["adapter"] = _check_adapter(check, config["adapter"])
     _cross_checks(check, config)
+    preflight.values(check, config)
     check_recipe(check, config)  # the launch rules that need only the recipe (rules.py)
     if method is not None:
         _method_checks(check, method, config)
@@ -101,6 +102,9 @@ def _check_fields(check: Checker, section: str, target: str, values: dict, owned
 def _check_train(check: Checker, method: Method, train: dict) -> dict:
     return _check_fields(check, "train", method.config, train, TRAIN_OWNED)
 
+
+# A weight repeats a source's rows in memory; beyond this it only fills memory (`max_steps` trains longer).
+MAX_WEIGHT = 1000
 
 # LoRA initialisations that need a step llmtune does not take: PEFT would fail, or save an adapter that fits no base.
 UNSUPPORTED_INITS = {
@@ -156,8 +160,9 @@ def _cross_checks(check: Checker, config: dict) -> None:
     if isinstance(data.get("eval"), float) and not 0 <= data["eval"] < 1:
         check.error(("data", "eval"), f"`data.eval` as a fraction must be in [0, 1); got {data['eval']}")
     for i, source in enumerate(data.get("train") or []):
-        if source and source.get("weight") is not None and source["weight"] <= 0:
-            check.error(("data", "train", i, "weight"), f"`weight` must be > 0; got {source['weight']}")
+        if source and source.get("weight") is not None and not 0 < source["weight"] <= MAX_WEIGHT:  # nor .nan
+            check.error(("data", "train", i, "weight"), f"`weight` must be a number in (0, {MAX_WEIGHT}] (it "
+                        f"multiplies the source's rows); got {source['weight']}")
     if isinstance(data.get("max_length"), int) and data["max_length"] < 1:
         check.error(("data", "max_length"), f"`data.max_length` must be >= 1; got {data['max_length']}")
     if data.get("streaming"):

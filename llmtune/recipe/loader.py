@@ -104,11 +104,47 @@ def _read_yaml(path: Path, problems: list) -> tuple[object, dict]:
     except (UnicodeDecodeError, yaml.YAMLError) as err:  # binary garbage, control characters
         problems.append(f"{shown}: not a YAML text file ({err}); a recipe is UTF-8 text")
         return None, {}
+    except RecursionError:  # thousands of nested `[` or `{`
+        problems.append(f"{shown}: nested too deeply to be a recipe; a recipe is a few levels of sections")
+        return None, {}
     if node is None:
         return {}, {}
     locs: dict = {}
-    value = _build(node, (), shown, loader, locs, problems)
+    try:
+        value = _build(node, (), shown, loader, locs, problems, _Expansion())
+    except _TooLarge as err:
+        problems.append(str(err))
+        return None, {}
+    except RecursionError:
+        problems.append(f"{shown}: nested too deeply to be a recipe; a recipe is a few levels of sections")
+        return None, {}
     return value, locs
+
+
+# A recipe holds hundreds of values; far more can only come from aliases expanding into
+# copies of copies (a "billion laughs"), which would fill memory before anything is checked.
+MAX_VALUES = 100_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Expansion:
+    """Bounds alias expansion: the values built so far, and the nodes being built (an alias of its own parent)."""
+
+    def __init__(self):
+        self.built = 0
+        self.open: set[int] = set()
+
+    def enter(self, node, shown: str) -> None:
+        self.built += 1
+        if self.built > MAX_VALUES:
+            raise _TooLarge(f"{shown}: the recipe expands to more than {MAX_VALUES:,} values (YAML aliases `*name` "
+                            "repeating anchors `&name`); write the values out, or use fewer aliases")
+        if id(node) in self.open:
+            raise _TooLarge(f"{_node_loc(shown, node)}: YAML alias refers to the value it is part of (an endless "
+                            "value); an anchor `&name` cannot be used inside itself")
 
 
 # The tags a recipe's values may have (almost always implicitly). Any other, such as
@@ -129,9 +165,20 @@ def _plain(node, shown: str, problems: list) -> bool:
     return False
 
 
-def _build(node, path: tuple, shown: str, loader, locs: dict, problems: list):
+def _build(node, path: tuple, shown: str, loader, locs: dict, problems: list, expansion: _Expansion):
+    expansion.enter(node, shown)
     if not _plain(node, shown, problems):
         return None
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        expansion.open.add(id(node))
+        try:
+            return _build_collection(node, path, shown, loader, locs, problems, expansion)
+        finally:
+            expansion.open.discard(id(node))
+    return _scalar_value(node, shown, loader, problems)
+
+
+def _build_collection(node, path: tuple, shown: str, loader, locs: dict, problems: list, expansion: _Expansion):
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys like PyYAML does
         out: dict = {}
@@ -147,15 +194,13 @@ def _build(node, path: tuple, shown: str, loader, locs: dict, problems: list):
                 problems.append(f"{where}: duplicate key '{key}' (the later one would silently win)")
                 continue
             locs[path + (key,)] = where
-            out[key] = _build(value_node, path + (key,), shown, loader, locs, problems)
+            out[key] = _build(value_node, path + (key,), shown, loader, locs, problems, expansion)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            locs[path + (i,)] = Loc(shown, item.start_mark.line + 1, item.start_mark.column + 1)
-            items.append(_build(item, path + (i,), shown, loader, locs, problems))
-        return items
-    return _scalar_value(node, shown, loader, problems)
+    items = []
+    for i, item in enumerate(node.value):
+        locs[path + (i,)] = Loc(shown, item.start_mark.line + 1, item.start_mark.column + 1)
+        items.append(_build(item, path + (i,), shown, loader, locs, problems, expansion))
+    return items
 
 
 def _scalar_value(node, shown: str, loader, problems: list):
@@ -307,7 +352,12 @@ def _apply_set(data: dict, locs: dict, item: str, problems: list) -> None:
 def _interpolate(data: dict, locs: dict, secrets: dict, problems: list) -> dict:
     """Replace `${env:VAR}` and `${dotted.key}` in strings, in place."""
 
-    def lookup(ref: str, where: tuple):
+    def lookup(ref: str, where: tuple, chain: tuple = ()):
+        if ref in chain:  # `name: ${output_dir}` with `output_dir: runs/${name}`
+            cycle = " -> ".join(f"${{{r}}}" for r in (*chain, ref))
+            problems.append(f"{_loc(locs, where)}: interpolation cycle: {cycle}; one of them must be a plain value")
+            return ""
+        chain = (*chain, ref)
         if ref.startswith("env:"):
             var = ref[4:]
             if var not in os.environ:
@@ -329,7 +379,7 @@ def _interpolate(data: dict, locs: dict, secrets: dict, problems: list) -> dict:
         if isinstance(node, (dict, list)):
             problems.append(f"{_loc(locs, where)}: ${{{ref}}} refers to a section; only values can be interpolated")
             return ""
-        return _REF.sub(lambda m: str(lookup(m.group(1), where)), node) if isinstance(node, str) else node
+        return _REF.sub(lambda m: str(lookup(m.group(1), where, chain)), node) if isinstance(node, str) else node
 
     def walk(node, path: tuple):
         if isinstance(node, dict):

@@ -8,6 +8,7 @@ checked, so the message says how to clear it by hand.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -43,7 +44,8 @@ def holder(folder: Path) -> dict | None:
     pid = info.get("pid")
     if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
         return info
-    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only disk keeps it; stale all the same
+        path.unlink(missing_ok=True)
     return None
 
 

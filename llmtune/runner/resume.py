@@ -54,6 +54,17 @@ def fingerprint(resolved, data, args) -> dict[str, str]:
     return out
 
 
+def refuse_nothing_left(checkpoint: Path | None, max_steps: int, force: bool) -> None:
+    """Resuming a checkpoint already at (or past) `train.max_steps` would "complete" having trained nothing."""
+    if checkpoint is None or force or max_steps <= 0:
+        return
+    done = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    if done >= max_steps:
+        raise UserError(f"{checkpoint}: cannot resume: it is at step {done} and `train.max_steps` is {max_steps}, "
+                        f"so nothing would be trained; raise `train.max_steps` above {done} (give the first run's "
+                        "`--set` options again, if it had any), or pass --resume-force to finish at once")
+
+
 def _compact(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 

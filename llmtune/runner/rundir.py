@@ -7,7 +7,9 @@ and, after a failure, the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import ARTIFACTS, is_repo_id, read_manifest, write_json
 from ..ranks import is_main_process
+from ..recipe.preflight import output_dir_problem
 from ..secret import redact, scrub
 from . import card, lock
 from . import metrics as judged
@@ -74,33 +77,74 @@ class RunDir:
     def __init__(self, path: Path, resolved, overwrite: bool = False, resume: str | None = None):
         self.path = Path(path)
         self.resolved = resolved
-        if is_main_process():
-            lock.refuse_if_held(self.path)
+        self.overwrite, self.resume = overwrite, resume
         # Under a launch only rank 0 writes here, so only it checks (the others would see its first files).
-        if is_main_process() and self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            status = read_manifest(self.path).get("status")
-            finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
-            if finished or not (resume and status):  # resuming writes into the unfinished run it continues
-                what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
-                    else "is not empty"
-                again = "--resume auto to continue it, " if status and not finished else ""
-                raise UserError(f"{self.path}: output directory {what}; pass {again}--output-dir DIR for a new run "
-                                "or --overwrite to write into it")
+        if is_main_process():
+            problem = output_dir_problem(self.path)  # as `validate` checks the recipe's `output_dir`
+            if problem:
+                raise UserError(f"output directory {problem}")
+            lock.refuse_if_held(self.path)
+            self.refuse_if_taken()  # early, before the data is read; decided again under the lock in start()
         self.manifest: dict = {}
         self.lock: Path | None = None
 
+    def refuse_if_taken(self) -> None:
+        """Refuse a directory holding someone else's files, or a run this one must not replace or continue."""
+        entries = [p.name for p in self.path.iterdir() if p.name != lock.NAME] if self.path.is_dir() else []
+        if not entries:
+            return
+        manifest = read_manifest(self.path)
+        if not manifest.get("llmtune"):  # not written by llmtune: --overwrite would delete the user's files
+            listed = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UserError(f"{self.path}: output directory is not empty ({listed}) and is not an llmtune run "
+                            "directory (no manifest.json), so llmtune will not write into it, even with "
+                            "--overwrite; pass --output-dir DIR (a new or empty folder)")
+        if self.overwrite:
+            return
+        status = manifest.get("status")
+        finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
+        if finished or not (self.resume and status):  # resuming writes into the unfinished run it continues
+            what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
+                else "is not empty"
+            again = "--resume auto to continue it, " if status and not finished else ""
+            raise UserError(f"{self.path}: output directory {what}; pass {again}--output-dir DIR for a new run "
+                            "or --overwrite to write into it")
+
     def start(self, data, argv: list[str], checkpoint: Path | None = None) -> None:
-        """Take the directory (lock), clear what an earlier run left, write recipe and manifest."""
+        """Take the directory (lock), decide again under it, clear what an earlier run left, write recipe and
+        manifest. Refused or failed, it leaves the lock released and a folder it created removed."""
         if not is_main_process():
             return
+        created = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = lock.acquire(self.path)
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot create the run directory: {err.strerror}; pass --output-dir "
+                            "DIR (a writable folder)") from None
+        try:
+            # Another run into this directory may have finished since __init__ looked: nothing is replaced
+            # unless this run, now holding the lock, may replace it.
+            self.refuse_if_taken()
+            self._write_start(data, argv, checkpoint)
+        except BaseException as err:
+            lock.release(self.lock)
+            self.lock = None
+            if created:  # this run made the folder: a refused or failed start leaves none behind
+                shutil.rmtree(created[-1], ignore_errors=True)
+            if isinstance(err, OSError):
+                raise UserError(f"{self.path}: cannot write the run directory: {err.strerror}; free space there "
+                                "or pass --output-dir DIR (a writable folder)") from None
+            raise
 
-        self.path.mkdir(parents=True, exist_ok=True)
+    def _write_start(self, data, argv: list[str], checkpoint: Path | None) -> None:
         previous = read_manifest(self.path) if checkpoint is not None else {}
-        self.lock = lock.acquire(self.path)
         prepare(self.path, checkpoint)
         recipe = redact({**self.resolved.config, "output_dir": str(self.path)}, self.resolved.recipe.secrets)
         text = "# Resolved by llmtune: every default filled in; rerun with `llmtune train recipe.yaml`.\n"
-        (self.path / "recipe.yaml").write_text(text + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        # scrub: a secret from the environment may also come in through `--set` or a path, not only `${env:...}`
+        (self.path / "recipe.yaml").write_text(scrub(text + yaml.safe_dump(recipe, sort_keys=False)),
+                                               encoding="utf-8")
         method = self.resolved.method
         self.manifest = {
             "llmtune": __version__,
@@ -111,7 +155,7 @@ class RunDir:
             "command": scrub(" ".join(argv)),
             "packages": package_versions(),
             "devices": devices(),
-            "data": [vars(s) for s in data.sources],
+            "data": json.loads(scrub(json.dumps([vars(s) for s in data.sources]))),
             "data_shape": data.shape,  # conversational or not: `llmtune eval` applies the chat template to match
             "trust_remote_code": self.resolved.config["model"]["trust_remote_code"],
             "started": previous.get("started", _now()),
@@ -128,14 +172,21 @@ class RunDir:
         self.manifest.update(fields)
         write_json(self.path / "manifest.json", self.manifest)
 
-    def finish(self, status: str, metrics: dict) -> None:
+    def finish(self, status: str, metrics: dict) -> str | None:
+        """Record the outcome and release the lock; what could not be recorded (a full or read-only disk) is
+        returned, not raised, so it never hides the failure being recorded."""
         if not is_main_process():
-            return
+            return None
         self.manifest.update(status=status, finished=_now(), metrics=metrics)
-        write_json(self.path / "manifest.json", self.manifest)
-        if status == "completed":
-            card.write(self.path, scrub)
-        lock.release(self.lock)
+        try:
+            write_json(self.path / "manifest.json", self.manifest)
+            if status == "completed":
+                card.write(self.path, scrub)
+        except OSError as err:
+            return f"could not record status `{status}` in {self.path / 'manifest.json'}: {err.strerror}"
+        finally:
+            lock.release(self.lock)  # on a read-only disk it stays; the next run clears it (its process is gone)
+        return None
 
     def plot(self, method: str, logged: list[dict]) -> None:
         """loss.png: a panel per metric `method` is judged by (the loss among them); the panels drawn go in the
@@ -152,7 +203,13 @@ class RunDir:
             def format(self, record):
                 return scrub(super().format(record))
 
-        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        class Log(logging.FileHandler):
+            failed = False
+
+            def handleError(self, record):  # a full disk: no second traceback on the terminal; the caller says so
+                self.failed = True
+
+        handler = Log(self.path / "train.log", encoding="utf-8")
         handler.setFormatter(Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         return handler
 

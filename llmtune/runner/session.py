@@ -32,7 +32,8 @@ from ..verbs import config_class
 from . import stopping
 from .diagnose import divergence_guard, explain
 from .interrupt import Interrupted, Interruption
-from .resume import checkpoint_to_resume, fingerprint, make_resumable, save_final
+from .preflight import model as check_model
+from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
 from .card import settings
 from .metrics import final
 from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
@@ -41,8 +42,8 @@ from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
 class TrainingFailed(Exception):
     """Training raised; the traceback is in the run directory's train.log."""
 
-    def __init__(self, log: Path, cause: BaseException, hint: str | None = None):
-        self.log = log
+    def __init__(self, log: Path | None, cause: BaseException, hint: str | None = None):
+        self.log = log  # None: train.log could not be written (full disk), so the caller shows the traceback
         self.hint = hint  # what to try, for failures users can fix (disk full, out of memory)
         super().__init__(f"{type(cause).__name__}: {cause}")
 
@@ -109,6 +110,7 @@ def run_recipe(resolved: Resolved, options: RunOptions) -> Outcome:
     if not options.print_command:
         # Data problems first, before torch is imported to count GPUs, and once, not by every process; the
         # prepared data is cached, so launched processes load it instead of reading the sources again.
+        check_model(resolved)  # what the run would refuse once the model loaded, refused before
         data = prepare_data(resolved)
     if not launched():  # many processes: run this command again in each, under accelerate
         code = _launch(resolved, options)
@@ -153,7 +155,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     """Train in this process (one of a launch's, or the only one) and write the run directory; `data` is the
     prepared data (prepared here when not given). Returns the final metrics."""
     config = resolved.config
-    run_dir = RunDir(Path(output_dir or config["output_dir"]), resolved, overwrite, resume)
+    run_dir = RunDir(Path(output_dir or config["output_dir"]).expanduser(), resolved, overwrite, resume)
     if data is None:
         data = prepare_data(resolved)
     quiet()
@@ -163,6 +165,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
     checkpoint = checkpoint_to_resume(run_dir.path, resume, stamp, resume_force)
+    refuse_nothing_left(checkpoint, args.max_steps, resume_force)
     if resume and is_main_process():
         print(f"resuming from {checkpoint}" if checkpoint else
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
@@ -189,8 +192,10 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         raise
     except Exception as err:
         logging.getLogger("llmtune").error("training failed\n%s", traceback.format_exc())
-        run_dir.finish("failed", {})
-        raise TrainingFailed(run_dir.path / "train.log", err, explain(err, run_dir.path, resolved, args)) from err
+        unrecorded = run_dir.finish("failed", {})  # a full or read-only disk: said, not raised over `err`
+        hint = "\n".join(filter(None, [explain(err, run_dir.path, resolved, args), unrecorded]))
+        log = None if getattr(handler, "failed", False) else run_dir.path / "train.log"
+        raise TrainingFailed(log, err, hint or None) from err
     finally:
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)

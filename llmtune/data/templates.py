@@ -1,0 +1,91 @@
+"""Rows as the tokenizer will see them, checked before a model loads.
+
+Every conversation renders with the chat template training will use: a template may refuse
+one (Gemma's "System role not supported", a strict user/assistant alternation), which TRL would
+find out after the model has loaded. What a template accepts depends on the roles and their
+order, so one conversation per distinct sequence of roles is rendered.
+
+A row whose prompt fills `data.max_length` trains nothing: truncation keeps the start, and its
+trained part (the completion, the first assistant turn) is cut away. Such rows are dropped
+with a warning (count and first FILE:LINE), so the rows reported as used are the rows trained;
+when none is left the run is refused.
+"""
+
+from __future__ import annotations
+
+from llmtune.errors import UserError
+
+
+def conversations(row: dict) -> list[list[dict]]:
+    """The message lists training renders from a converted conversational row."""
+    if "messages" in row:
+        return [row["messages"]]
+    prompt = row.get("prompt") or []
+    answers = [row[key] for key in ("completion", "chosen", "rejected") if isinstance(row.get(key), list)]
+    return [prompt + answer for answer in answers] or [prompt]
+
+
+def check_rendering(sources, model: dict, tokenizer, prepare=lambda messages: messages) -> None:
+    """Raise a UserError naming FILE:LINE of the first row of each role sequence the template refuses, each
+    conversation rendered as training will (`prepare`: e.g. a system message folded, data/masking.py)."""
+    if not tokenizer.chat_template:
+        return  # no template at all: reported by the run's own check (require_chat_template)
+    tried, problems = set(), []
+    for source in sources:
+        for row, where in zip(source.rows, source.locations):
+            for messages in map(prepare, conversations(row)):
+                roles = tuple(m.get("role") for m in messages)
+                if roles in tried:
+                    continue
+                tried.add(roles)
+                try:
+                    tokenizer.apply_chat_template(messages, tokenize=False)
+                except Exception as err:  # the template is code (jinja2 and its raise_exception): any error is the data's
+                    problems.append(f"{where}: the chat template of '{model['name']}' refuses this conversation "
+                                    f"(roles {', '.join(map(str, roles))}): {err}; change such rows (e.g. fold a "
+                                    "system message into the first user turn) or set `model.chat_template:` to a "
+                                    "template that takes them")
+    if problems:
+        raise UserError(problems)
+
+
+def _prompt_tokens(row: dict, tokenizer) -> int:
+    """Tokens before the first trained one: the prompt, or a conversation's turns before its first assistant turn."""
+    if "messages" in row:
+        messages = row["messages"]
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+        prompt = messages[:first]
+    else:
+        prompt = row.get("prompt")
+    if not prompt:
+        return 0
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def drop_cut(sources, max_length: int, tokenizer) -> list[str]:
+    """Drop the rows whose trained part lies beyond `max_length`; return the warnings saying so. Prompt-only rows
+    (ppo, grpo, rloo) are the policy's input, not trained: kept."""
+    warnings = []
+    for source in sources:
+        if source.kind[0].endswith("prompt_only"):
+            continue
+        fits = [_prompt_tokens(row, tokenizer) < max_length for row in source.rows]
+        if all(fits):
+            continue
+        first = source.locations[fits.index(False)]
+        warnings.append(f"{fits.count(False)} of {len(fits)} rows of {source.report.path} have a prompt of "
+                        f"`data.max_length: {max_length}` tokens or more, so nothing of them would be trained; they "
+                        f"are left out (the first: {first}). Raise `data.max_length` or shorten the prompts")
+        source.rows = [row for row, fit in zip(source.rows, fits) if fit]
+        source.locations = [at for at, fit in zip(source.locations, fits) if fit]
+        source.cut = first
+    return warnings
+
+
+def require_trained(train, max_length: int, where: str) -> None:
+    if not any(source.rows for source in train):
+        first = next(source.cut for source in train if source.cut)
+        raise UserError(f"{where}: every row's prompt fills `data.max_length: {max_length}` tokens, so nothing would "
+                        f"be trained (the first: {first}); raise `data.max_length` or shorten the prompts")

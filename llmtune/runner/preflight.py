@@ -1,0 +1,94 @@
+"""What `validate` and every training verb check before a model loads, beyond the recipe itself.
+
+`check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
+(built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
+the reward model exists and the reward functions import, and the launch rules for this machine hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import BUILTIN_PREFIX, adapter_run
+from ..launch.launcher import gpu_count, preflight, settle
+from ..memory import model_shape
+from ..methods.rewards import check_reward_model, load_reward_functions
+
+PROMPT_LEARNING = ("prefix", "prompt", "p_tuning")
+
+
+def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
+    """Raise UserError on what the run would refuse after loading the model; the launch's notes otherwise."""
+    model(resolved)
+    gpus = gpu_count()
+    return preflight(resolved, settle(resolved.config, node_rank, gpus), gpus, extra_args)
+
+
+def model(resolved) -> None:
+    """The model exists (a folder, the builtin, or a Hub id: cached when offline) and the adapter fits it."""
+    config = resolved.config
+    name = config["model"]["name"]
+    where = resolved.locate(("model", "name"))
+    if not name.startswith(BUILTIN_PREFIX) and not Path(name).expanduser().is_dir():
+        _hub_model(name, config["model"].get("revision"), where)
+    if config["model"].get("attn_implementation") == "flash_attention_2":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{resolved.locate(('model', 'attn_implementation'))}: `flash_attention_2` runs on a "
+                            "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
+    _rewards(resolved)
+    adapter = config.get("adapter")
+    # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
+    # prompt initialised from text needs the real embeddings, which the meta device does not have.
+    if adapter is None or adapter_run(config["model"]) or adapter.get("type") in PROMPT_LEARNING:
+        return
+    try:
+        with warnings.catch_warnings():  # validate is quiet: the libraries' notes on import are not ours to print
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            try:
+                model_shape(config, resolved.method.head)
+            finally:
+                logging.disable(logging.NOTSET)
+    except (ValueError, TypeError, RuntimeError) as err:  # PEFT: target modules not in the model, bad ranks
+        key = ("adapter", "target_modules") if "arget modules" in str(err) else ("adapter",)
+        raise UserError(f"{resolved.locate(key)}: the `adapter:` does not fit '{name}': "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+def _hub_model(name: str, revision: str | None, where: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    except HFValidationError:
+        raise UserError(f"{where}: model '{name}' is neither a folder nor a Hub model id (`org/name`); give the "
+                        "path of a model folder, or a Hub id such as `Qwen/Qwen2.5-0.5B`") from None
+    if isinstance(cached, str):
+        return
+    # huggingface_hub reads HF_HUB_OFFLINE once, when first imported; the variable may have been set since
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the Hub "
+                        "is offline (HF_HUB_OFFLINE); download it first (`hf download "
+                        f"{name}`) with the Hub reachable, or give the path of a model folder")
+
+
+def _rewards(resolved) -> None:
+    """The reward model exists and the reward functions import, as the run will need them."""
+    config = resolved.config
+    reward_model = config.get("reward_model")
+    try:
+        if reward_model:
+            check_reward_model(reward_model)
+            if not Path(reward_model).expanduser().is_dir():
+                _hub_model(reward_model, None, "reward_model")
+        load_reward_functions(config.get("reward_functions") or [])
+    except UserError as err:
+        key = ("reward_model",) if err.problems[0].startswith("reward_model") else ("reward_functions",)
+        raise UserError(f"{resolved.locate(key)}: {err.problems[0]}") from None
