@@ -83,8 +83,8 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["LLMTUNE_CACHE"] = str(folder / "cache")  # every setting is a cache miss: measured cold
         from llmtune.data import load_data
-        from llmtune.recipe.schema import CurateSection
         from llmtune.recipe.check import Checker
+        from llmtune.recipe.schema import CurateSection
 
         write(folder, rows)
         model = {"name": "builtin:tiny", "revision": None, "chat_template": None, "trust_remote_code": False}

@@ -40,10 +40,10 @@ def child(path: str, num_proc: int | None = None) -> None:
     """One run in a fresh process: prints seconds for load_data and for TRL's tokenization."""
     sys.path.insert(0, str(ROOT))
     from llmtune.data import load_data
+    from llmtune.logs import quiet
     from llmtune.methods import sft
     from llmtune.model import load_model
     from llmtune.tokenizer import load_tokenizer
-    from llmtune.logs import quiet
 
     quiet()
     start = time.perf_counter()

@@ -7,7 +7,6 @@ Run: python benchmarks/dpo_cache.py [--repeats 3] [--epochs 2]
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

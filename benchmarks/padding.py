@@ -17,11 +17,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def trainer_for(packing: bool):
+    from trl import SFTConfig
+
     from llmtune.data import load_data
     from llmtune.methods import sft
     from llmtune.model import load_model
     from llmtune.tokenizer import load_tokenizer
-    from trl import SFTConfig
 
     section = {"train": [{"path": str(ROOT / "recipes/data/chat.jsonl"), "format": "auto", "columns": {},
                           "weight": 4.0}], "eval": 0.0, "max_length": 512, "packing": packing}

@@ -28,10 +28,10 @@ MODES = {"llmtune streaming": "stream", "plain TRL, file order": "plain", "plain
 def child(path: str, mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     from llmtune.data import load_data
+    from llmtune.logs import quiet
     from llmtune.methods import sft
     from llmtune.model import load_model
     from llmtune.tokenizer import load_tokenizer
-    from llmtune.logs import quiet
 
     quiet()
     section = {"train": [{"path": path, "format": "auto", "columns": {}, "weight": 1.0}], "eval": None,

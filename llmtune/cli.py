@@ -433,7 +433,8 @@ def generate(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
-    from .tools.infer import generate as run_generate, load, prompt_ids
+    from .tools.infer import generate as run_generate
+    from .tools.infer import load, prompt_ids
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     try:
@@ -457,7 +458,8 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
 ):
     """Chat with the trained model in the terminal, through the run's own chat template."""
-    from .tools.infer import chat as run_chat, load
+    from .tools.infer import chat as run_chat
+    from .tools.infer import load
 
     try:
         run_chat(load(run_dir), _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),

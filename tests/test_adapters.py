@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from llmtune.errors import UserError
-from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 from llmtune.builtin import builtin_path
+from llmtune.errors import UserError
 from llmtune.model import convert_adapter, peft_config, save_initial_adapter
-from llmtune.recipe.schema import mergeable
 from llmtune.recipe.check import resolve
+from llmtune.recipe.schema import mergeable
 from llmtune.runner.session import train as run
+from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 
 from .conftest import RECIPES, make_recipe
 

@@ -113,8 +113,8 @@ def test_contaminated_rows_are_removed_on_request(tmp_path):
 
 @pytest.mark.slow
 def test_counts_reach_the_manifest_and_data_inspect(tmp_path):
-    from llmtune.tools.inspect import inspect
     from llmtune.runner.session import train as run
+    from llmtune.tools.inspect import inspect
 
     prepare(tmp_path)
     resolved = resolve(tmp_path / "r.yaml")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from llmtune.data import load_data
-from llmtune.verbs import METHODS
 from llmtune.errors import UserError
+from llmtune.verbs import METHODS
 
 from .conftest import write_jsonl
 

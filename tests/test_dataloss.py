@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.runner import lock
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
+from llmtune.runner import lock
 from llmtune.runner.rundir import RunDir
 from llmtune.runner.session import TrainingFailed
 from llmtune.runner.session import train as run

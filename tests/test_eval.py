@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from llmtune.tools.export import merge
-from llmtune.tools.infer import load
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
+from llmtune.tools.export import merge
+from llmtune.tools.infer import load
 
 from .conftest import RECIPES, cli
 

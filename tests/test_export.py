@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
+from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 
 from .conftest import cli, make_recipe, write_jsonl
 from .llamacpp import llama_cpp
@@ -472,8 +472,8 @@ def test_trl_chat_templates_become_ollama_templates_or_a_reason(adds_bos):
 
 def test_every_shipped_trl_template_gets_a_verified_modelfile_or_a_reason():
     """No template TRL ships (their `_training` variants included) crashes the export or gets a wrong template."""
-    from llmtune.paths import _trl_templates_dir
     from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.paths import _trl_templates_dir
     from llmtune.tools.ollama import NotDecomposable, modelfile
 
     from .gotemplate import execute

@@ -14,10 +14,11 @@ from transformers import utils
 from llmtune import defaults as fast
 from llmtune.data import load_data
 from llmtune.methods import sft
-from llmtune.tools.plan import plan
 from llmtune.recipe.check import resolve
 from llmtune.runner.resume import fingerprint
-from llmtune.runner.session import train as run, training_args
+from llmtune.runner.session import train as run
+from llmtune.runner.session import training_args
+from llmtune.tools.plan import plan
 
 from .conftest import RECIPES, make_recipe
 

@@ -13,9 +13,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo
 from typer.testing import CliRunner
 
-from llmtune.tools import push as hub
 from llmtune.cli import app
 from llmtune.files import is_repo_id
+from llmtune.tools import push as hub
 
 from .conftest import RECIPES, cli, make_recipe, write_recipe
 

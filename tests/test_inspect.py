@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from llmtune.tools.inspect import TrainingView, inspect
 from llmtune.recipe.check import resolve
+from llmtune.tools.inspect import TrainingView, inspect
 
 from .conftest import cli, make_recipe, write_jsonl
 
@@ -52,8 +52,8 @@ def test_marked_tokens_are_the_labels_sft_trains(tmp_path, row, marked):
     from llmtune.data import load_data
     from llmtune.methods import sft
     from llmtune.model import load_model
-    from llmtune.tokenizer import load_tokenizer
     from llmtune.runner.session import training_args
+    from llmtune.tokenizer import load_tokenizer
 
     resolved = resolve(recipe(tmp_path, rows=[row] * 16))
     lines, warnings = inspect(resolved, rows=1)

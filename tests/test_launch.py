@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmtune.launch import effective_batch, launch_command, settle
-from llmtune.recipe import rules
-from llmtune.paths import LAUNCH_CONFIGS as CONFIGS
-from llmtune.launch.launcher import accelerate_config, child_args, preflight
-from llmtune.recipe.check import resolve
 from llmtune.errors import UserError
+from llmtune.launch import effective_batch, launch_command, settle
+from llmtune.launch.launcher import accelerate_config, child_args, preflight
+from llmtune.paths import LAUNCH_CONFIGS as CONFIGS
+from llmtune.recipe import rules
+from llmtune.recipe.check import resolve
 
 from .conftest import RECIPES, ROOT, cli, make_recipe
 

@@ -12,7 +12,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parent.parent / "llmtune"
 
 # The layer of each module: the longest prefix listed wins. Imports may only go to the same layer or below.

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from llmtune.data import load_data
-from llmtune.tools.inspect import TrainingView, inspect
-from llmtune.tokenizer import load_tokenizer
 from llmtune.recipe.check import resolve
+from llmtune.tokenizer import load_tokenizer
+from llmtune.tools.inspect import TrainingView, inspect
 
 from .conftest import RECIPES, cli, write_jsonl, write_recipe
 from .families import FAMILIES, family_model, template_text

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from llmtune.memory import GIB, RUNTIME_OVERHEAD, Settings, Shape, estimate, model_shape
-from llmtune.tools.plan import plan
 from llmtune.recipe.check import resolve
+from llmtune.tools.plan import plan
 
 from .conftest import RECIPES, cli, make_recipe
 

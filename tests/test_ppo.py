@@ -262,8 +262,8 @@ def lora_trainer(tmp_path, letter_rm, prompts, sets=()):
     from llmtune.data import load_data
     from llmtune.methods import ppo
     from llmtune.model import load_model, peft_config
-    from llmtune.tokenizer import load_tokenizer
     from llmtune.runner.session import training_args
+    from llmtune.tokenizer import load_tokenizer
 
     resolved = resolve(ppo_recipe(tmp_path, letter_rm, prompts), sets)
     config = resolved.config

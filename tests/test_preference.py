@@ -307,8 +307,9 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     accuracy, scores = pair_accuracy(model, tokenizer)
     assert accuracy == 1.0 and (scores[:, 0] - scores[:, 1]).min() > 1, scores  # chosen scored above rejected
 
-    from llmtune.builtin import builtin_path
     from transformers import set_seed
+
+    from llmtune.builtin import builtin_path
 
     set_seed(42)  # the untrained head the run started from
     untrained = AutoModelForSequenceClassification.from_pretrained(builtin_path("tiny"), num_labels=1)

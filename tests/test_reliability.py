@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.runner import lock
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
+from llmtune.runner import lock
 from llmtune.runner.resume import STAGING, checkpoint_to_resume, complete_checkpoints
-from llmtune.runner.session import TrainingFailed, train as run
+from llmtune.runner.session import TrainingFailed
+from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, cli as plain_cli, make_recipe, write_recipe
+from .conftest import RECIPES, make_recipe, write_recipe
+from .conftest import cli as plain_cli
 
 BAD = Path(__file__).parent / "data" / "bad"
 # Planted in the environment of every run here; none may reach a file llmtune writes.

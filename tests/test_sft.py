@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -181,8 +180,8 @@ def sft_trainer(recipe, sets=()):
     from llmtune.data import load_data
     from llmtune.methods import sft
     from llmtune.model import load_model
-    from llmtune.tokenizer import load_tokenizer
     from llmtune.runner.session import training_args
+    from llmtune.tokenizer import load_tokenizer
 
     resolved = resolve(recipe, sets)
     prepared = load_data(resolved.config["data"], method="sft", seed=0)

@@ -10,7 +10,8 @@ from llmtune.data import load_data
 from llmtune.data.stream import CHECK_ROWS
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
-from llmtune.runner.session import TrainingFailed, train as run
+from llmtune.runner.session import TrainingFailed
+from llmtune.runner.session import train as run
 
 from .conftest import RECIPES, cli, make_recipe, write_jsonl
 

@@ -16,7 +16,8 @@ import random
 from dataclasses import dataclass
 
 from llmtune.data.formats import common_kind, convert, describe_kind, to_kind
-from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, mixed as mixed_whole, renamed
+from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, renamed
+from llmtune.data.prepare import mixed as mixed_whole
 from llmtune.data.sources import sha256_files, stream_records
 from llmtune.errors import UserError
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_atomic
-from ..paths import LAUNCH_CONFIGS as CONFIGS, cache_dir
+from ..paths import LAUNCH_CONFIGS as CONFIGS
+from ..paths import cache_dir
 from ..recipe import rules
 from .rank import LAUNCH_DIR_ENV
 

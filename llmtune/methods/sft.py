@@ -3,7 +3,6 @@
 from ..data import masking
 from ..defaults import attention
 
-
 # Attention kernels that run packed rows as separate sequences (varlen), so packing saves work
 # instead of adding cross-row attention that is then masked away.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")

@@ -12,8 +12,16 @@ from ..paths import read_chat_template
 from ..verbs import METHODS, Method
 from . import fields, loader, preflight, sections
 from .rules import check_recipe
-from .schema import (ADAPTER_ALIASES, ADAPTER_OWNED, ADAPTERS, AdapterSection, Checker, RecipeSection, did_you_mean,
-                     mergeable)
+from .schema import (
+    ADAPTER_ALIASES,
+    ADAPTER_OWNED,
+    ADAPTERS,
+    AdapterSection,
+    Checker,
+    RecipeSection,
+    did_you_mean,
+    mergeable,
+)
 
 # TrainingArguments fields that llmtune fills from its own sections; setting them in
 # `train:` as well would leave two sources of truth.

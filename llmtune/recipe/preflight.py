@@ -13,8 +13,6 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import UserError
-
 # `train.report_to` names and the modules transformers imports for them.
 TRACKERS = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),

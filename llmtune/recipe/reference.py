@@ -6,8 +6,19 @@
 import typing
 from dataclasses import MISSING, fields
 
-from .schema import (AdapterSection, CurateSection, DataSection, EarlyStoppingSection, HubSection, LaunchSection,
-                     ModelSection, QuantizationSection, RecipeSection, SourceSection, _type_name)
+from .schema import (
+    AdapterSection,
+    CurateSection,
+    DataSection,
+    EarlyStoppingSection,
+    HubSection,
+    LaunchSection,
+    ModelSection,
+    QuantizationSection,
+    RecipeSection,
+    SourceSection,
+    _type_name,
+)
 
 
 def _default(f) -> str:

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Callable
+
 from ..verbs import METHODS
 from . import fields
-
 
 DEEPSPEED = ("zero1", "zero2", "zero3", "zero3-offload")
 SHARDED = ("fsdp", "zero3", "zero3-offload")  # backends that split the weights over processes themselves

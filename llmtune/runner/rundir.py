@@ -7,13 +7,12 @@ and, after a failure, the traceback.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import shutil
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -23,7 +22,7 @@ import yaml
 
 from .. import __version__
 from ..errors import UserError
-from ..files import ARTIFACTS, is_repo_id, read_manifest, write_json
+from ..files import ARTIFACTS, read_manifest, write_json
 from ..ranks import is_main_process
 from ..recipe.preflight import output_dir_problem
 from ..secret import redact, scrub

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from ..defaults import picks
 from ..compat import attn_implementation
 from ..data import load_data
+from ..defaults import picks
 from ..errors import UserError
 from ..launch.launcher import child_args, gpu_count, launch_command, preflight, settle, spawn, write_config
-from ..launch.rank import report_callback, training_args as launched_args
+from ..launch.rank import report_callback
+from ..launch.rank import training_args as launched_args
 from ..logs import quiet
 from ..model import convert_adapter, load_model, loraplus_optimizer, peft_config, save_initial_adapter
 from ..ranks import is_main_process, launched
@@ -30,12 +31,12 @@ from ..recipe.check import Resolved
 from ..tokenizer import load_tokenizer, require_chat_template
 from ..verbs import config_class
 from . import stopping
+from .card import settings
 from .diagnose import divergence_guard, explain
 from .interrupt import Interrupted, Interruption
+from .metrics import final
 from .preflight import model as check_model
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
-from .card import settings
-from .metrics import final
 from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
 
 

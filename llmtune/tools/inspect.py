@@ -265,8 +265,8 @@ def inspect(resolved, rows: int = 1, color: bool = False) -> tuple[list[str], li
 
 
 def _stop_trained(tokens, stop) -> bool:
-    return stop is not None and any(i == stop[0] and l != -100 for i, l in zip(tokens["input_ids"],
-                                                                               tokens["labels"]))
+    return stop is not None and any(token == stop[0] and label != -100
+                                    for token, label in zip(tokens["input_ids"], tokens["labels"]))
 
 
 def _template_lines(resolved, view, warnings) -> list[str]:

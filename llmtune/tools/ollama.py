@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 from ..tokenizer import GENERATION_TAG
 
 ROLES = ("system", "user", "assistant")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from ..runner import metrics as judged
 from ..errors import UserError
+from ..runner import metrics as judged
 
 PLOT_TYPES = (".png", ".svg", ".pdf")
 
