@@ -86,6 +86,7 @@ def test_lora_plus_gives_b_matrices_a_higher_learning_rate(tmp_path):
     assert {1.5e-3, 1.5e-3 * 16} <= rates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_start_from_a_decomposition_of_the_weights(init):
     from peft import get_peft_model

@@ -63,6 +63,7 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_runs_started_seconds_apart_into_one_directory_never_replace_each_other(recipe, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "llmtune", "sft", recipe, "--output-dir", out],
@@ -93,6 +94,7 @@ def test_a_run_that_finished_while_another_was_reading_its_data_is_not_replaced(
     assert not (out / lock.NAME).exists()
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_folder_that_is_not_a_run_directory_and_deletes_nothing(recipe, tmp_path):
     out = tmp_path / "mine"
     (out / "checkpoint-best").mkdir(parents=True)
@@ -166,6 +168,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_failure_recorded_on_a_real_full_or_read_only_tmpfs(fault, recipe, tmp_path):
     disk = tmp_path / "disk"

@@ -307,6 +307,7 @@ def test_rule_deepspeed_file_against_train(tmp_path):
     assert "does not use DeepSpeed" in problems(path, "launch.backend=ddp")
 
 
+@pytest.mark.slow
 def test_rule_mixed_precision_with_deepspeed(tmp_path):
     result = cli("launch", recipe(tmp_path), "--backend", "zero2", "--print", "--", "--mixed_precision", "bf16",
                  cwd=tmp_path)
@@ -321,6 +322,7 @@ def test_rule_packing_strategy(tmp_path):
     assert any(line.startswith("warning: `packing_strategy: wrapped`") for line in lines)
 
 
+@pytest.mark.slow
 def test_rule_processes_against_gpus_and_machines(tmp_path):
     resolved = resolve(recipe(tmp_path), ["launch.num_processes=4"])
     with pytest.raises(UserError, match=r"4 processes asked for, but this machine has 2 GPU\(s\)"):

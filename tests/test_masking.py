@@ -130,6 +130,7 @@ def test_sft_with_llama3_1_trains_and_keeps_the_original_template(tmp_path, tmp_
     assert saved == template_text(FAMILIES["llama3_1"])
 
 
+@pytest.mark.slow
 def test_a_template_that_rewrites_earlier_turns_is_refused_at_validate_with_the_line(tmp_path):
     """Another revision of Qwen3's template (not TRL's exact text): earlier turns lose the empty reasoning block."""
     template = template_text(FAMILIES["qwen3"]) + "\n"  # TRL recognises templates by exact text
@@ -158,6 +159,7 @@ def test_what_the_template_does_to_the_data_is_warned(tmp_path, tmp_path_factory
     assert any(warning in w for w in warnings), warnings
 
 
+@pytest.mark.slow
 def test_trl_data_warnings_reach_the_terminal_once(tmp_path, tmp_path_factory):
     """DeepSeek-R1-Distill with prompt-completion rows: TRL says the prompt is not a prefix; llmtune shows it."""
     rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
@@ -168,6 +170,7 @@ def test_trl_data_warnings_reach_the_terminal_once(tmp_path, tmp_path_factory):
     assert result.stderr.count("The tokenized prompt is not a prefix") == 1
 
 
+@pytest.mark.slow
 def test_gemma_inspect_and_generate_with_a_system_prompt(tmp_path, tmp_path_factory):
     model = family_model(tmp_path_factory, "gemma2")
     result = cli("data", "inspect", recipe(tmp_path, model, [{"messages": [SYSTEM] + SINGLE}]))
@@ -178,6 +181,7 @@ def test_gemma_inspect_and_generate_with_a_system_prompt(tmp_path, tmp_path_fact
     assert generated.returncode == 0, generated.stderr
 
 
+@pytest.mark.slow
 def test_preference_rows_get_the_system_prompt_folded_for_gemma(tmp_path, tmp_path_factory):
     """DPO data on a template without a system role: the system text opens the user turn, chosen/rejected intact."""
     model = family_model(tmp_path_factory, "gemma2")

@@ -409,6 +409,7 @@ WRONG_SHAPE = {  # method: (data it cannot take, the format found, the formats i
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", WRONG_SHAPE)
 def test_wrong_data_shape_exits_2_naming_method_and_formats(tmp_path, method):
     data, found, needed = WRONG_SHAPE[method]
@@ -419,6 +420,7 @@ def test_wrong_data_shape_exits_2_naming_method_and_formats(tmp_path, method):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_preference_and_kto_rows_are_reported_by_line(tmp_path):
     good = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
     write_jsonl(tmp_path / "pairs.jsonl", [good] * 5 + [{"prompt": "Q", "chosen": "good"},

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
 
@@ -10,6 +12,7 @@ from .conftest import cli, write_recipe
 LONG = "word " * 300  # over 256 tokens with the byte tokenizer
 
 
+@pytest.mark.slow
 def test_rows_whose_prompt_fills_max_length_are_reported_left_out_and_counted(tmp_path):
     rows = [{"messages": [{"role": "user", "content": LONG if i % 4 == 1 else f"short {i}"},
                           {"role": "assistant", "content": "ok"}]} for i in range(40)]

@@ -35,6 +35,7 @@ train:
 """
 
 
+@pytest.mark.slow
 def test_a_secret_from_set_or_a_data_path_reaches_no_file(tmp_path, llmtune_cache):
     data = tmp_path / SECRET / "chat.jsonl"  # a folder named after a token, e.g. a signed URL's mount
     data.parent.mkdir()
@@ -51,6 +52,7 @@ def test_a_secret_from_set_or_a_data_path_reaches_no_file(tmp_path, llmtune_cach
     assert "run_name: x-${env:MY_SERVICE_TOKEN}" in (out / "recipe.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_before_training_starts_exits_130_and_leaves_no_run(tmp_path):
     shutil.copytree(RECIPES / "data", tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.replace("DATA", "data/chat.jsonl"))

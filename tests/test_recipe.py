@@ -193,6 +193,7 @@ SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml")
                  if not {"base", "launch", "eval"} & set(p.relative_to(RECIPES).parts))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_shipped_recipe_validates(path):
     # Recipes on Hub models/datasets cannot reach their data offline; their recipe is still checked in full.
@@ -273,6 +274,7 @@ def validate_imports(recipe, *args, cache):
     return result.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_validate_imports_only_what_its_checks_need(tmp_path, data_file):
     recipe = make_recipe(tmp_path, data=data_file, adapter={"type": "lora"}, quantization={"bits": 4})
     # The recipe alone: no ML library.
@@ -285,6 +287,7 @@ def test_validate_imports_only_what_its_checks_need(tmp_path, data_file):
     assert not (tmp_path / "cold-chat" / "builtin").exists()
 
 
+@pytest.mark.slow
 def test_recipes_list_show_copy(tmp_path):
     listing = cli("recipes", "list").stdout
     assert "quickstart" in listing

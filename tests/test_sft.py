@@ -231,6 +231,7 @@ BAD_DATA = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_DATA)
 def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path, case):
     line, message = BAD_DATA[case]
@@ -244,6 +245,7 @@ def test_bad_data_exits_2_with_the_line_and_writes_nothing(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_columns_matching_no_format_and_empty_files(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 3)
     (tmp_path / "empty.jsonl").write_text("")
