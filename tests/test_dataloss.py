@@ -18,25 +18,10 @@ from llmtune.runner.rundir import RunDir
 from llmtune.runner.session import TrainingFailed
 from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, cli, write_recipe
+from .conftest import RECIPES, cli, make_recipe
 
-RECIPE = """\
-method: sft
-model: {name: "builtin:tiny", dtype: float32}
-adapter: {type: lora, r: 8, alpha: 16}
-data:
-  train:
-    - path: data/chat.jsonl
-  max_length: 128
-train:
-  learning_rate: 3.0e-3
-  max_steps: 4
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  logging_steps: 1
-  save_steps: 2
-  disable_tqdm: true
-"""
+TRAIN = {"learning_rate": 3.0e-3, "max_steps": 4, "per_device_train_batch_size": 8, "gradient_checkpointing": False,
+         "logging_steps": 1, "save_steps": 2, "disable_tqdm": True}
 
 # The CLI after patching Trainer.train to do ACTION (a fault) and then fail.
 HARNESS = """
@@ -56,7 +41,8 @@ main()
 def recipe(tmp_path):
     (tmp_path / "data").mkdir()
     shutil.copy(RECIPES / "data" / "chat.jsonl", tmp_path / "data" / "chat.jsonl")
-    return write_recipe(tmp_path / "r.yaml", RECIPE)
+    return make_recipe(tmp_path, data={"train": [{"path": "data/chat.jsonl"}], "max_length": 128},
+                       adapter={"type": "lora", "r": 8, "alpha": 16}, train=TRAIN)
 
 
 def manifest(out: Path) -> dict:

@@ -13,26 +13,17 @@ from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, cli, write_recipe
+from .conftest import RECIPES, cli, make_recipe
 
 SECRET = "tok_planted_5555_secret"
 
-RECIPE = """\
-method: sft
-model: {name: "builtin:tiny", dtype: float32}
-adapter: {type: lora, r: 8, alpha: 16}
-data:
-  train:
-    - path: DATA
-  max_length: 128
-train:
-  learning_rate: 3.0e-3
-  max_steps: 4
-  per_device_train_batch_size: 8
-  gradient_checkpointing: false
-  save_steps: 2
-  disable_tqdm: true
-"""
+
+
+def sft_recipe(tmp_path, data):
+    return make_recipe(tmp_path, data={"train": [{"path": str(data)}], "max_length": 128},
+                       adapter={"type": "lora", "r": 8, "alpha": 16},
+                       train={"learning_rate": 3.0e-3, "max_steps": 4, "per_device_train_batch_size": 8,
+                              "gradient_checkpointing": False, "save_steps": 2, "disable_tqdm": True})
 
 
 @pytest.mark.slow
@@ -40,7 +31,7 @@ def test_a_secret_from_set_or_a_data_path_reaches_no_file(tmp_path, llmtune_cach
     data = tmp_path / SECRET / "chat.jsonl"  # a folder named after a token, e.g. a signed URL's mount
     data.parent.mkdir()
     shutil.copy(RECIPES / "data" / "chat.jsonl", data)
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.replace("DATA", str(data)))
+    recipe = sft_recipe(tmp_path, data)
     out = tmp_path / "run"
     result = cli("sft", recipe, "--output-dir", out, "--set", f"train.run_name=x-{SECRET}",
                  env={"MY_SERVICE_TOKEN": SECRET})
@@ -55,7 +46,7 @@ def test_a_secret_from_set_or_a_data_path_reaches_no_file(tmp_path, llmtune_cach
 @pytest.mark.slow
 def test_sigterm_before_training_starts_exits_130_and_leaves_no_run(tmp_path):
     shutil.copytree(RECIPES / "data", tmp_path / "data")
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.replace("DATA", "data/chat.jsonl"))
+    recipe = sft_recipe(tmp_path, "data/chat.jsonl")
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "llmtune", "sft", recipe, "--output-dir", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -69,7 +60,7 @@ def test_sigterm_before_training_starts_exits_130_and_leaves_no_run(tmp_path):
 
 def test_resuming_a_checkpoint_already_at_max_steps_is_refused_and_a_higher_one_trains_on(tmp_path):
     shutil.copytree(RECIPES / "data", tmp_path / "data")
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.replace("DATA", "data/chat.jsonl"))
+    recipe = sft_recipe(tmp_path, "data/chat.jsonl")
     first = tmp_path / "first"
     run(resolve(recipe), ["llmtune"], output_dir=str(first))
     again = tmp_path / "again"
