@@ -17,8 +17,7 @@ from ..files import BUILTIN_PREFIX, adapter_run
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
 from ..methods.rewards import check_reward_model, load_reward_functions
-
-PROMPT_LEARNING = ("prefix", "prompt", "p_tuning")
+from ..recipe.schema import ADAPTERS
 
 
 def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
@@ -45,7 +44,8 @@ def model(resolved) -> None:
     adapter = config.get("adapter")
     # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
     # prompt initialised from text needs the real embeddings, which the meta device does not have.
-    if adapter is None or adapter_run(config["model"]) or adapter.get("type") in PROMPT_LEARNING:
+    if adapter is None or adapter_run(config["model"]) or \
+            "num_virtual_tokens" in ADAPTERS[adapter.get("type", "lora")].required:
         return
     try:
         with warnings.catch_warnings():  # validate is quiet: the libraries' notes on import are not ours to print
