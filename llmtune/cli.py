@@ -540,6 +540,9 @@ def main() -> None:
     # the Hub at load time, and a crash offline ("not available in the local cache"). llmtune stays offline unless
     # asked; USE_HUB_KERNELS=YES in the environment opts in.
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    from .logs import quiet_loggers
+
+    quiet_loggers()
     app()
 
 

@@ -138,7 +138,20 @@ def picks(resolved, data=None) -> dict:
         out["dataset_num_proc"] = procs
     if "use_liger_kernel" in fields and liger(resolved.config, resolved.method.name).value:
         out["use_liger_kernel"] = True
+    if "ddp_find_unused_parameters" in fields and not _routes_tokens(resolved.config["model"]):
+        # transformers turns DDP's unused-parameter search on for any model without gradient checkpointing
+        # (and any PEFT model): an extra pass over the graph each step, and a warning from every rank.
+        # Only a mixture of experts leaves parameters unused in a step.
+        out["ddp_find_unused_parameters"] = False
     return out
+
+
+def _routes_tokens(model: dict) -> bool:
+    """Whether the model is a mixture of experts (a step may not use every expert)."""
+    config = auto_config(model)
+    config = getattr(config, "text_config", None) or config
+    return any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts",
+                                                          "moe_num_experts"))
 
 
 def describe(resolved, args, data, default_attention: str) -> list[str]:

@@ -28,6 +28,12 @@ class _Once(logging.Filter):
         return True
 
 
+def quiet_loggers() -> None:
+    """Lower the libraries' loggers before any of them is imported (bitsandbytes warns as it loads)."""
+    for name in ("trl", "peft", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quiet() -> None:
     """Keep the terminal to a progress bar and a summary; details go to train.log."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,8 +45,7 @@ def quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", module=r"(torch|transformers|trl|peft|accelerate|bitsandbytes)(\.|$)")
     logging.captureWarnings(True)
-    for name in ("trl", "peft", "accelerate", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_loggers()
     for name in TRL_DATA_LOGGERS:  # what TRL says about the data is worth reading: terminal and train.log, once
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from ..ranks import is_main_process
+from ..ranks import is_main_process, launched
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAME_SIGNAL_S = 1.0
@@ -24,6 +24,10 @@ def _say(message: bytes) -> None:
     """Once per launch (rank 0), and safe inside a signal handler (no buffered I/O)."""
     if is_main_process():
         os.write(sys.stderr.fileno(), message)
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(130)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -45,8 +49,11 @@ class Interruption:
         return self
 
     def uninstall(self) -> None:
+        """Put back the previous handlers. A launched rank instead exits quietly on a late signal: when another
+        rank fails, the launcher stops this one, often while it is already shutting down, and a traceback
+        from its exit handlers would bury the failing rank's error."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, _exit_quietly if launched() else handler)
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
