@@ -89,6 +89,17 @@ def build_tiny_model(tokenizer):
     return model
 
 
+def _save(model, folder: Path) -> None:
+    """Write the model's files. Not `save_pretrained`: under a launch it writes only on global rank 0, and any
+    rank (or the first rank of another machine) may be the one that builds the model."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+
+
 def builtin_path(name: str) -> Path:
     """The folder of a builtin model, built on first use (atomically: rename when complete)."""
     if name != "tiny":
@@ -99,7 +110,7 @@ def builtin_path(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     tokenizer = build_tiny_tokenizer()
-    build_tiny_model(tokenizer).save_pretrained(tmp)
+    _save(build_tiny_model(tokenizer), tmp)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(target)
