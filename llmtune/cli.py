@@ -210,19 +210,23 @@ def validate(
     """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
     from .data import check_data
     from .recipe.check import resolve
+    from .tools import merging
 
     problems = []
     for recipe in recipes:
         try:
-            resolved = resolve(recipe, set_)
-            if not no_data:
-                from .runner import preflight
+            if merging.is_merge_recipe(recipe):
+                merging.resolve(recipe, set_)  # its runs are checked (their configs only) with or without --no-data
+            else:
+                resolved = resolve(recipe, set_)
+                if not no_data:
+                    from .runner import preflight
 
-                preflight.check(resolved)  # the model (its config only) and the launch rules for this machine
-                for warning in check_data(resolved.config["data"], method=resolved.method.name,
-                                          seed=resolved.config["seed"], locate=resolved.locate,
-                                          model=resolved.config["model"]):
-                    typer.echo(f"warning: {warning}", err=True)  # as the run prints it
+                    preflight.check(resolved)  # the model (its config only) and the launch rules for this machine
+                    for warning in check_data(resolved.config["data"], method=resolved.method.name,
+                                              seed=resolved.config["seed"], locate=resolved.locate,
+                                              model=resolved.config["model"]):
+                        typer.echo(f"warning: {warning}", err=True)  # as the run prints it
         except UserError as err:
             problems.extend(err.problems)
         else:
@@ -297,17 +301,26 @@ def plan(
 
 @app.command()
 def merge(
-    run_dir: Path = typer.Argument(..., help="Run directory holding an adapter."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR|RECIPE", help="Run directory holding an adapter, or a "
+                                   "merge recipe (`method: merge`) listing runs to merge."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model "
-                                       "[default: RUN_DIR/merged]."),
+                                       "[default: RUN_DIR/merged; a recipe's `output_dir`]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Merge recipes only."),
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
-    (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
+    (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against). Given a merge recipe,
+    merge several runs instead (linear, task_arithmetic, ties, dare_linear, dare_ties) into a new run directory."""
+    from .tools import merging
     from .tools.export import merge as merge_run
 
     try:
-        written, notes = merge_run(run_dir, out, overwrite)
+        if merging.is_merge_recipe(run_dir):
+            written, notes = merging.merge(merging.resolve(run_dir, set_), out, overwrite)
+        elif set_:
+            raise UserError("--set goes with a merge recipe, not a run directory")
+        else:
+            written, notes = merge_run(run_dir, out, overwrite)
     except UserError as err:
         _fail(err.problems)
     for note in notes:
