@@ -271,3 +271,11 @@ def test_cli_validate_and_merge_refuse_with_exit_2_and_write_nothing(tmp_path, r
     good = recipe(tmp_path, runs, name="good")
     result = cli("validate", good)
     assert result.returncode == 0 and f"ok: {good}" in result.stdout, result.stderr
+
+
+def test_shipped_merge_recipe_checks_on_runs_of_its_own(runs):
+    from .conftest import RECIPES
+
+    plan = merging.resolve(RECIPES / "merge" / "tiny-ties.yaml",
+                           [f"runs=[{{path: {runs[0]}, weight: 1.0}}, {{path: {runs[1]}, weight: 0.5}}]"])
+    assert plan.config["merge_method"] == "ties" and plan.weights == [1.0, 0.5] and plan.base == "builtin:tiny"
