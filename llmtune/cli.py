@@ -439,18 +439,35 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, see
 @app.command()
 def generate(
     run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable: one answer each)."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="A user message (repeatable: one answer each)."),
     system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as plain text, without the chat template."),
     max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
+    data: Optional[Path] = typer.Option(None, "--data", help="A .jsonl of prompts to answer, one per row: `prompt` "
+                                        "(text or messages) or `messages` (its last assistant turn is answered "
+                                        "again). Goes with --out."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --data: the .jsonl the answers are appended to, "
+                                       "as `messages` rows `llmtune sft` trains on; rows already there are skipped "
+                                       "(rerun to resume)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --data: prompts generated together."),
 ):
-    """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
+    """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token.
+    With --data and --out, answer a whole file of prompts in batches (data distillation), resumable."""
     from .tools.infer import generate as run_generate
-    from .tools.infer import load, prompt_ids
+    from .tools.infer import generate_file, load, prompt_ids
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    if (data is None) != (out is None) or bool(prompt) == (data is not None) or (raw and data is not None):
+        _fail(["give --prompt TEXT (repeatable), or --data PROMPTS.jsonl with --out ANSWERS.jsonl (without --raw)"])
     try:
+        if data is not None:
+            if data.resolve() == out.resolve():
+                raise UserError("--out must be another file than --data")
+            written, before = generate_file(load(run_dir), data, out, sampling, batch_size, system,
+                                            progress=sys.stderr.isatty())
+            typer.echo(f"wrote {written} answers to {out}" + (f" (after {before} already there)" if before else ""))
+            return
         loaded = load(run_dir)
         for i, text in enumerate(prompt):
             messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
