@@ -41,6 +41,8 @@ TRAIN_OWNED = {
     "hub_revision": "set `hub.revision:`",
     "hub_strategy": "the `hub:` section uploads the finished run (checkpoints with `hub.include_checkpoints: true`)",
     "hub_always_push": "the `hub:` section uploads once, when the run has finished",
+    "teacher_model_name_or_path": "set the top-level `teacher_model:`",
+    "teacher_model_init_kwargs": "the teacher loads with the `model:` section's settings; set `teacher_model:`",
 }
 
 
@@ -203,6 +205,11 @@ def _method_checks(check: Checker, method: Method, config: dict) -> None:
                     "set `data.packing: false`")
     if config.get("ref_model") is not None and not method.reference:
         check.error(("ref_model",), f"`llmtune {method.name}` trains without a reference model; remove `ref_model:`")
+    if config.get("teacher_model") is not None and not method.teacher:
+        check.error(("teacher_model",), f"`llmtune {method.name}` learns from no teacher; remove `teacher_model:`")
+    if method.teacher and config.get("teacher_model") is None:
+        check.error(("method",), f"`method: {method.name}` learns from a teacher model: add `teacher_model:` (a Hub "
+                    "id, a model folder or a run directory such as `runs/my-sft`)")
 
     model = config.get("model") or {}
     run = adapter_run(model) if isinstance(model.get("name"), str) else None

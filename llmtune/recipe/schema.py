@@ -230,6 +230,9 @@ class RecipeSection:
     ref_model: Union[str, None] = opt(
         None, help="dpo, kto: the frozen reference model (Hub id, folder or run directory); null = the starting "
         "model (with an adapter: the base with the adapter switched off).")
+    teacher_model: Union[str, None] = opt(
+        None, help="distill: the teacher whose token distributions the student learns (Hub id, folder or run "
+        "directory, whose adapter is then merged into its base); it must share the student's tokenizer.")
     reward_model: Union[str, None] = opt(
         None, help="ppo, grpo, rloo: the model that scores responses, a run directory of `llmtune reward` (e.g. "
         "`runs/my-reward`) or a local or Hub sequence-classification model with one output.")

@@ -213,9 +213,10 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
     set_seed(config["seed"])  # new weights (a LoRA, a reward head) start the same on every run
     model = load_model(config, resolved.method.head)
     extra = {}
-    if config.get("ref_model"):  # frozen, so a run adapter in it is merged
-        ref = {**config["model"], "name": config["ref_model"], "revision": None, "run_adapter": "merge"}
-        extra["ref_model"] = load_model({**config, "model": ref}, resolved.method.head)
+    for key in ("ref_model", "teacher_model"):  # frozen, so a run adapter in one is merged
+        if config.get(key):
+            frozen = {**config["model"], "name": config[key], "revision": None, "run_adapter": "merge"}
+            extra[key] = load_model({**config, "model": frozen}, resolved.method.head)
     if resolved.method.rewards:  # reward (and value) models load with the recipe's model settings
         extra["recipe"] = config
     trainer = method.build_trainer(

@@ -25,13 +25,15 @@ from typing import Literal, Union
 
 import yaml
 
+from ..builtin import model_path
 from ..defaults import auto_config
 from ..errors import UserError
-from ..files import write_json
+from ..files import read_manifest, write_json
 from ..recipe import loader
 from ..recipe.schema import Checker, mergeable, opt
 from ..runner.rundir import package_versions
 from ..tokenizer import stop_token_ids
+from .export import merged_model
 from .infer import base_model_section, is_adapter, run_recipe
 
 # merge_method -> (PEFT merge function, takes density, takes majority_sign)
@@ -269,9 +271,6 @@ def merged_weights(plan: MergePlan):
     from peft.utils import merge_utils
     from transformers import AutoModelForCausalLM
 
-    from ..builtin import model_path
-    from .export import merged_model
-
     method = plan.config["merge_method"]
     function, sparse, signs = MERGE_METHODS[method]
     extra = {**({"density": plan.config["density"]} if sparse else {}),
@@ -322,8 +321,6 @@ def _now() -> str:
 
 def _data_shape(runs: list[Run]) -> dict:
     """The runs' common training-data shape (conversational or not), which `eval` reads for its chat default."""
-    from ..files import read_manifest
-
     shapes = {read_manifest(r.path).get("data_shape") for r in runs}
     return {"data_shape": shapes.pop()} if len(shapes) == 1 and None not in shapes else {}
 
