@@ -212,6 +212,14 @@ def refused(path, match):
     return err.value.problems
 
 
+def test_a_training_verb_points_a_merge_recipe_to_merge(tmp_path, runs):
+    from llmtune.recipe.check import resolve
+
+    path = recipe(tmp_path, runs)
+    with pytest.raises(UserError, match=f"m.yaml:1:1: this recipe merges runs .* run `llmtune merge {path}`"):
+        resolve(path)
+
+
 def test_weights_of_a_linear_merge_must_sum_to_one(tmp_path, runs):
     problems = refused(with_weights(tmp_path, runs, [1.0, 1.0]), "must sum to 1, they sum to 2; e.g. 0.5, 0.5")
     assert problems[0].startswith(f"{tmp_path / 'm.yaml'}:2:")  # the `runs:` line

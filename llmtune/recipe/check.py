@@ -60,6 +60,9 @@ class Resolved:
 
 def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     recipe = loader.load(path, list(overrides))
+    if recipe.data.get("method") == "merge":  # tools/merging.py reads these
+        raise UserError(f"{recipe.locate(('method',))}: this recipe merges runs (method: merge) and trains nothing; "
+                        f"run `llmtune merge {path}`")
     recipe.data.setdefault("output_dir", f"runs/{recipe.data['name']}")
     check = Checker(recipe.locate)
     config = check.section(RecipeSection, recipe.data, ())
