@@ -268,7 +268,7 @@ def test_mismatched_shapes_and_full_models_without_a_base(tmp_path, runs):
             "set `base:` to that model")
 
 
-@pytest.mark.slow  # three CLI subprocesses
+@pytest.mark.slow  # CLI subprocesses
 def test_cli_validate_and_merge_refuse_with_exit_2_and_write_nothing(tmp_path, runs):
     bad = with_weights(tmp_path, runs, [0.5, 0.25], output_dir=str(tmp_path / "out"))
     for verb in ("validate", "merge"):
@@ -276,9 +276,12 @@ def test_cli_validate_and_merge_refuse_with_exit_2_and_write_nothing(tmp_path, r
         assert result.returncode == 2, result.stderr
         assert "must sum to 1, they sum to 0.75" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
-    good = recipe(tmp_path, runs, name="good")
-    result = cli("validate", good)
-    assert result.returncode == 0 and f"ok: {good}" in result.stdout, result.stderr
+    good = recipe(tmp_path, runs, name="good", merge_method="dare_ties", density=0.7)
+    result = cli("merge", good, "--out", tmp_path / "merged")
+    assert result.returncode == 0 and f"wrote {tmp_path / 'merged'}" in result.stdout, result.stderr
+    assert "merged 2 adapter runs with dare_ties (weights 1, 1, density 0.7" in result.stdout
+    result = cli("generate", tmp_path / "merged", "-p", "hi", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
 
 
 def test_shipped_merge_recipe_checks_on_runs_of_its_own(runs):

@@ -137,9 +137,6 @@ def resolve(path, overrides=()) -> MergePlan:
     base = _base(check, config, [r for r in runs if r is not None])
     if check.problems:
         raise UserError(check.problems)
-    out = Path(config["output_dir"])
-    if out.resolve() in [r.path.resolve() for r in runs]:
-        raise UserError(f"{recipe.locate(('output_dir',))}: `output_dir` is one of the runs merged; choose another")
     return MergePlan(recipe, config, runs, weights, base)
 
 
@@ -234,6 +231,8 @@ def _model_section(name: str) -> dict:
 def merge(plan: MergePlan, out=None, overwrite: bool = False) -> tuple[Path, list[str]]:
     """Merge the plan's runs and write the run directory; returns it and what was done."""
     out = Path(out or plan.config["output_dir"])
+    if out.resolve() in [r.path.resolve() for r in plan.runs]:
+        raise UserError(f"{out}: the output directory is one of the runs merged; set another `output_dir` or --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{plan.recipe.locate(('output_dir',))}: {out} is not empty; set another `output_dir`, pass "
                         "--out DIR or --overwrite")
