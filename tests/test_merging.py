@@ -290,3 +290,12 @@ def test_shipped_merge_recipe_checks_on_runs_of_its_own(runs):
     plan = merging.resolve(RECIPES / "merge" / "tiny-ties.yaml",
                            [f"runs=[{{path: {runs[0]}, weight: 1.0}}, {{path: {runs[1]}, weight: 0.5}}]"])
     assert plan.config["merge_method"] == "ties" and plan.weights == [1.0, 0.5] and plan.base == "builtin:tiny"
+
+
+def test_problems_of_a_merge_recipe_are_reported_as_its_own(tmp_path, runs):
+    path = write_recipe(tmp_path / "m.yaml", f"method: merge\nruns:\n  - path: {runs[0]}\n  - path: {runs[1]}\n"
+                        "merge_methd: ties\nname: ${env:NOT_SET_ANYWHERE}\n")
+    assert merging.is_merge_recipe(path)
+    with pytest.raises(UserError) as err:
+        merging.resolve(path)
+    assert any("NOT_SET_ANYWHERE" in p for p in err.value.problems), err.value.problems

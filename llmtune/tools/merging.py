@@ -98,14 +98,18 @@ class MergePlan:
 
 
 def is_merge_recipe(path) -> bool:
-    """Whether a recipe file says `method: merge` (read as YAML only; a broken file is left to the full check)."""
+    """Whether a recipe file itself says `method: merge` (its YAML only: its problems are for `resolve` to report
+    with their lines)."""
     path = Path(path)
-    if path.is_dir() or not (path.is_file() or loader.shipped_recipe(str(path))):
-        return False
+    if not path.is_file():
+        path = loader.shipped_recipe(str(path)) if not path.is_dir() else None
+        if path is None:
+            return False
     try:
-        return loader.load(path).data.get("method") == "merge"
-    except UserError:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=loader.Loader)
+    except (yaml.YAMLError, UnicodeDecodeError):
         return False
+    return isinstance(raw, dict) and raw.get("method") == "merge"
 
 
 def resolve(path, overrides=()) -> MergePlan:
