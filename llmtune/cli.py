@@ -468,6 +468,25 @@ def chat(
         _fail(err.problems)
 
 
+@app.command()
+def judge(
+    recipe: Path = typer.Argument(..., help="A judge recipe: prompts, candidates, judge, rubric (docs/evaluation.md)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Judge answers with a model (LLM-as-a-judge): two candidates pairwise, each pair in both orders (win rate with
+    a 95% Wilson interval), or each candidate graded 1-10. The judge is a local model or an OpenAI-compatible
+    endpoint; results go to the first candidate run's eval/ folder, manifest and card (or `output_dir`)."""
+    from .recipe.judge import resolve_judge
+    from .tools.judge import run
+
+    try:
+        lines, written = run(resolve_judge(recipe, set_))
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+    typer.echo(f"wrote {written}")
+
+
 @app.command("eval")
 def eval_(
     run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),

@@ -179,8 +179,16 @@ def _judgements(manifest: dict) -> str:
     """`llmtune judge` results: a win rate per pairing, a mean score per graded candidate."""
     rows = []
     for entry in manifest.get("judgements") or []:
-        for row in entry.get("summary") or []:
-            rows.append((f"`{entry['judge']}`", row["what"], row["value"], row["interval"], row["counts"]))
+        for item in entry.get("summary") or []:
+            interval = "-".join(judged.fmt(v) for v in item["interval"]) if item.get("interval") else "-"
+            if "win_rate" in item:
+                result = f"win rate {judged.fmt(item['win_rate'])}" if item["win_rate"] is not None else "-"
+                counts = f"{item['wins']} W / {item['ties']} T / {item['losses']} L"
+            else:
+                result = f"mean {judged.fmt(item['mean'])}/10" if item["mean"] is not None else "-"
+                counts = f"{item['scored']} graded"
+            rows.append((f"`{entry['judge']['model']}`", item["what"], result, interval,
+                         f"{counts}, {item['parse_failures']} parse failures"))
     return f"""
 ## Judged (`llmtune judge`)
 
