@@ -200,7 +200,7 @@ def test_a_tiny_local_judge_on_a_run_counts_its_parse_failures(tmp_path):
     assert (summary["parse_failures"], summary["judged"], summary["win_rate"], summary["interval"]) == (2, 0, None,
                                                                                                        None)
     texts = [o["judge"] for p in result["per_prompt"] for o in p["orders"]]
-    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
     # Greedy: judging again gives the same reasoning, word for word.
     _, again = run(resolve_judge(tmp_path / "judge.yaml"))
     assert [o["judge"] for p in json.loads(again.read_text())["per_prompt"] for o in p["orders"]] == texts
