@@ -65,6 +65,17 @@ def test_task_files_are_read_from_the_recipe_folder(tmp_path):
     assert config["eval"]["tolerance"] is None and config["eval"]["targets"] == {}
 
 
+def test_validate_refuses_a_target_naming_no_task_scored(tmp_path):
+    from llmtune.runner import preflight
+
+    recipe = make_recipe(tmp_path, eval={"tasks": ["eval/chat-mc"], "targets": {"chat_mc": 0.5}})
+    with pytest.raises(UserError) as err:
+        preflight.model(resolve(recipe))  # what `validate` and every training verb run first
+    (problem,) = err.value.problems
+    assert problem.startswith(f"{tmp_path / 'r.yaml'}:")  # the `eval:` line
+    assert f"`eval.targets`: no task chat_mc among the tasks scored ({TASK})" in problem
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, llmtune_cache):
     """The quickstart run: the starting model, which has learned the sample chat data (acc 0.556 on chat-mc)."""

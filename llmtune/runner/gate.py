@@ -19,9 +19,23 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import write_json
 from ..ranks import is_main_process
+from ..recipe.schema import ADAPTERS
 from .lmeval import import_lm_eval, load_tasks, metrics, parse_tasks, score
 
 FILE = Path("eval") / "gate.json"
+
+
+def tasks(spec: dict):
+    """(lm_eval, its loaded tasks) for the recipe's `eval:`; UserError for a task or a target it cannot score. The
+    pre-flight calls it too, so `validate` refuses what the run would."""
+    specs = parse_tasks(",".join(spec["tasks"]), label="`eval.tasks`")
+    lm_eval = import_lm_eval(specs, "the recipe's `eval:`")
+    loaded = load_tasks(specs)
+    unknown = sorted(set(spec["targets"]) - set(loaded[1]))
+    if unknown:
+        raise UserError(f"`eval.targets`: no task {', '.join(unknown)} among the tasks scored "
+                        f"({', '.join(loaded[1])}); name targets by task as lm-eval reports it")
+    return lm_eval, loaded
 
 
 class Gate:
@@ -33,13 +47,11 @@ class Gate:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("`eval:` scores the model in one process, and this run has several; remove `eval:` and "
                             "score the finished run with `llmtune eval`, or train in one process")
-        specs = parse_tasks(",".join(self.spec["tasks"]), label="`eval.tasks`")
-        self.lm_eval = import_lm_eval(specs, "the recipe's `eval:`")
-        self.tasks = load_tasks(specs)
-        unknown = sorted(set(self.spec["targets"]) - set(self.tasks[1]))
-        if unknown:
-            raise UserError(f"`eval.targets`: no task {', '.join(unknown)} among the tasks scored "
-                            f"({', '.join(self.tasks[1])}); name targets by task as lm-eval reports it")
+        self.lm_eval, self.tasks = tasks(self.spec)
+        # A new prompt-learning adapter starts with random virtual tokens, so the starting model is the base without
+        # it; a new LoRA starts as the identity, and a run's own adapter (`model.run_adapter: stack`) is the start.
+        adapter = config.get("adapter")
+        self.fresh_tokens = bool(adapter) and not ADAPTERS[adapter["type"]].mergeable
         chosen = self.spec["chat_template"]
         self.apply = bool(tokenizer.chat_template) and data_shape.startswith("conversational_") if chosen is None \
             else chosen
@@ -51,12 +63,11 @@ class Gate:
                        "lm_eval": self.lm_eval.__version__, "steps": []}
 
     def score(self, model, starting: bool = False) -> dict:
-        """{task: {metric: value}} for `model`; `starting`: a new prompt-learning adapter is switched off, since its
-        random virtual tokens are not the starting model (a new LoRA starts as the identity, so it stays on)."""
+        """{task: {metric: value}} for `model`; `starting`: the model before its first step."""
         started = time.monotonic()
         training = model.training
         model.eval()
-        off = getattr(model, "disable_adapter", None) if starting and _prompt_learning(model) else None
+        off = model.disable_adapter if starting and self.fresh_tokens else None
         try:  # lm-eval's progress bars write to the stderr of their creation: kept off the training bar's terminal
             with off() if off else contextlib.nullcontext(), contextlib.redirect_stderr(io.StringIO()):
                 results = score(model, self.tokenizer, self.tasks, limit=self.spec["limit"],
@@ -103,11 +114,6 @@ class Gate:
         if is_main_process():
             (run_dir / FILE).parent.mkdir(exist_ok=True)
             write_json(run_dir / FILE, self.record)
-
-
-def _prompt_learning(model) -> bool:
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def _read(path: Path) -> dict:

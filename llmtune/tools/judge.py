@@ -27,10 +27,12 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UserError
 from ..files import read_manifest, write_json
+from ..model import load_model as load_weights
 from ..recipe.judge import REFERENCE, Judging
 from ..runner import card
 from ..runner.rundir import _now
 from ..secret import scrub
+from ..tokenizer import load_tokenizer
 from .infer import Loaded, Sampling, generate, load, prompt_ids
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
@@ -166,9 +168,6 @@ def load_model(name: str) -> Loaded:
     path = Path(name)
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return load(path)
-    from ..model import load_model as load_weights
-    from ..tokenizer import load_tokenizer
-
     section = {"name": name, "revision": None, "dtype": "auto", "attn_implementation": None, "chat_template": None,
                "trust_remote_code": False, "run_adapter": "stack"}
     model = load_weights({"model": section})
