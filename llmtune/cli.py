@@ -207,13 +207,19 @@ def validate(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files and model."),
 ):
-    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
+    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2. Judge recipes
+    (`llmtune judge`) are checked too."""
     from .data import check_data
     from .recipe.check import resolve
+    from .recipe.judge import is_judge_recipe, resolve_judge
 
     problems = []
     for recipe in recipes:
         try:
+            if is_judge_recipe(recipe):  # `llmtune judge`'s: prompts, candidates and answers files checked
+                resolve_judge(recipe, set_)
+                typer.echo(f"ok: {recipe}")
+                continue
             resolved = resolve(recipe, set_)
             if not no_data:
                 from .runner import preflight

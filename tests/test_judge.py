@@ -172,12 +172,15 @@ def test_bad_recipes_are_refused_with_file_and_line(tmp_path, monkeypatch):
     assert f"{tmp_path / 'prompts.jsonl'}:6: a row needs a string `prompt`" in text
 
 
-def test_cli_exits_2_with_one_message_and_writes_nothing(tmp_path):
+def test_cli_exits_2_with_one_message_and_writes_nothing_and_validate_agrees(tmp_path):
     recipe = judge_recipe(tmp_path, candidates=["a.jsonl", "missing.jsonl"])
-    result = cli("judge", recipe)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "judge.yaml:" in result.stderr and "no such answers file 'missing.jsonl'" in result.stderr
+    for verb in ("judge", "validate"):
+        result = cli(verb, recipe)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "judge.yaml:" in result.stderr and "no such answers file 'missing.jsonl'" in result.stderr
     assert not (tmp_path / "out").exists()
+    good = judge_recipe(tmp_path)
+    assert cli("validate", good).stdout == f"ok: {good}\n"
 
 
 @pytest.mark.slow  # loads a model to judge and trains a run to be judged

@@ -103,6 +103,15 @@ def _model_ok(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX) or Path(name).exists() or is_repo_id(name)
 
 
+def is_judge_recipe(path) -> bool:
+    """A recipe for `llmtune judge` (a `judge:` section and no `method:`), so `validate` checks it as one."""
+    try:
+        data = loader.load(path).data
+    except UserError:
+        return False  # reported when it is checked as a training recipe
+    return "judge" in data and "method" not in data
+
+
 def resolve_judge(path, overrides=()) -> Judging:
     recipe = loader.load(path, list(overrides))
     here = recipe.path.parent
