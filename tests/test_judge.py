@@ -129,7 +129,8 @@ def test_pairwise_on_an_endpoint_judges_both_orders_and_never_writes_the_key(tmp
     assert summary == {"what": f"{tmp_path / 'a.jsonl'} vs {tmp_path / 'b.jsonl'}", "wins": 1, "ties": 2,
                        "losses": 1, "inconsistent": 1, "parse_failures": 1, "judged": 4, "win_rate": 0.5,
                        "interval": [low, high], "interval_method": "wilson"}
-    assert "win rate 0.500" in lines[0] and "1 parse failures" in lines[0]
+    assert lines == [f"{summary['what']}: win rate 0.500, 95% Wilson interval [{low:.3f}, {high:.3f}] (1 wins, 2 ties, "
+                     "1 losses over 4 prompts; 1 of the ties from orders that disagreed; 1 parse failures)"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["judgements"][0]["summary"] == result["summary"]
     assert manifest["judgements"][0]["judge"]["api_key_env"] == KEY_ENV
@@ -144,6 +145,7 @@ def test_single_grading_against_the_reference(tmp_path, endpoint, monkeypatch):
     lines, out = run(resolve_judge(recipe))
     result = json.loads(out.read_text())
     b, ref = result["summary"]
+    assert lines[1].startswith("reference: mean score 7.50/10, 95% interval [") and "1 parse failures" in lines[1]
     # b: "5" unrated, "Paris" 8, "cat" unrated, "hello" unrated, "red" unrated.
     assert (b["mean"], b["scored"], b["parse_failures"], b["interval"]) == (8.0, 1, 4, None)
     # The references: 9, 8, 7, 6 and "red" unrated; mean 7.5, normal interval from the sample deviation.
@@ -202,6 +204,8 @@ def test_a_tiny_local_judge_on_a_run_counts_its_parse_failures(tmp_path):
     # An untrained 2-layer judge writes no [[A]]/[[B]]/[[C]]: every prompt is a parse failure, none is judged.
     assert (summary["parse_failures"], summary["judged"], summary["win_rate"], summary["interval"]) == (2, 0, None,
                                                                                                        None)
+    assert lines == [f"{run_dir} vs reference: no verdict could be read (2 parse failures; the judge's text for each "
+                     "is in the results file)"]
     texts = [o["judge"] for p in result["per_prompt"] for o in p["orders"]]
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
     # Greedy: judging again gives the same reasoning, word for word.

@@ -283,16 +283,16 @@ def save(folder: Path, record: dict, per_prompt, judge: dict) -> Path:
     return out
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def describe(item: dict) -> list[str]:
-    """The summary of one pairing or candidate, as printed and shown on the card."""
-    low, high = item["interval"] or (None, None)
+    """The summary of one pairing or candidate, as printed."""
+    failures = f"{item['parse_failures']} parse failures"
+    if item["interval"] is None and not (item.get("judged") or item.get("scored")):
+        return [f"{item['what']}: no verdict could be read ({failures}; the judge's text for each is in the "
+                "results file)"]
+    low, high = item["interval"] or (math.nan, math.nan)
     if "win_rate" in item:
-        return [f"{item['what']}: win rate {fmt(item['win_rate'])} (95% Wilson interval {fmt(low)}-{fmt(high)}; "
-                f"{item['wins']} wins, {item['ties']} ties, {item['losses']} losses over {item['judged']} prompts, "
-                f"{item['inconsistent']} ties from orders that disagreed; {item['parse_failures']} parse failures)"]
-    return [f"{item['what']}: mean score {fmt(item['mean'])}/10 (95% interval {fmt(low)}-{fmt(high)}; "
-            f"{item['scored']} answers graded, {item['parse_failures']} parse failures)"]
+        return [f"{item['what']}: win rate {item['win_rate']:.3f}, 95% Wilson interval [{low:.3f}, {high:.3f}] "
+                f"({item['wins']} wins, {item['ties']} ties, {item['losses']} losses over {item['judged']} prompts; "
+                f"{item['inconsistent']} of the ties from orders that disagreed; {failures})"]
+    return [f"{item['what']}: mean score {item['mean']:.2f}/10, 95% interval [{low:.2f}, {high:.2f}] "
+            f"({item['scored']} answers graded; {failures})"]
