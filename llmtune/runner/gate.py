@@ -82,8 +82,9 @@ class Gate:
         return {task: {k: v for k, v in values.items() if k in better.get(task, {})}
                 for task, values in metrics(results).items()}
 
-    def callback(self, run):
-        """The TrainerCallback that scores the model for `run` (a RunDir); the record goes to RUN_DIR/eval/gate.json as it grows, and
+    def callback(self, run, interruption):
+        """The TrainerCallback that scores the model for `run` (a RunDir), unless `interruption` stopped the run
+        (a checkpoint is saved and the process exits; the resumed run scores its end). The record goes to RUN_DIR/eval/gate.json as it grows, and
         with the verdict to the manifest."""
         from transformers import TrainerCallback
 
@@ -103,6 +104,8 @@ class Gate:
                     gate.save(run_dir)
 
             def on_train_end(self, args, state, control, model=None, **kwargs):
+                if interruption.step is not None:
+                    return
                 gate.record["after"] = gate.score(model)  # the best checkpoint's, when early stopping loaded it
                 gate.record.update(judge(gate.record))
                 gate.save(run_dir)

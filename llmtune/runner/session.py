@@ -188,7 +188,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
         if gate:
-            trainer.add_callback(gate.callback(run_dir))
+            trainer.add_callback(gate.callback(run_dir, interruption))
         interruption.attach(trainer)
         make_resumable(trainer, stamp, checkpoint)
         metrics = execute(trainer, tokenizer, data, run_dir, checkpoint, interruption)
