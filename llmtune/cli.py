@@ -207,15 +207,19 @@ def validate(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files and model."),
 ):
-    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
+    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2. Judge recipes
+    (`llmtune judge`) are checked too."""
     from .data import check_data
     from .recipe.check import resolve
+    from .recipe.judge import is_judge_recipe, resolve_judge
     from .tools import merging
 
     problems = []
     for recipe in recipes:
         try:
-            if merging.is_merge_recipe(recipe):
+            if is_judge_recipe(recipe):  # `llmtune judge`'s: prompts, candidates and answers files checked
+                resolve_judge(recipe, set_)
+            elif merging.is_merge_recipe(recipe):
                 merging.resolve(recipe, set_)  # its runs are checked (their configs only) with or without --no-data
             else:
                 resolved = resolve(recipe, set_)
@@ -496,6 +500,25 @@ def chat(
                  system)
     except UserError as err:
         _fail(err.problems)
+
+
+@app.command()
+def judge(
+    recipe: Path = typer.Argument(..., help="A judge recipe: prompts, candidates, judge, rubric (docs/evaluation.md)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Judge answers with a model (LLM-as-a-judge): two candidates pairwise, each pair in both orders (win rate with
+    a 95% Wilson interval), or each candidate graded 1-10. The judge is a local model or an OpenAI-compatible
+    endpoint; results go to the first candidate run's eval/ folder, manifest and card (or `output_dir`)."""
+    from .recipe.judge import resolve_judge
+    from .tools.judge import run
+
+    try:
+        lines, written = run(resolve_judge(recipe, set_))
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+    typer.echo(f"wrote {written}")
 
 
 @app.command("eval")

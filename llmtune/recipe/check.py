@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..files import adapter_run
 from ..paths import read_chat_template
 from ..verbs import METHODS, Method
-from . import fields, loader, preflight, sections
+from . import evals, fields, loader, preflight, sections
 from .rules import check_recipe
 from .schema import (
     ADAPTER_ALIASES,
@@ -85,6 +85,7 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     sections.check_early_stopping(check, method, config)
     sections.check_curate(check, config)
     sections.check_hub(check, config)
+    evals.check_eval(check, config, recipe.path.parent)
     if check.problems:
         raise UserError(check.problems)
     return Resolved(recipe=recipe, config=config, method=method)

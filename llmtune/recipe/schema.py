@@ -211,6 +211,27 @@ class HubSection:
 
 
 @dataclass
+class EvalSection:
+    tasks: list[str] = opt(help="lm-evaluation-harness tasks scored on the starting model before training and on the "
+                           "result after: task names (`hellaswag`), task YAML files or folders (relative to the "
+                           "recipe), or a shipped task (`eval/chat-mc`), as `llmtune eval --tasks` takes them.")
+    metric: Union[str, None] = opt(None, help="The metric each task is judged by (`acc`, `exact_match`, ...); null = "
+                                   "the first one the task reports. Every metric is recorded.")
+    tolerance: Union[float, None] = opt(
+        None, help="Flag the run (catastrophic forgetting) when a task's metric gets worse than before training by "
+        "more than this, in the metric's own units (0.02 = two points of accuracy); null = no such check.")
+    targets: dict[str, float] = opt(factory=dict, help="Flag the run when a task ends worse than its target, "
+                                    "`{task: value}` (task names as lm-eval reports them, e.g. `llmtune_chat_mc`).")
+    every_n_steps: Union[int, None] = opt(None, help="Also score the tasks every this many optimizer steps (recorded "
+                                          "with the step); null = before and after training only.")
+    limit: Union[float, None] = opt(None, help="Rows per task (a fraction below 1: that share); null = all.")
+    num_fewshot: Union[int, None] = opt(None, help="Solved examples before each question; null = the task's own.")
+    chat_template: Union[bool, None] = opt(
+        None, help="Wrap prompts in the chat template; null = when the training data is conversational and the "
+        "tokenizer has a template (as `llmtune eval` decides).")
+
+
+@dataclass
 class RecipeSection:
     method: MethodName = opt(help="Training method; the verb (`llmtune sft`) must match it.")
     model: ModelSection = opt(help="The base model.")
@@ -244,6 +265,10 @@ class RecipeSection:
     hub: Union[HubSection, None] = opt(
         None, help="Upload the finished run to the Hugging Face Hub (needs a token: `HF_TOKEN` or `hf auth login`; "
         "without one the upload is skipped and `llmtune push` does it later); omitted = nothing is uploaded.")
+    eval: Union[EvalSection, None] = opt(
+        None, help="lm-evaluation-harness tasks scored before and after training (and every N steps if asked); the "
+        "change per task, and a verdict when a task drops by more than `tolerance` or misses its target, go to the "
+        "manifest, the card, the summary and `llmtune compare`.")
     output_dir: str = opt("runs/${name}", help="Run directory.")
     seed: int = opt(42, help="Seed for data mixing, splits and training.")
 

@@ -2,8 +2,8 @@
 
 `check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
 (built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
-the reward model exists and the reward functions import, a teacher shares the student's tokenizer, and the
-launch rules for this machine hold.
+the reward model exists and the reward functions import, a teacher shares the student's tokenizer, the
+`eval:` tasks load, and the launch rules for this machine hold.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..memory import model_shape
 from ..methods.rewards import check_reward_model, load_reward_functions
 from ..recipe.schema import ADAPTERS
 from ..tokenizer import load_tokenizer
+from . import gate
 
 
 def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
@@ -45,6 +46,11 @@ def model(resolved) -> None:
                             "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
     _rewards(resolved)
     _teacher(resolved)
+    if config.get("eval"):
+        try:
+            gate.tasks(config["eval"])
+        except UserError as err:
+            raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
     adapter = config.get("adapter")
     # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
     # prompt initialised from text needs the real embeddings, which the meta device does not have.

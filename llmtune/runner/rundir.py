@@ -28,6 +28,7 @@ from ..recipe.preflight import output_dir_problem
 from ..secret import redact, scrub
 from . import card, lock
 from . import metrics as judged
+from .gate import summary as gate_summary
 from .resume import prepare
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
@@ -254,5 +255,7 @@ def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
     manifest = read_manifest(run_dir)
     shown = judged.summary(manifest.get("method", ""), metrics)
     hub = manifest.get("hub")  # where `hub:` uploaded the run
+    gate = manifest.get("eval_gate")
     (stream or sys.stdout).write(f"\nrun directory: {run_dir}\n{shown}\n" +
-                                 (f"on the Hub: {hub['url']}\n" if hub else ""))
+                                 (f"on the Hub: {hub['url']}\n" if hub else "") +
+                                 (gate_summary(gate) + "\n" if gate else ""))

@@ -33,6 +33,7 @@ from ..verbs import config_class
 from . import stopping
 from .card import settings
 from .diagnose import divergence_guard, explain
+from .gate import Gate
 from .interrupt import Interrupted, Interruption
 from .metrics import final
 from .preflight import model as check_model
@@ -162,6 +163,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     quiet()
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
+    gate = Gate(config, tokenizer, data.shape) if config.get("eval") else None  # its tasks, loaded now
     method = importlib.import_module(resolved.method.runner)
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
@@ -185,6 +187,8 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
             f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
+        if gate:
+            trainer.add_callback(gate.callback(run_dir, interruption))
         interruption.attach(trainer)
         make_resumable(trainer, stamp, checkpoint)
         metrics = execute(trainer, tokenizer, data, run_dir, checkpoint, interruption)
