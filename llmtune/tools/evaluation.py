@@ -23,7 +23,7 @@ from ..files import read_manifest, write_json
 from ..logs import quiet
 from ..runner import card
 from ..runner.lmeval import import_lm_eval, load_tasks, metrics, parse_tasks, score
-from ..runner.rundir import _now, package_versions
+from ..runner.rundir import now, package_versions
 from ..secret import scrub
 from .infer import is_adapter, load, model_head, run_recipe
 
@@ -140,7 +140,7 @@ def evaluate(run_dir, tasks: str, options: Options) -> tuple[list[str], Path]:
 
 def save(run_dir: Path, results: dict, record: dict) -> Path:
     """RUN_DIR/eval/NAME.json (lm-eval's results, less environment dumps and secrets) and a manifest entry."""
-    record = {**record, "time": _now()}
+    record = {**record, "time": now()}
     config = {k: v for k, v in results.get("config", {}).items() if k not in DROPPED_CONFIG}
     payload = {"run_dir": str(run_dir), **record, "config": {**config, "model": str(run_dir)},
                "packages": package_versions(), **{k: results[k] for k in KEPT if k in results}}

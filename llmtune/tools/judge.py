@@ -30,7 +30,7 @@ from ..files import read_manifest, write_json
 from ..model import load_model as load_weights
 from ..recipe.judge import REFERENCE, Judging
 from ..runner import card
-from ..runner.rundir import _now
+from ..runner.rundir import now
 from ..secret import scrub
 from ..tokenizer import load_tokenizer
 from .infer import Loaded, Sampling, generate, load, prompt_ids
@@ -252,7 +252,7 @@ def run(judging: Judging) -> tuple[list[str], Path]:
               "candidates": names, "prompts": {"path": str(prompts),
                                                "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(),
                                                "rows": len(judging.rows)},
-              "summary": summary, "seconds": round(time.monotonic() - started, 1), "time": _now(),
+              "summary": summary, "seconds": round(time.monotonic() - started, 1), "time": now(),
               "llmtune": __version__}
     out = save(folder, record, per_prompt, config["judge"])
     return [line for item in summary for line in describe(item)], out

@@ -12,7 +12,6 @@ a run directory (manifest, card, recipe) that `generate`, `eval` and `export` ta
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from ..errors import UserError
 from ..files import read_manifest, write_json
 from ..recipe import loader
 from ..recipe.schema import Checker, mergeable, opt
-from ..runner.rundir import package_versions
+from ..runner.rundir import now, package_versions
 from ..tokenizer import stop_token_ids
 from .export import merged_model
 from .infer import base_model_section, is_adapter, run_recipe
@@ -240,7 +239,7 @@ def merge(plan: MergePlan, out=None, overwrite: bool = False) -> tuple[Path, lis
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{plan.recipe.locate(('output_dir',))}: {out} is not empty; set another `output_dir`, pass "
                         "--out DIR or --overwrite")
-    started = _now()
+    started = now()
     model, tokenizer, notes = merged_weights(plan)
     model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +252,7 @@ def merge(plan: MergePlan, out=None, overwrite: bool = False) -> tuple[Path, lis
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         manifest = {"method": "merge", "merge_method": plan.config["merge_method"], "base": plan.base,
                     "runs": config["runs"], "recipe": str(plan.recipe.path), "command": sys.argv,
-                    "started": started, "finished": _now(), "notes": notes, "packages": package_versions(),
+                    "started": started, "finished": now(), "notes": notes, "packages": package_versions(),
                     **_data_shape(plan.runs)}
         write_json(tmp / "manifest.json", manifest)
         (tmp / "README.md").write_text(card(plan, notes), encoding="utf-8")
@@ -316,10 +315,6 @@ def merged_weights(plan: MergePlan):
     if len(templates) > 1:
         notes.append(f"the runs' chat templates differ: the merged model keeps {plan.runs[0].path}'s")
     return model, tokenizer, notes
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _data_shape(runs: list[Run]) -> dict:
