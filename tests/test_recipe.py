@@ -43,7 +43,7 @@ train: {learning_rate: 5.0e-5}
     assert config["adapter"] == {"type": "lora", "loraplus_lr_ratio": None, "r": 32, "lora_alpha": 16,
                                  "target_modules": ["o_proj"]}
     assert config["train"] == {"learning_rate": 5e-5, "num_train_epochs": 2.0}
-    assert config["name"] == "child" and config["output_dir"] == "runs/child"
+    assert config["name"] == "child" and config["output_dir"] == str(tmp_path / "runs" / "child")  # beside the recipe
 
 
 def test_extends_a_shipped_recipe_by_name(tmp_path, data_file):
@@ -109,8 +109,8 @@ def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "secret_value_123")
     recipe = make_recipe(tmp_path, data=data_file, text="output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
-    assert resolved.config["output_dir"] == "runs/secret_value_123"
-    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
+    assert resolved.config["output_dir"] == str(tmp_path / "runs" / "secret_value_123")
+    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == str(tmp_path / "runs/${env:MY_API_KEY}")
     hub_token = make_recipe(tmp_path, data=data_file, name="t", train={"hub_token": "x"})
     assert "export HF_TOKEN instead" in problems(hub_token)[0]
 

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..files import BUILTIN_PREFIX, adapter_run
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
-from ..methods.rewards import check_reward_model, load_reward_functions
+from ..methods.rewards import load_reward_functions
 from ..recipe.schema import ADAPTERS
 
 
@@ -85,8 +85,7 @@ def _rewards(resolved) -> None:
     reward_model = config.get("reward_model")
     try:
         if reward_model:
-            check_reward_model(reward_model)
-            if not Path(reward_model).expanduser().is_dir():
+            if not Path(reward_model).is_dir():  # the recipe made a path absolute and checked it: a Hub id
                 _hub_model(reward_model, None, "reward_model")
         load_reward_functions(config.get("reward_functions") or [])
     except UserError as err:
