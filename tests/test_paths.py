@@ -90,12 +90,14 @@ def test_set_and_output_dir_on_the_command_line_are_relative_to_the_working_dire
 
 def test_a_missing_path_is_reported_as_a_path_with_its_line(project):
     recipe = (project / "r.yaml").read_text()
-    for gone in ("runs/policy", "runs/rm", "models/ref", "templates", "lib", "ds.json", "fsdp.json", "accel.json"):
+    for gone in ("runs/policy", "runs/rm", "models/ref", "templates", "lib", "ds.json", "fsdp.json", "accel.json",
+                 "data/train.jsonl", "../eval.jsonl"):
         target = project / gone
         if target.is_dir():
             target.rename(target.with_name(target.name + "-gone"))
         else:
             target.unlink()
+    (project / "data" / "other.jsonl").write_text("{}")  # the glob still matches: its files are the data's check
     with pytest.raises(UserError) as err:
         load(project / "r.yaml")
     lines = {i + 1: line for i, line in enumerate(recipe.splitlines())}
@@ -107,7 +109,9 @@ def test_a_missing_path_is_reported_as_a_path_with_its_line(project):
                 "launch.deepspeed_config": ("ds.json", "no such file"), "train.deepspeed": ("ds.json", "no such file"),
                 "train.fsdp_config": ("fsdp.json", "no such file"),
                 "train.accelerator_config": ("accel.json", "no such file"),
-                "train.resume_from_checkpoint": ("runs/policy", "no such folder")}
+                "train.resume_from_checkpoint": ("runs/policy", "no such folder"),
+                "data.train.0.path": ("data/train.jsonl", "no such file or folder"),
+                "data.eval.0.path": ("../eval.jsonl", "no such file or folder")}
     assert set(where) == set(expected)
     for key, (value, what) in expected.items():
         message = where[key]

@@ -105,7 +105,10 @@ def _resolve(kind: str, value: str, base: Path, runs: Path | None):
             "no such folder", "give a model folder, a finished run directory (train it first: a reward model "
             "with `llmtune reward RECIPE`), or a Hub id such as `Qwen/Qwen2.5-0.5B`")
     if kind == "data":
-        return value if is_repo_id(value, base) and not path.exists() else str(path)
+        if is_repo_id(value, base) and not path.exists():
+            return value
+        return str(path) if path.exists() or any(ch in value for ch in "*?[") else (
+            "no such file or folder", "give a data file, a folder or a glob, or a Hub dataset id (`owner/name`)")
     if kind == "template" and not value.endswith(TEMPLATE_SUFFIXES):
         return value  # a template TRL ships, by name
     if kind == "function":
