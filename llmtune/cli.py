@@ -281,15 +281,18 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 24GiB: says whether "
                                              "the run fits and what to change if not."),
     num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND, nodes: Optional[int] = NODES,
+    show_recipe: bool = typer.Option(False, "--recipe", help="Also print the fully resolved recipe (every default "
+                                     "filled in, paths absolute), as the run directory's recipe.yaml will hold it."),
 ):
-    """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
-    launch command, without loading any weights."""
+    """What a run will cost, without loading any weights: first the findings (what trains, steps, memory per GPU and
+    whether it fits, warnings), then the data summary, parameter counts, speed picks, batch, the memory estimate
+    term by term and the launch command."""
     from .recipe.check import resolve
     from .tools.plan import plan as make_plan
 
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
-        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
+        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory, show_recipe)
     except UserError as err:
         _fail(err.problems)
     typer.echo("\n".join(lines))
