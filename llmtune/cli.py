@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,20 @@ recipes_app = typer.Typer(help="Shipped recipes: list, show, copy.", no_args_is_
 app.add_typer(recipes_app, name="recipes")
 data_app = typer.Typer(help="Look at training data the way the trainer will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print llmtune's version and exit.")):
+    pass  # the app's options; its help is the Typer app's
+
 
 SET_HELP = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML)."
 # Launch options, shared by the training verbs and `launch`; each but --node-rank sets a `launch:` key.
@@ -274,6 +289,26 @@ def data_inspect(
         typer.echo(f"warning: {warning}", err=True)
 
 
+@data_app.command("formats")
+def data_formats():
+    """Each data format llmtune reads: the columns that identify it, an example row, what the example becomes (TRL's
+    dataset kind) and the methods that train on it. `format: auto` picks the first whose columns a source has."""
+    from .data.formats import format_table
+
+    typer.echo("\n".join(format_table(METHODS)))
+
+
+@app.command()
+def templates():
+    """The chat templates `model.chat_template:` takes by name (those TRL ships), and how each one's assistant turns
+    are found for assistant-only loss: by TRL, by llmtune, or not at all (and why)."""
+    from .data.templates import named_templates
+
+    table = named_templates()
+    width = max(len(name) for name, _ in table)
+    typer.echo("\n".join(f"{name:<{width}}  {how}" for name, how in table))
+
+
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
@@ -298,19 +333,27 @@ def plan(
     typer.echo("\n".join(lines))
 
 
+class MergeDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="Run directory holding an adapter."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model "
                                        "[default: RUN_DIR/merged]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    dtype: Optional[MergeDtype] = typer.Option(None, "--dtype", help="Save the weights in this dtype [default: the "
+                                               "dtype the run loaded the model in, `model.dtype`]."),
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
     (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
     from .tools.export import merge as merge_run
 
     try:
-        written, notes = merge_run(run_dir, out, overwrite)
+        written, notes = merge_run(run_dir, out, overwrite, dtype and dtype.value)
     except UserError as err:
         _fail(err.problems)
     for note in notes:
@@ -408,6 +451,26 @@ def compare(
     except UserError as err:
         _fail(err.problems)
     typer.echo("\n".join(lines))
+
+
+@app.command("reward-score")
+def reward_score(
+    run_dir: Path = typer.Argument(..., help="Run directory of `llmtune reward` (or its merged model folder)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message the responses answer."),
+    response: List[str] = typer.Option(..., "--response", "-r", help="A response to score (repeatable: one score "
+                                       "each)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt."),
+):
+    """Score responses to a prompt with a trained reward model, through the run's chat template (as the reward
+    trainer scored its rows); prints one score per response, higher = preferred."""
+    from .tools.score import reward_scores
+
+    try:
+        scores = reward_scores(run_dir, prompt, response, system)
+    except UserError as err:
+        _fail(err.problems)
+    for text, value in zip(response, scores):
+        typer.echo(f"{value:.4f}\t{text}")
 
 
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")

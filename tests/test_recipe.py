@@ -296,6 +296,8 @@ def test_recipes_list_show_copy(tmp_path):
     copied = cli("recipes", "copy", "quickstart", tmp_path)
     assert copied.returncode == 0, copied.stderr
     assert (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "chat.jsonl").is_file()
+    header = (tmp_path / "quickstart.yaml").read_text().splitlines()[1]
+    assert header == f"# Run:  llmtune sft {tmp_path / 'quickstart.yaml'}"  # the copy, not recipes/quickstart.yaml
     assert cli("validate", tmp_path / "quickstart.yaml").returncode == 0
     again = cli("recipes", "copy", "quickstart", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -304,6 +306,7 @@ def test_recipes_list_show_copy(tmp_path):
     assert cli("recipes", "copy", "dpo/tiny-lora", nested).returncode == 0
     copied = (nested / "tiny-lora.yaml").read_text()
     assert "path: data/preference.jsonl" in copied and (nested / "data" / "preference.jsonl").is_file()
+    assert "recipes/dpo/tiny-lora.yaml" not in copied and f"llmtune dpo {nested / 'tiny-lora.yaml'}" in copied
     assert f"$schema={(RECIPES / 'recipe.schema.json').resolve().as_uri()}" in copied
     assert cli("validate", nested / "tiny-lora.yaml").returncode == 0
 
