@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from llmtune.errors import UserError
 
+from ..builtin import build_tiny_tokenizer
 from ..paths import named_chat_templates, read_chat_template
 from . import masking
 
@@ -108,8 +109,6 @@ def named_templates() -> list[tuple[str, str]]:
     assistant turns of a conversation are found in it for assistant-only loss, or why they cannot be (probed on a
     system + two-turn conversation, as training renders it)."""
     from jinja2 import TemplateError
-
-    from ..builtin import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     table = []
