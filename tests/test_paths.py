@@ -3,7 +3,6 @@ working directory; a path that does not exist is reported as a path (file:line),
 
 import pytest
 
-from llmtune.errors import UserError
 from llmtune.files import is_repo_id
 from llmtune.paths import SHIPPED
 from llmtune.recipe.loader import load
@@ -98,10 +97,9 @@ def test_a_missing_path_is_reported_as_a_path_with_its_line(project):
         else:
             target.unlink()
     (project / "data" / "other.jsonl").write_text("{}")  # the glob still matches: its files are the data's check
-    with pytest.raises(UserError) as err:
-        load(project / "r.yaml")
+    missing = load(project / "r.yaml").missing  # for what needs the files (`validate` with data, every verb)
     lines = {i + 1: line for i, line in enumerate(recipe.splitlines())}
-    where = {p.split(": ")[1]: p for p in err.value.problems}
+    where = {p.split(": ")[1]: p for p in missing}
     expected = {"model.name": ("runs/policy", "no such folder"), "ref_model": ("./models/ref", "no such folder"),
                 "reward_model": ("runs/rm", "no such folder"),
                 "model.chat_template": ("templates/chat.jinja", "no such file"),
@@ -126,9 +124,13 @@ def test_a_run_folder_not_made_yet_is_a_path_not_a_hub_id(tmp_path):
     recipe = write_recipe(tmp_path / "g.yaml", f"method: sft\nmodel:\n  name: runs/x\ndata:\n  train:\n"
                           f"    - path: {CHAT}\n")
     (tmp_path / "elsewhere").mkdir()
-    result = cli("validate", "--no-data", recipe, cwd=tmp_path / "elsewhere")
+    result = cli("validate", recipe, cwd=tmp_path / "elsewhere")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{recipe}:3:3: model.name: runs/x: no such folder (relative to {tmp_path});" in result.stderr
+    run = cli("sft", recipe, cwd=tmp_path / "elsewhere")  # the run refuses it with the same message
+    assert run.returncode == 2 and result.stderr == run.stderr and not (tmp_path / "runs").exists()
+    # `--no-data` checks the recipe alone: a pipeline's later steps validate before the earlier ones have run.
+    assert cli("validate", "--no-data", recipe, cwd=tmp_path / "elsewhere").returncode == 0
 
 
 def test_hub_ids_are_owner_name_that_nothing_local_claims(tmp_path):

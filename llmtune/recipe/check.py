@@ -55,6 +55,11 @@ class Resolved:
     def locate(self, keypath) -> str:
         return self.recipe.locate(keypath)
 
+    def require_paths(self) -> None:
+        """Every file and folder the recipe names exists (what `validate --no-data` leaves unchecked)."""
+        if self.recipe.missing:
+            raise UserError(self.recipe.missing)
+
 
 def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     recipe = loader.load(path, list(overrides))

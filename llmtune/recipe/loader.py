@@ -60,6 +60,8 @@ class Recipe:
     locs: dict = field(default_factory=dict)
     # Values substituted from secret-looking environment variables; never written out.
     secrets: dict = field(default_factory=dict)
+    # Paths the recipe names that do not exist (recipe/locations.py): problems for whatever needs the files.
+    missing: list = field(default_factory=list)
 
     def locate(self, keypath) -> str:
         """`FILE:LINE:COL` of the key, else of its closest written parent."""
@@ -413,7 +415,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     data.setdefault("output_dir", "runs/${name}")
     secrets: dict = {}
     data = _interpolate(data, locs, secrets, problems)
-    resolve_paths(data, locs, path, problems)
+    missing = resolve_paths(data, locs, path)
     if problems:
         raise UserError(problems)
-    return Recipe(path=path, data=data, locs=locs, secrets=secrets)
+    return Recipe(path=path, data=data, locs=locs, secrets=secrets, missing=missing)

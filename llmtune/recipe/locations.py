@@ -11,7 +11,8 @@ not a folder of yours: what ships with them (sample data, launch files) is found
 A value that may name a model (`model.name`, `ref_model`, `reward_model`) or a dataset (`data.*.path`) is a
 Hub id only when it has the `owner/name` shape and nothing local claims it (`files.is_repo_id`), nor is it a
 run beside the recipe's own runs (`runs/x` when `output_dir` is `runs/NAME`). Anything else is a path, and
-one that does not exist is reported as a path, with its file:line, before anything runs.
+one that does not exist is reported as a path, with its file:line, before anything runs (by `validate`
+with data and every verb that uses the files; `validate --no-data` checks the recipe alone).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ PATH_KEYS = {
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 
 
-def resolve_paths(data: dict, locs: dict, recipe: Path, problems: list) -> None:
-    """Make every relative path in `data` absolute by the rule above, in place; a missing one is a problem."""
-    runs = None
+def resolve_paths(data: dict, locs: dict, recipe: Path) -> list[str]:
+    """Make every relative path in `data` absolute by the rule above, in place; the paths that do not exist, as
+    messages (reported by what needs them: `Resolved.require_paths`, not `validate --no-data`)."""
+    runs, problems = None, []
     for pattern, kind in PATH_KEYS.items():
         for keypath, value in _values(data, pattern):
             if not isinstance(value, str) or not value:
@@ -59,6 +61,7 @@ def resolve_paths(data: dict, locs: dict, recipe: Path, problems: list) -> None:
                 dotted = ".".join(map(str, keypath))
                 problems.append(f"{loc or recipe}: {dotted}: {value}: {resolved[0]} (relative to {base}); "
                                 f"{resolved[1]}")
+    return problems
 
 
 def _values(data, pattern: tuple, prefix: tuple = ()):

@@ -29,6 +29,7 @@ def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
 
 def model(resolved) -> None:
     """The model exists (a folder, the builtin, or a Hub id: cached when offline) and the adapter fits it."""
+    resolved.require_paths()
     config = resolved.config
     name = config["model"]["name"]
     where = resolved.locate(("model", "name"))
