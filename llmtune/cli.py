@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,20 @@ recipes_app = typer.Typer(help="Shipped recipes: list, show, copy.", no_args_is_
 app.add_typer(recipes_app, name="recipes")
 data_app = typer.Typer(help="Look at training data the way the trainer will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print llmtune's version and exit.")):
+    pass  # the app's options; its help is the Typer app's
+
 
 SET_HELP = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML)."
 # Launch options, shared by the training verbs and `launch`; each but --node-rank sets a `launch:` key.
@@ -282,6 +297,26 @@ def data_inspect(
         typer.echo(f"warning: {warning}", err=True)
 
 
+@data_app.command("formats")
+def data_formats():
+    """Each data format llmtune reads: the columns that identify it, an example row, what the example becomes (TRL's
+    dataset kind) and the methods that train on it. `format: auto` picks the first whose columns a source has."""
+    from .data.formats import format_table
+
+    typer.echo("\n".join(format_table(METHODS)))
+
+
+@app.command()
+def templates():
+    """The chat templates `model.chat_template:` takes by name (those TRL ships), and how each one's assistant turns
+    are found for assistant-only loss: by TRL, by llmtune, or not at all (and why)."""
+    from .data.templates import named_templates
+
+    table = named_templates()
+    width = max(len(name) for name, _ in table)
+    typer.echo("\n".join(f"{name:<{width}}  {how}" for name, how in table))
+
+
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
@@ -289,18 +324,27 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 24GiB: says whether "
                                              "the run fits and what to change if not."),
     num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND, nodes: Optional[int] = NODES,
+    show_recipe: bool = typer.Option(False, "--recipe", help="Also print the fully resolved recipe (every default "
+                                     "filled in, paths absolute), as the run directory's recipe.yaml will hold it."),
 ):
-    """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
-    launch command, without loading any weights."""
+    """What a run will cost, without loading any weights: first the findings (what trains, steps, memory per GPU and
+    whether it fits, warnings), then the data summary, parameter counts, speed picks, batch, the memory estimate
+    term by term and the launch command."""
     from .recipe.check import resolve
     from .tools.plan import plan as make_plan
 
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
-        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
+        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory, show_recipe)
     except UserError as err:
         _fail(err.problems)
     typer.echo("\n".join(lines))
+
+
+class MergeDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
 
 
 @app.command()
@@ -311,6 +355,8 @@ def merge(
                                        "[default: RUN_DIR/merged; a recipe's `output_dir`]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Merge recipes only."),
+    dtype: Optional[MergeDtype] = typer.Option(None, "--dtype", help="Save the weights in this dtype [default: the "
+                                               "dtype the run loaded the model in, `model.dtype`]."),
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
     (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against). Given a merge recipe,
@@ -320,11 +366,13 @@ def merge(
 
     try:
         if merging.is_merge_recipe(run_dir):
+            if dtype:
+                raise UserError("--dtype goes with a run directory; a merge recipe keeps the runs' dtype")
             written, notes = merging.merge(merging.resolve(run_dir, set_), out, overwrite)
         elif set_:
             raise UserError("--set goes with a merge recipe, not a run directory")
         else:
-            written, notes = merge_run(run_dir, out, overwrite)
+            written, notes = merge_run(run_dir, out, overwrite, dtype and dtype.value)
     except UserError as err:
         _fail(err.problems)
     for note in notes:
@@ -422,6 +470,26 @@ def compare(
     except UserError as err:
         _fail(err.problems)
     typer.echo("\n".join(lines))
+
+
+@app.command("reward-score")
+def reward_score(
+    run_dir: Path = typer.Argument(..., help="Run directory of `llmtune reward` (or its merged model folder)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message the responses answer."),
+    response: List[str] = typer.Option(..., "--response", "-r", help="A response to score (repeatable: one score "
+                                       "each)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt."),
+):
+    """Score responses to a prompt with a trained reward model, through the run's chat template (as the reward
+    trainer scored its rows); prints one score per response, higher = preferred."""
+    from .tools.score import reward_scores
+
+    try:
+        scores = reward_scores(run_dir, prompt, response, system)
+    except UserError as err:
+        _fail(err.problems)
+    for text, value in zip(response, scores):
+        typer.echo(f"{value:.4f}\t{text}")
 
 
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")

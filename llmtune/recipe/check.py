@@ -57,13 +57,17 @@ class Resolved:
     def locate(self, keypath) -> str:
         return self.recipe.locate(keypath)
 
+    def require_paths(self) -> None:
+        """Every file and folder the recipe names exists (what `validate --no-data` leaves unchecked)."""
+        if self.recipe.missing:
+            raise UserError(self.recipe.missing)
+
 
 def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     recipe = loader.load(path, list(overrides))
     if recipe.data.get("method") == "merge":  # tools/merging.py reads these
         raise UserError(f"{recipe.locate(('method',))}: this recipe merges runs (method: merge) and trains nothing; "
                         f"run `llmtune merge {path}`")
-    recipe.data.setdefault("output_dir", f"runs/{recipe.data['name']}")
     check = Checker(recipe.locate)
     config = check.section(RecipeSection, recipe.data, ())
     if config is None:
@@ -236,7 +240,7 @@ def _method_checks(check: Checker, method: Method, config: dict) -> None:
                     "`quantization:`, or set `model.run_adapter: stack` to keep training the run's adapter")
 
 
-_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_FUNCTION_NAME = re.compile(r"(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*")
 
 
 def _reward_checks(check: Checker, method: Method, config: dict) -> None:
@@ -263,4 +267,5 @@ def _reward_checks(check: Checker, method: Method, config: dict) -> None:
     for i, name in enumerate(functions):
         if not _FUNCTION_NAME.fullmatch(name):
             check.error(("reward_functions", i), f"`reward_functions` takes `module:function` names, e.g. "
-                        f"`my_rewards:length_bonus`; got {name!r}")
+                        f"`my_rewards:length_bonus` (my_rewards.py beside the recipe) or `lib/rewards.py:length_bonus`;"
+                        f" got {name!r}")

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..files import BUILTIN_PREFIX, adapter_run
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
-from ..methods.rewards import check_reward_model, load_reward_functions
+from ..methods.rewards import load_reward_functions
 from ..recipe.schema import ADAPTERS
 from ..tokenizer import load_tokenizer
 from . import gate
@@ -33,6 +33,7 @@ def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
 
 def model(resolved) -> None:
     """The model exists (a folder, the builtin, or a Hub id: cached when offline) and the adapter fits it."""
+    resolved.require_paths()
     config = resolved.config
     name = config["model"]["name"]
     where = resolved.locate(("model", "name"))
@@ -95,8 +96,7 @@ def _rewards(resolved) -> None:
     reward_model = config.get("reward_model")
     try:
         if reward_model:
-            check_reward_model(reward_model)
-            if not Path(reward_model).expanduser().is_dir():
+            if not Path(reward_model).is_dir():  # the recipe made a path absolute and checked it: a Hub id
                 _hub_model(reward_model, None, "reward_model")
         load_reward_functions(config.get("reward_functions") or [])
     except UserError as err:
