@@ -104,7 +104,7 @@ def test_distill_needs_a_teacher_and_only_distill_takes_one(tmp_path):
 
 def test_missing_teacher_folder(tmp_path):
     found = problems(make_recipe(tmp_path, "distill", teacher_model=str(tmp_path / "nope")))
-    assert found[0].startswith(f"{tmp_path / 'r.yaml'}:3:1: model '{tmp_path / 'nope'}' is neither a folder nor")
+    assert found[0].startswith(f"{tmp_path / 'r.yaml'}:3:1: teacher_model: {tmp_path / 'nope'}: no such folder")
 
 
 @pytest.mark.slow  # a CLI subprocess

@@ -18,6 +18,7 @@ model:
   chat_template: templates/chat.jinja
 ref_model: ./models/ref
 reward_model: runs/rm
+teacher_model: models/ref
 reward_functions: [rewards:score, lib/more.py:bonus, installed.module:f]
 data:
   train:
@@ -64,6 +65,7 @@ def test_every_path_key_is_relative_to_the_recipe_not_the_working_directory(proj
     assert data["model"] == {"name": f"{sub}/runs/policy", "chat_template": f"{sub}/templates/chat.jinja"}
     assert data["ref_model"] == f"{sub}/models/ref"
     assert data["reward_model"] == f"{sub}/runs/rm"
+    assert data["teacher_model"] == f"{sub}/models/ref"
     assert data["reward_functions"] == [f"{sub}/rewards.py:score", f"{sub}/lib/more.py:bonus", "installed.module:f"]
     assert [s["path"] for s in data["data"]["train"]] == [f"{sub}/data/train.jsonl", f"{sub}/data/*.jsonl",
                                                           "owner/hub-dataset"]
@@ -71,8 +73,16 @@ def test_every_path_key_is_relative_to_the_recipe_not_the_working_directory(proj
     assert data["launch"]["deepspeed_config"] == f"{sub}/ds.json"
     assert data["train"] == {"deepspeed": f"{sub}/ds.json", "fsdp_config": f"{sub}/fsdp.json",
                              "accelerator_config": f"{sub}/accel.json", "resume_from_checkpoint": f"{sub}/runs/policy"}
-    written = {k[0] for k in PATH_KEYS} - {"data", "output_dir"}
+    written = {k[0] for k in PATH_KEYS} - {"data", "output_dir", "runs", "base"}  # the last two: a merge recipe's
     assert written <= set(data), "the recipe above names every path key"
+
+
+def test_a_merge_recipes_runs_and_base_are_relative_to_it(project):
+    write_recipe(project / "m.yaml", "method: merge\nruns:\n  - {path: runs/policy}\n  - {path: runs/rm}\n"
+                 "base: models/ref\n")
+    data = load(project / "m.yaml").data
+    assert [r["path"] for r in data["runs"]] == [f"{project}/runs/policy", f"{project}/runs/rm"]
+    assert data["base"] == f"{project}/models/ref" and data["output_dir"] == f"{project}/runs/m"
 
 
 def test_an_overlay_path_is_relative_to_the_overlay(project):
@@ -101,7 +111,7 @@ def test_a_missing_path_is_reported_as_a_path_with_its_line(project):
     lines = {i + 1: line for i, line in enumerate(recipe.splitlines())}
     where = {p.split(": ")[1]: p for p in missing}
     expected = {"model.name": ("runs/policy", "no such folder"), "ref_model": ("./models/ref", "no such folder"),
-                "reward_model": ("runs/rm", "no such folder"),
+                "reward_model": ("runs/rm", "no such folder"), "teacher_model": ("models/ref", "no such folder"),
                 "model.chat_template": ("templates/chat.jinja", "no such file"),
                 "reward_functions.1": ("lib/more.py:bonus", "no such file"),
                 "launch.deepspeed_config": ("ds.json", "no such file"), "train.deepspeed": ("ds.json", "no such file"),
