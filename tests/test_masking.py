@@ -117,7 +117,9 @@ def test_sft_trainer_gets_the_rendered_masks_as_labels(tmp_path, tmp_path_factor
 
 @pytest.mark.slow
 def test_sft_with_llama3_1_trains_and_keeps_the_original_template(tmp_path, tmp_path_factory):
-    rows = [{"messages": [SYSTEM] + MULTI}] * 16
+    """With tool-calling rows (recipes/data/tools.jsonl) mixed in: the run takes them as they are (stored as JSON)."""
+    tools = [json.loads(line) for line in (RECIPES / "data" / "tools.jsonl").read_text().splitlines()]
+    rows = [{"messages": [SYSTEM] + MULTI}] * 8 + tools * 2
     result = cli("sft", recipe(tmp_path, family_model(tmp_path_factory, "llama3_1"), rows),
                  "--output-dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
@@ -321,3 +323,25 @@ def test_generate_stops_at_the_end_of_turn_token(full_runs, name):
     with torch.no_grad():
         out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16)
     assert out[0, ids.shape[1]:].tolist() == new + [end]
+
+
+# Alpaca rows train the completion as TRL's prompt-completion tokenization cuts it: where the template renders
+# more after the end-of-turn token (a newline, Phi-3's closing eos), that is trained too.
+ALPACA_TRAINS = {"smollm2": "{}<|im_end|>\n", "qwen2_5": "{}<|im_end|>\n", "qwen3": "<think>\n\n</think>\n\n{}<|im_end|>\n",
+                 "gemma2": "{}<end_of_turn>\n", "gemma3": "{}<end_of_turn>\n", "phi3": "{}<|end|>\n<|endoftext|>"}
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_alpaca_rows_train_the_output_and_its_end_of_turn_token(tmp_path, tmp_path_factory, name, system):
+    family = FAMILIES[name]
+    row = {"instruction": SINGLE[0]["content"], "output": SINGLE[1]["content"],
+           **({"system": SYSTEM["content"]} if system else {})}
+    view, data = view_of(tmp_path, family_model(tmp_path_factory, name), [row])
+    trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(SINGLE[1]["content"])
+    if name == "mistral_nemo" and system:
+        # Nemo puts the system prompt in the last user turn only, so the prompt alone renders it and the whole
+        # conversation does not: TRL starts the completion where they part, inside the user turn (both warned).
+        trained = f"{SINGLE[0]['content']}[/INST]{trained}"
+        assert any("drops the system prompt" in w for w in data.warnings), data.warnings
+    assert trained_runs(view.tokenizer, view.tokenize([r for r, _ in view.rows(data.train)])[0]) == [trained]
