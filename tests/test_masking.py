@@ -215,21 +215,24 @@ def test_a_run_shows_the_template_warnings_and_trls_once_in_the_terminal_and_tra
         assert text.count("the generation prompt ends '<think>\\n'") == 1
 
 
-@pytest.mark.parametrize("name, trained, warning", [
-    ("qwen3", "<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n", None),
-    ("llama3_1", "17 + 25 = 42.<|eot_id|>", "does not render the reasoning_content of"),
-    ("deepseek_r1_distill", "<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
-     "rewrites the assistant's text"),
-])
-def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name, trained, warning):
+# Only Qwen3's template renders `reasoning_content` (in the last turn); every other family trains the answer alone.
+REASONING_TRAINS = {"qwen3": ("<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n",
+                              "rewrites earlier turns once later ones follow"),
+                    "deepseek_r1_distill": ("<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
+                                            "rewrites the assistant's text")}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name):
     """recipes/data/reasoning.jsonl: `reasoning_content` and inline <think> rows, through each family's template."""
     rows = [json.loads(line) for line in (RECIPES / "data" / "reasoning.jsonl").read_text().splitlines()]
-    path = recipe(tmp_path, family_model(tmp_path_factory, name), rows)
     view, data = view_of(tmp_path, family_model(tmp_path_factory, name), rows)
     first = [r for r, _ in view.rows(data.train) if r["messages"][0]["content"] == "What is 17 + 25?"]
+    default = (TRL_COPY_TRAINS.get(name, "{}" + FAMILIES[name].end_of_turn).format("17 + 25 = 42.") +
+               TRL_COPY_CLOSES.get(name, ""), "does not render the reasoning_content of")
+    trained, warning = REASONING_TRAINS.get(name, default)
     assert trained_runs(view.tokenizer, view.tokenize(first)[0]) == [trained]
-    _, warnings = inspect(resolve(path), rows=1)
-    assert (warning is None) or any(warning in w for w in warnings), warnings
+    assert any(warning in w for w in data.warnings), data.warnings
 
 
 def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
