@@ -61,6 +61,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids + [i for i in extra if i is not None and i not in ids]
 
 
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Give the model's generation config the chat template's end-of-turn token as an eos: serving stacks
+    (transformers' `generate`, vLLM, TGI) stop at generation_config.json's `eos_token_id`, and a family's
+    end of turn is often not its eos (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`)."""
+    model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
+
+
 def require_chat_template(resolved: Resolved, shape: str, tokenizer) -> None:
     if shape.startswith("conversational") and not tokenizer.chat_template:
         raise UserError(f"{resolved.locate(('model', 'name'))}: the data is conversational but the tokenizer of "

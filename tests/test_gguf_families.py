@@ -1,5 +1,7 @@
-"""GGUF export for each architecture llmtune writes: token-exact greedy parity in llama.cpp, llama.cpp's
-tokenization equal to transformers', and the Ollama Modelfile rendering like the chat template (in Go too).
+"""Merge and GGUF export for each architecture llmtune writes: a LoRA folded in by `llmtune merge` computes what
+the adapter model computes, token-exact greedy parity in llama.cpp on the merged model's GGUF against the adapter
+model, llama.cpp's tokenization equal to transformers', and the Ollama Modelfile rendering like the chat template
+(in Go too).
 
 Each family is a tiny random-weight model of its real architecture (hidden 64, 2 layers; Gemma 3 six, so
 one layer attends globally) with a byte-level BPE trained here on the family's own pre-tokenizer split,
@@ -132,19 +134,69 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return seq[len(ids):]
 
 
+def adapt(model, tokenizer, base: Path):
+    """The base with a LoRA as llmtune configures one (all linear layers), saved as an adapter run directory;
+    its B matrices random, as training leaves them, so that merging has something to get right."""
+    from peft import get_peft_model
+
+    from llmtune.model import peft_config
+
+    adapted = get_peft_model(model, peft_config({"type": "lora", "r": 8, "lora_alpha": 16}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    adapted.peft_config["default"].base_model_name_or_path = str(base)
+    adapted.save_pretrained(base / "adapter")
+    tokenizer.save_pretrained(base / "adapter")
+    return adapted.eval(), base / "adapter"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """family -> (model, tokenizer, gguf path, notes, warnings, Modelfile path)."""
-    from llmtune.tools.export import export_gguf
+    """family -> (adapter model, tokenizer, gguf path, notes, warnings, Modelfile path, merged folder).
+
+    Each family's base gets a LoRA; `llmtune merge` folds it in, and the merged model is what is exported: llama.cpp
+    on the GGUF is compared with the adapter model itself (base + LoRA, as `llmtune generate` runs it)."""
+    from llmtune.tools.export import export_gguf, merge
 
     out = {}
     for name in FAMILIES:
         # Not named after the family: llama.cpp keys some tokenizer quirks on the model's name ("phi3" ...).
         folder = tmp_path_factory.mktemp("model")
         model, tokenizer = build_family(name, folder)
-        path, notes, warnings = export_gguf(folder, folder / f"{name}.gguf", quant="f32")
-        out[name] = (model, tokenizer, path, notes, warnings, path.with_suffix(".Modelfile"))
+        model, adapter = adapt(model, tokenizer, folder)
+        merged, _ = merge(adapter)
+        path, notes, warnings = export_gguf(merged, folder / f"{name}.gguf", quant="f32")
+        out[name] = (model, tokenizer, path, notes, warnings, path.with_suffix(".Modelfile"), merged)
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_merged_model_computes_what_the_adapter_computes(exported, name):
+    """`llmtune merge` per architecture (Phi-3's fused projections, Gemma's norms ...): the merged model's greedy
+    tokens are the adapter model's, its logits within float error; the adapter does change them; the merged
+    generation_config.json stops at the template's end of turn."""
+    import transformers
+
+    from llmtune.tokenizer import end_of_turn_token
+
+    adapter, tokenizer, _, _, _, _, merged = exported[name]
+    full = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+    for chat in PROMPTS:
+        ids = tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
+        assert hf_greedy(full, ids, 16) == hf_greedy(adapter, ids, 16), (name, chat)
+        with torch.no_grad():
+            theirs, ours = full(torch.tensor([ids])).logits, adapter(torch.tensor([ids])).logits
+            with adapter.disable_adapter():
+                base = adapter(torch.tensor([ids])).logits
+        assert torch.allclose(theirs, ours, atol=1e-4), (name, float((theirs - ours).abs().max()))
+        assert float((base - ours).abs().max()) > 0.1, name
+    stops = full.generation_config.eos_token_id
+    assert end_of_turn_token(tokenizer)[0] in (stops if isinstance(stops, list) else [stops])
 
 
 @pytest.mark.slow
@@ -152,7 +204,7 @@ def exported(tmp_path_factory):
 def test_llama_cpp_runs_each_architecture_token_for_token(exported, name):
     import gguf
 
-    model, tokenizer, path, notes, _, _ = exported[name]
+    model, tokenizer, path, notes, _, _, _ = exported[name]
     pre = FAMILIES[name][3]
     meta = {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items()}
     assert meta["general.architecture"] == {"mistral": "llama"}.get(name, model.config.model_type.split("_")[0])
@@ -183,7 +235,7 @@ def test_llama_cpp_runs_each_architecture_token_for_token(exported, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_modelfile_renders_each_family_like_its_chat_template_or_says_why_not(exported, name):
-    _, tokenizer, _, _, warnings, modelfile = exported[name]
+    _, tokenizer, _, _, warnings, modelfile, _ = exported[name]
     refused = FAMILIES[name][-1]
     if refused:
         assert not modelfile.exists() and len(warnings) == 1 and refused in warnings[0]
@@ -198,7 +250,7 @@ def test_modelfile_renders_each_family_like_its_chat_template_or_says_why_not(ex
 def test_every_family_modelfile_renders_the_same_in_go(exported):
     """Go's own text/template, as Ollama executes the Modelfiles (tests/ollama_render.go)."""
     jobs, expected = [], []
-    for name, (_, tokenizer, _, _, _, modelfile) in exported.items():
+    for name, (_, tokenizer, _, _, _, modelfile, _) in exported.items():
         if not modelfile.exists():
             continue
         commands = read_modelfile(modelfile.read_text())

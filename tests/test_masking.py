@@ -9,7 +9,7 @@ from llmtune.recipe.check import resolve
 from llmtune.tokenizer import load_tokenizer
 from llmtune.tools.inspect import TrainingView, inspect
 
-from .conftest import RECIPES, cli, write_jsonl, write_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
 from .families import FAMILIES, family_model, template_text
 
 RECIPE = """\
@@ -117,7 +117,9 @@ def test_sft_trainer_gets_the_rendered_masks_as_labels(tmp_path, tmp_path_factor
 
 @pytest.mark.slow
 def test_sft_with_llama3_1_trains_and_keeps_the_original_template(tmp_path, tmp_path_factory):
-    rows = [{"messages": [SYSTEM] + MULTI}] * 16
+    """With tool-calling rows (recipes/data/tools.jsonl) mixed in: the run takes them as they are (stored as JSON)."""
+    tools = [json.loads(line) for line in (RECIPES / "data" / "tools.jsonl").read_text().splitlines()]
+    rows = [{"messages": [SYSTEM] + MULTI}] * 8 + tools * 2
     result = cli("sft", recipe(tmp_path, family_model(tmp_path_factory, "llama3_1"), rows),
                  "--output-dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
@@ -213,21 +215,24 @@ def test_a_run_shows_the_template_warnings_and_trls_once_in_the_terminal_and_tra
         assert text.count("the generation prompt ends '<think>\\n'") == 1
 
 
-@pytest.mark.parametrize("name, trained, warning", [
-    ("qwen3", "<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n", None),
-    ("llama3_1", "17 + 25 = 42.<|eot_id|>", "does not render the reasoning_content of"),
-    ("deepseek_r1_distill", "<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
-     "rewrites the assistant's text"),
-])
-def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name, trained, warning):
+# Only Qwen3's template renders `reasoning_content` (in the last turn); every other family trains the answer alone.
+REASONING_TRAINS = {"qwen3": ("<think>\n17 + 25: 17 + 20 = 37, plus 5 is 42.\n</think>\n\n17 + 25 = 42.<|im_end|>\n",
+                              "rewrites earlier turns once later ones follow"),
+                    "deepseek_r1_distill": ("<｜Assistant｜>17 + 25 = 42.<｜end▁of▁sentence｜>",
+                                            "rewrites the assistant's text")}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reasoning_rows_train_what_the_template_renders(tmp_path, tmp_path_factory, name):
     """recipes/data/reasoning.jsonl: `reasoning_content` and inline <think> rows, through each family's template."""
     rows = [json.loads(line) for line in (RECIPES / "data" / "reasoning.jsonl").read_text().splitlines()]
-    path = recipe(tmp_path, family_model(tmp_path_factory, name), rows)
     view, data = view_of(tmp_path, family_model(tmp_path_factory, name), rows)
     first = [r for r, _ in view.rows(data.train) if r["messages"][0]["content"] == "What is 17 + 25?"]
+    default = (TRL_COPY_TRAINS.get(name, "{}" + FAMILIES[name].end_of_turn).format("17 + 25 = 42.") +
+               TRL_COPY_CLOSES.get(name, ""), "does not render the reasoning_content of")
+    trained, warning = REASONING_TRAINS.get(name, default)
     assert trained_runs(view.tokenizer, view.tokenize(first)[0]) == [trained]
-    _, warnings = inspect(resolve(path), rows=1)
-    assert (warning is None) or any(warning in w for w in warnings), warnings
+    assert any(warning in w for w in data.warnings), data.warnings
 
 
 def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
@@ -237,3 +242,109 @@ def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
     assert result.returncode == 2
     assert f"{tmp_path / 'data.jsonl'}:1: 'reasoning_content' of messages[0] must be a string on an assistant turn" \
         in result.stderr
+
+
+PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chosen": [{"role": "assistant", "content": "hi!"}],
+               "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_path_factory, name):
+    """As TRL's DPOTrainer tokenizes them through llmtune: what follows the end-of-turn token is at most a newline
+    and the eos the template closes the conversation with (Phi-3), both of which generation stops before."""
+    from llmtune.methods import dpo
+    from llmtune.model import load_model
+    from llmtune.runner.session import training_args
+
+    family = FAMILIES[name]
+    path = make_recipe(tmp_path, "dpo", data=write_jsonl(tmp_path / "pref.jsonl", PREFERENCE),
+                       model={"name": str(family_model(tmp_path_factory, name))})
+    resolved = resolve(path)
+    data = load_data(resolved.config["data"], method="dpo", seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    tokenizer = load_tokenizer(resolved.config["model"])
+    args = training_args(resolved, tmp_path / "scratch", dpo.defaults(resolved.config, data))
+    trainer = dpo.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=data,
+                                peft_config=None, callbacks=[])
+    row = trainer.train_dataset[0]
+    end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
+    for key, answer in (("chosen_ids", "hi!"), ("rejected_ids", "go away")):
+        ids = row[key]
+        last = len(ids) - 1 - ids[::-1].index(end)
+        assert answer in tokenizer.decode(ids[:last]), (key, tokenizer.decode(ids))
+        tail = ids[last + 1:]
+        assert tokenizer.decode([t for t in tail if t != tokenizer.eos_token_id]).strip() == "", (key, tail)
+
+
+ANSWER = ("Say hi", "hi!")
+# What the generation prompt leaves to the model before the answer: Qwen3's empty reasoning block.
+GENERATED = {"qwen3": "<think>\n\n</think>\n\n"}
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """family -> a tiny full fine-tuning run directory that learned to answer ANSWER (one per family, on demand)."""
+    from llmtune.runner.session import train as run
+
+    runs = {}
+
+    def trained(name):
+        if name not in runs:
+            folder = tmp_path_factory.mktemp(f"run-{name}")
+            rows = [{"messages": [{"role": "user", "content": ANSWER[0]},
+                                  {"role": "assistant", "content": ANSWER[1]}]}] * 8
+            recipe = make_recipe(folder, data={"train": [{"path": write_jsonl(folder / "hi.jsonl", rows)}],
+                                               "max_length": 256},
+                                 model={"name": str(family_model(tmp_path_factory, name))},
+                                 train={"learning_rate": 1.0e-2, "max_steps": 40, "per_device_train_batch_size": 8,
+                                        "gradient_checkpointing": False, "save_strategy": "no", "disable_tqdm": True})
+            run(resolve(recipe), ["llmtune", "sft", str(recipe)], output_dir=str(folder / "run"))
+            runs[name] = folder / "run"
+        return runs[name]
+
+    return trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_stops_at_the_end_of_turn_token(full_runs, name):
+    """`llmtune generate` on the run directory stops there, and so does plain transformers with the saved
+    generation_config.json (what serving stacks read): its eos includes the end-of-turn token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.tools.infer import Sampling, generate, load, prompt_ids
+
+    run_dir = full_runs(name)
+    loaded = load(run_dir)
+    end = loaded.tokenizer.convert_tokens_to_ids(FAMILIES[name].end_of_turn)
+    assert end in json.loads((run_dir / "generation_config.json").read_text())["eos_token_id"]
+    ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": ANSWER[0]}])
+    new = generate(loaded, ids, Sampling(max_new_tokens=16))
+    assert loaded.tokenizer.decode(new) == GENERATED.get(name, "") + ANSWER[1]
+    plain = AutoModelForCausalLM.from_pretrained(run_dir)
+    with torch.no_grad():
+        out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16)
+    assert out[0, ids.shape[1]:].tolist() == new + [end]
+
+
+# Alpaca rows train the completion as TRL's prompt-completion tokenization cuts it: where the template renders
+# more after the end-of-turn token (a newline, Phi-3's closing eos), that is trained too.
+ALPACA_TRAINS = {"smollm2": "{}<|im_end|>\n", "qwen2_5": "{}<|im_end|>\n", "qwen3": "<think>\n\n</think>\n\n{}<|im_end|>\n",
+                 "gemma2": "{}<end_of_turn>\n", "gemma3": "{}<end_of_turn>\n", "phi3": "{}<|end|>\n<|endoftext|>"}
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_alpaca_rows_train_the_output_and_its_end_of_turn_token(tmp_path, tmp_path_factory, name, system):
+    family = FAMILIES[name]
+    row = {"instruction": SINGLE[0]["content"], "output": SINGLE[1]["content"],
+           **({"system": SYSTEM["content"]} if system else {})}
+    view, data = view_of(tmp_path, family_model(tmp_path_factory, name), [row])
+    trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(SINGLE[1]["content"])
+    if name == "mistral_nemo" and system:
+        # Nemo puts the system prompt in the last user turn only, so the prompt alone renders it and the whole
+        # conversation does not: TRL starts the completion where they part, inside the user turn (both warned).
+        trained = f"{SINGLE[0]['content']}[/INST]{trained}"
+        assert any("drops the system prompt" in w for w in data.warnings), data.warnings
+    assert trained_runs(view.tokenizer, view.tokenize([r for r, _ in view.rows(data.train)])[0]) == [trained]

@@ -13,7 +13,7 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 import random
 
 from llmtune.data import cache, curate, masking, mix, stream, templates
-from llmtune.data.formats import FORMATS, common_kind, describe_kind, to_kind
+from llmtune.data.formats import FORMATS, common_kind, describe_kind, to_dataset, to_kind
 from llmtune.data.prepare import PreparedData, SourceReport, load_sources, mixed
 from llmtune.errors import UserError
 from llmtune.tokenizer import load_tokenizer
@@ -105,11 +105,10 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
             f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "
             "the model will learn little from it"
         )
-    import datasets  # only now: bad data is reported without paying for this import
 
     prepared = PreparedData(
-        train=datasets.Dataset.from_list(train_rows),
-        eval=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
+        train=to_dataset(train_rows),
+        eval=None if eval_rows is None else to_dataset(eval_rows),
         shape=kind[0],
         sources=[source.report for source in every],
         warnings=warnings,

@@ -68,15 +68,83 @@ def _chat(value, field, bad, *, roles=ROLES, keys=("role", "content")):
             bad.append(f"{field}[{i}] has no '{role_key}'")
         elif role not in roles:
             bad.append(f"unknown role {role!r} in {field}[{i}]; expected one of: {', '.join(roles)}")
+        calls = _tool_calls(turn, roles.get(role), f"{field}[{i}]", bad)
+        if calls and content is None:  # OpenAI's format: a turn that only calls tools has no content
+            content = ""
         if not isinstance(content, str):
             bad.append(f"'{content_key}' of {field}[{i}] must be a string, got {json_type(content)}")
         turns.append({"role": roles.get(role), "content": content})
+        if calls:
+            turns[-1]["tool_calls"] = calls
+        for key in TOOL_RESULT_KEYS if roles.get(role) == "tool" else ():
+            value = turn.get(key)
+            if isinstance(value, str):
+                turns[-1][key] = value
+            elif value is not None:
+                bad.append(f"'{key}' of {field}[{i}] must be a string, got {json_type(value)}")
         reasoning = turn.get("reasoning_content")
         if reasoning is not None:  # the template decides how (and whether) reasoning renders: see data/masking.py
             if roles.get(role) != "assistant" or not isinstance(reasoning, str):
                 bad.append(f"'reasoning_content' of {field}[{i}] must be a string on an assistant turn")
             turns[-1]["reasoning_content"] = reasoning
     return turns
+
+
+# A tool message's link to the call it answers (OpenAI's `tool_call_id`, TRL's and Hermes-style `name`).
+TOOL_RESULT_KEYS = ("tool_call_id", "name")
+# Message keys of tool use: `to_dataset` stores such conversations as JSON.
+TOOL_KEYS = {"tool_calls", *TOOL_RESULT_KEYS}
+
+
+def _json_value(value, what, bad, kind):
+    """`value`, or the `kind` (dict or list) a JSON string of one decodes to; None with a problem otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            bad.append(f"{what} is a string but not JSON ({err})")
+            return None
+    if not isinstance(value, kind):
+        bad.append(f"{what} must be {'an object' if kind is dict else 'a list'} (or a JSON string of one), "
+                   f"got {json_type(value)}")
+        return None
+    return value
+
+
+def _tool_calls(turn, role, where, bad) -> list[dict]:
+    """An assistant turn's `tool_calls` in OpenAI's format, arguments as an object (what templates render with
+    `tojson`; a JSON string of one is decoded)."""
+    calls = turn.get("tool_calls")
+    if calls is None:
+        return []
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        bad.append(f"'tool_calls' of {where} must be a non-empty list on an assistant turn")
+        return []
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            bad.append(f"tool_calls[{j}] of {where} must be {{\"type\": \"function\", \"function\": "
+                       "{\"name\", \"arguments\"}}")
+            continue
+        arguments = _json_value(function.get("arguments", {}), f"the arguments of tool_calls[{j}] of {where}", bad,
+                                dict)
+        out.append({**call, "type": call.get("type", "function"), "function": {**function, "arguments": arguments}})
+    return out
+
+
+def _tools(row, bad) -> list[dict] | None:
+    """A row's `tools`: JSON schemas of the functions its assistant may call (a list, or a JSON string of one)."""
+    if row.get("tools") is None:
+        return None
+    tools = _json_value(row["tools"], "'tools'", bad, list)
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            bad.append(f"tools[{i}] must be a JSON schema {{\"type\": \"function\", \"function\": {{\"name\", "
+                       "\"description\", \"parameters\"}}}")
+    return tools
 
 
 def _conversation(row, field, bad, **chat_options):
@@ -104,7 +172,8 @@ def _text_or_chat(row, fields, bad):
 
 
 def _messages(row, bad):
-    return {"messages": _conversation(row, "messages", bad)}
+    tools = _tools(row, bad)
+    return {"messages": _conversation(row, "messages", bad), **({"tools": tools} if tools is not None else {})}
 
 
 def _sharegpt(row, bad):
@@ -178,7 +247,8 @@ _ANSWER = {"role": "assistant", "content": "4"}
 # In detection order: the first format whose columns are all present wins.
 _FORMATS = {
     "messages": Format(("messages",), "language_modeling", _messages,
-                       {"messages": [{"role": "system", "content": "Answer briefly."}, _USER, _ANSWER]}),
+                       {"messages": [{"role": "system", "content": "Answer briefly."}, _USER, _ANSWER]},
+                       optional=("tools",)),
     "sharegpt": Format(("conversations",), "language_modeling", _sharegpt,
                        {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]}),
     "alpaca": Format(("instruction", "output"), "prompt_completion", _alpaca,
@@ -249,6 +319,10 @@ def describe_kind(kind):
     return f"{shape} ({', '.join(columns)})"
 
 
+# Columns a row may have or not, whatever its kind: a conversation's own tools.
+ROW_EXTRAS = ("tools",)
+
+
 def convert(rows, fmt):
     """Validate and convert located rows to `fmt`'s shape.
 
@@ -263,7 +337,8 @@ def convert(rows, fmt):
         out = spec.convert(row, bad)
         if not bad:
             conversational = any(isinstance(value, list) for value in out.values())
-            kind = (("conversational_" if conversational else "") + spec.shape, tuple(out))
+            columns = tuple(column for column in out if column not in ROW_EXTRAS)
+            kind = (("conversational_" if conversational else "") + spec.shape, columns)
             if first is None:
                 first = (kind, where)
             elif kind != first[0]:
@@ -295,3 +370,17 @@ def to_kind(rows, kind, target):
     if kind == _CHAT_PAIRS and target == _MESSAGES:
         return [{"messages": row["prompt"] + row["completion"]} for row in rows]
     return rows
+
+
+def to_dataset(rows):
+    """`rows` as a `datasets.Dataset`. Tool-calling conversations are stored one JSON value per message and per
+    `tools` list: Arrow would give every row's arguments and schemas the union of all their keys, filled with nulls
+    that a template's `tojson` would render (and train)."""
+    import datasets
+
+    if not any(ROW_EXTRAS[0] in row or any(TOOL_KEYS.intersection(m) for m in row.get("messages", ()))
+               for row in rows):
+        return datasets.Dataset.from_list(rows)
+    rows = [{**row, "tools": row.get("tools")} for row in rows]  # from_list takes its columns from the first row
+    return datasets.Dataset.from_list(rows, features=datasets.Features(
+        {"messages": datasets.List(datasets.Json()), "tools": datasets.Json()}))

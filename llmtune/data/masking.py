@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmtune.errors import UserError
+
 # How a run marks assistant tokens (see `masking_mode`).
 MARKERS = "markers"  # the template's own {% generation %} blocks
 TRL_COPY = "trl"  # TRL's training copy of a template it recognises
@@ -57,7 +59,8 @@ def masking_mode(tokenizer) -> str:
 def render(tokenizer, messages, generation_prompt=False, tools=None) -> str:
     # A dataset gives every message every key (null where a row had none): render the message as it was written.
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+    # `or None`: Llama 3.1's template renders its tool preamble for an empty list.
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
 
@@ -93,12 +96,19 @@ def _special_tokens(tokenizer) -> list[str]:
     return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
 
 
-def _turn_end(text: str, start: int, content: str, specials: list[str]) -> int:
+def _called(message) -> list[str]:
+    """The names of the functions an assistant message calls."""
+    return [call["function"]["name"] for call in message.get("tool_calls") or ()]
+
+
+def _turn_end(text: str, start: int, message: dict, specials: list[str]) -> int:
     """Where the trained piece starting at `start` ends: after the first special token past the assistant's text
-    (the end-of-turn token), else at its last non-space character."""
+    and its tool calls (the end-of-turn token), else at its last non-space character."""
     piece = text[start:]
-    content = content.strip()
-    after = piece.find(content) + len(content) if content and content in piece else 0
+    after = 0
+    for part in (message["content"].strip(), *_called(message)):
+        if part and part in piece[after:]:
+            after = piece.index(part, after) + len(part)
     hits = sorted((piece.find(s, after), len(s)) for s in specials if s and piece.find(s, after) >= 0)
     return start + (hits[0][0] + hits[0][1] if hits else len(piece.rstrip()))
 
@@ -142,7 +152,7 @@ def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
         start = _common_prefix(context, upto)
         if start < len(context):  # the generation prompt is not what training renders: start at the answer
             start = _answer_start(tokenizer, messages[:i], upto, tools, i)
-        end = _turn_end(upto, start, message["content"], specials)
+        end = _turn_end(upto, start, message, specials)
         # The turn as rendered alone (up to its end-of-turn token: a template may close the conversation after
         # it) must be what the whole conversation renders, or cutting the whole would train other text.
         if not full.startswith(upto[:end]):
@@ -260,6 +270,25 @@ def _conversation(row) -> list | None:
     return row["prompt"] + answer if isinstance(row.get("prompt"), list) and isinstance(answer, list) else None
 
 
+def unrendered_tools(tokenizer, messages, tools) -> str | None:
+    """What of a tool-calling conversation the chat template leaves out (a template without tool support renders
+    no tool schemas, or drops an assistant's calls), or None."""
+    if tools:
+        full = render(tokenizer, messages, tools=tools)
+        missing = [t.get("function", t)["name"] for t in tools if t.get("function", t)["name"] not in full]
+        if missing:
+            return f"it does not render the row's `tools` (no {', '.join(map(repr, missing))} in the rendering)"
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            before = render(tokenizer, messages[:i], tools=tools) if i else ""
+            upto = render(tokenizer, messages[:i + 1], tools=tools)
+            turn = upto[_common_prefix(before, upto):]
+            missing = [name for name in _called(message) if name not in turn]
+            if missing:
+                return f"it drops the tool calls of messages[{i}] ({', '.join(map(repr, missing))} not rendered)"
+    return None
+
+
 def check_rows(tokenizer, sources, *, cut: bool) -> Effects:
     """Fold system messages where the template has no system role, count what the template does to the rows, and
     with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
@@ -279,6 +308,12 @@ def check_rows(tokenizer, sources, *, cut: bool) -> Effects:
             messages = _conversation(row)
             if messages is None:
                 continue
+            unrendered = unrendered_tools(tokenizer, messages, row.get("tools")) \
+                if row.get("tools") or any(m.get("tool_calls") for m in messages) else None
+            if unrendered:
+                raise UserError(f"{locations[n]}: a tool-calling row, but the model's chat template has no tool "
+                                f"support: {unrendered}, so the calls would not be trained as written; use a model "
+                                "(or `model.chat_template:`) whose template renders tools, or leave such rows out")
             if effects.rows < EFFECT_ROWS:
                 effects.look(tokenizer, messages, row.get("tools"))
             if cut:

@@ -37,18 +37,22 @@ def check_rendering(sources, model: dict, tokenizer, prepare=lambda messages: me
     tried, problems = set(), []
     for source in sources:
         for row, where in zip(source.rows, source.locations):
+            tools = row.get("tools") or None
             for messages in map(prepare, conversations(row)):
                 roles = tuple(m.get("role") for m in messages)
-                if roles in tried:
+                calls = tools is not None or any(m.get("tool_calls") for m in messages)
+                if (roles, calls) in tried:
                     continue
-                tried.add(roles)
+                tried.add((roles, calls))
                 try:
-                    tokenizer.apply_chat_template(messages, tokenize=False)
+                    tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
                 except Exception as err:  # the template is code (jinja2 and its raise_exception): any error is the data's
+                    fix = ("the template has no tool support: use a model (or `model.chat_template:`) whose template "
+                           "renders tools, or leave tool-calling rows out") if calls or "tool" in roles else (
+                        "change such rows (e.g. fold a system message into the first user turn) or set "
+                        "`model.chat_template:` to a template that takes them")
                     problems.append(f"{where}: the chat template of '{model['name']}' refuses this conversation "
-                                    f"(roles {', '.join(map(str, roles))}): {err}; change such rows (e.g. fold a "
-                                    "system message into the first user turn) or set `model.chat_template:` to a "
-                                    "template that takes them")
+                                    f"(roles {', '.join(map(str, roles))}): {err}; {fix}")
     if problems:
         raise UserError(problems)
 
@@ -64,7 +68,8 @@ def _prompt_tokens(row: dict, tokenizer) -> int:
     if not prompt:
         return 0
     if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(prompt, tools=row.get("tools") or None, tokenize=False,
+                                               add_generation_prompt=True)
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

@@ -28,7 +28,7 @@ from ..logs import quiet
 from ..model import convert_adapter, load_model, loraplus_optimizer, peft_config, save_initial_adapter
 from ..ranks import is_main_process, launched
 from ..recipe.check import Resolved
-from ..tokenizer import load_tokenizer, require_chat_template
+from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
 from ..verbs import config_class
 from . import stopping
 from .card import settings
@@ -216,6 +216,8 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
     config = resolved.config
     set_seed(config["seed"])  # new weights (a LoRA, a reward head) start the same on every run
     model = load_model(config, resolved.method.head)
+    if resolved.method.head == "CausalLM":  # the saved model stops where its chat template ends a turn
+        stop_at_end_of_turn(model, tokenizer)
     extra = {}
     for key in ("ref_model", "teacher_model"):  # frozen, so a run adapter in one is merged
         if config.get(key):

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import write_atomic, write_json
 from ..runner.rundir import package_versions
-from ..tokenizer import GENERATION_TAG, end_of_turn_token, stop_token_ids
+from ..tokenizer import GENERATION_TAG, end_of_turn_token, stop_at_end_of_turn, stop_token_ids
 from .infer import is_adapter, load
 from .ollama import NotDecomposable, modelfile
 
@@ -103,8 +103,7 @@ def merge(run_dir, out=None, overwrite: bool = False, dtype: str | None = None) 
 
         model = model.to(getattr(torch, dtype))
         notes.append(f"saved in {dtype}")
-    # Other inference engines read the stop tokens from generation_config.json: include the template's end of turn.
-    model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
+    stop_at_end_of_turn(model, tokenizer)
     # Written beside the target and renamed into place: an interrupted merge leaves nothing half-written.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..compat import sft_dataset_preparer
 from ..data import curate, load_data, stream
+from ..data.formats import to_dataset
 from ..data.masking import fold_system, has_system_role, renders_masks, tokenize
 from ..logs import quiet
 from ..runner.session import training_args
@@ -119,7 +120,8 @@ class TrainingView:
         if self.renders_masks:
             rows = [tokenize(self.tokenizer, row["messages"], row.get("tools")) for row in rows]
         untruncated = {"max_length": None, "shuffle_dataset": False}  # rows stay in order: labels follow them
-        prepared = self._prepare(datasets.Dataset.from_list(rows), _Override(args, untruncated), "inspect")
+        table = to_dataset(rows) if not self.renders_masks else datasets.Dataset.from_list(rows)
+        prepared = self._prepare(table, _Override(args, untruncated), "inspect")
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in prepared]
 
     def _prompt_only(self, row):
