@@ -1,6 +1,6 @@
 """Smaller promises: no secret from the environment in any file llmtune writes, however it came in;
 SIGTERM from the first moment, and to a multi-process launch, exits 130; a resume that would train nothing is
-refused."""
+refused; prefix tuning trains on padded batches of a real architecture."""
 
 import json
 import shutil
@@ -15,7 +15,8 @@ from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, cli, make_recipe
+from .conftest import RECIPES, cli, make_recipe, write_jsonl
+from .families import family_model
 
 SECRET = "tok_planted_5555_secret"
 
@@ -104,3 +105,27 @@ def test_sigterm_to_a_two_process_launch_saves_exits_130_and_resumes(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["resumed"][0]["from"].endswith(f"checkpoint-{step}")
     assert (out / "checkpoint-12").is_dir()
+
+
+@pytest.mark.slow
+def test_prefix_tuning_trains_on_padded_batches_and_refuses_gradient_checkpointing(tmp_path, tmp_path_factory):
+    """Prefix tuning's vectors enter as the attention cache, which gradient checkpointing (TRL's default) drops:
+    every padded batch then failed ("size of tensor a (128) must match ... (136)"). Off by default, refused if asked."""
+    words = "the capital of France is Paris and waves fold into foam".split()
+    rows = [{"messages": [{"role": "user", "content": " ".join(words[: 2 + i % 9])},
+                          {"role": "assistant", "content": " ".join(words[i % 5:] * (1 + i % 4))}]} for i in range(24)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)  # 2 to 60 tokens a row: every batch of 4 is padded
+    recipe = make_recipe(tmp_path, data=str(data), model={"name": str(family_model(tmp_path_factory, "qwen2_5"))},
+                         adapter={"type": "prefix", "num_virtual_tokens": 8},
+                         train={"learning_rate": 5.0e-2, "max_steps": 6, "per_device_train_batch_size": 4,
+                                "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True})
+    with pytest.raises(UserError, match=r"--set train.gradient_checkpointing=true: `adapter.type: prefix` trains "
+                                        r"vectors that enter every layer as its attention cache, which gradient "
+                                        r"checkpointing drops"):
+        resolve(recipe, ["train.gradient_checkpointing=true"])
+    out = tmp_path / "run"
+    metrics = run(resolve(recipe), ["llmtune"], output_dir=str(out))
+    assert metrics["last_loss"] < metrics["first_loss"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["gradient_checkpointing"] is False
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
