@@ -56,3 +56,12 @@ def adapter_run(model: dict) -> dict | None:
 
 def is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
+
+
+def not_on_hub(error: Exception) -> bool:
+    """Whether a Hub request failed because the repository does not exist (404, or the 401 the Hub answers to
+    an unknown id without a token), rather than for want of access or of a network."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return (isinstance(error, RepositoryNotFoundError) and not isinstance(error, GatedRepoError)) or status == 404

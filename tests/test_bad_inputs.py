@@ -8,8 +8,14 @@ its pre-flight, before any weight is loaded, for every case `validate` refuses.
 
 import itertools
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -207,3 +213,69 @@ def test_validate_refuses_every_corpus_case_the_run_refuses_with_the_same_messag
     assert trained[0] == 2 and trained[1], trained
     assert outcome("validate", CORPUS / case, [], tmp_path) == trained
     assert not (tmp_path / "out").exists()
+
+
+class NoSuchRepo(BaseHTTPRequestHandler):
+    """The Hub's answer to an id it does not know: 404, whatever the repository."""
+
+    asked: list = []  # the paths requested
+
+    def do_GET(self):
+        self.asked.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "Repository not found"}')
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def empty_hub(monkeypatch):
+    """A Hub on 127.0.0.1 that knows no repository, reachable: HF_ENDPOINT points at it, HF_HUB_OFFLINE unset."""
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)  # read when huggingface_hub was imported
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    yield url
+    server.shutdown()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.name", "me/nope", "'me/nope' is not a folder and not a model on the Hub ({hub}); give the path of a "
+                              "model folder"),
+    ("data.train.0.path", "mydata/shopp", "'mydata/shopp' is not a file or folder here and not a dataset on the Hub "
+                                          "({hub})"),
+])
+def test_an_id_the_hub_does_not_know_is_refused_at_once_by_validate_and_the_run(key, value, message, empty_hub,
+                                                                                 tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(jsonl(), encoding="utf-8")
+    text = GOOD.replace("DATA", "d.jsonl").replace("builtin:tiny", value) if key == "model.name" else \
+        GOOD.replace("DATA", value)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if value in row)
+    NoSuchRepo.asked.clear()
+    started = time.monotonic()
+    validated = outcome("validate", recipe, [], tmp_path)
+    assert time.monotonic() - started < 30  # was 50 s of retries
+    assert len([p for p in NoSuchRepo.asked if value in p]) == 1  # one question, no retry
+    assert validated[0] == 2 and len(validated[1]) == 1, validated
+    assert re.match(rf"error: r\.yaml:{line}:\d+: ", validated[1][0]), validated
+    assert message.format(hub=empty_hub) in validated[1][0]
+    assert outcome("train", recipe, [], tmp_path) == validated
+    assert not (tmp_path / "out").exists()
+    if key == "model.name":  # the same from a fresh process, where huggingface_hub reads HF_ENDPOINT itself
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        result = subprocess.run([sys.executable, "-m", "llmtune", "validate", str(recipe)], capture_output=True,
+                                text=True, env=env, timeout=60)
+        assert result.returncode == 2 and validated[1][0] in result.stderr.splitlines(), result.stderr

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import BUILTIN_PREFIX, adapter_run
+from ..files import BUILTIN_PREFIX, adapter_run, not_on_hub
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
 from ..methods.rewards import check_reward_model, load_reward_functions
@@ -61,8 +61,13 @@ def model(resolved) -> None:
                         f"{str(err).splitlines()[0]}") from None
 
 
+# One question to the Hub, answered or given up on within this many seconds (no retries): exists or not.
+HUB_TIMEOUT_S = 10
+
+
 def _hub_model(name: str, revision: str | None, where: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HTTPError, RevisionNotFoundError
     from huggingface_hub.utils import HFValidationError
 
     try:
@@ -77,6 +82,20 @@ def _hub_model(name: str, revision: str | None, where: str) -> None:
         raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the Hub "
                         "is offline (HF_HUB_OFFLINE); download it first (`hf download "
                         f"{name}`) with the Hub reachable, or give the path of a model folder")
+    try:
+        HfApi().model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError:
+        raise UserError(f"{where}: model '{name}' has no revision '{revision}' on the Hub ({constants.ENDPOINT}); "
+                        "fix `model.revision`") from None
+    except (HTTPError, OSError) as err:  # HfHubHTTPError is both: the Hub's answer; others: no network, a timeout
+        if not_on_hub(err):
+            raise UserError(f"{where}: '{name}' is not a folder and not a model on the Hub ({constants.ENDPOINT}); "
+                            "give the path of a model folder, or a Hub id such as `Qwen/Qwen2.5-0.5B` (a private "
+                            "model needs `hf auth login`)") from None
+        if not isinstance(err, GatedRepoError):  # a gated model exists: loading it needs access, as anywhere
+            raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the "
+                            f"Hub ({constants.ENDPOINT}) did not answer: {str(err).splitlines()[0] or type(err).__name__}; "
+                            "download it first, or give the path of a model folder") from None
 
 
 def _rewards(resolved) -> None:
