@@ -30,6 +30,7 @@ from llmtune.logs import quiet_loggers
 
 from .conftest import RECIPES, make_recipe
 
+
 def good_recipe(folder: Path, data: str = "d.jsonl", method: str = "sft", **sections) -> Path:
     """The good recipe each case spoils one way: LoRA on builtin:tiny for 2 steps, trained on `data`."""
     return make_recipe(folder, method, data={"train": [{"path": data}], "max_length": 128},
