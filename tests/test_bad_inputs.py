@@ -70,6 +70,12 @@ CASES = {
     "weight-inf": ("d.jsonl", jsonl(), ["data.train.0.weight=.inf"], "(it multiplies the source's rows); got inf"),
     "report-to-missing": ("d.jsonl", jsonl(), ["train.report_to=[aim]"], "`train.report_to: aim` needs the aim "
                           "package, which is not installed"),
+    "padding-free-without-packing": ("d.jsonl", jsonl(), ["train.padding_free=true"],
+                                     "`train.padding_free: true` without packing would not cut rows to "
+                                     "`data.max_length` (TRL's SFTTrainer refuses it)"),
+    "prefix-checkpointing": ("d.jsonl", jsonl(), ["adapter={type: prefix, num_virtual_tokens: 8}",
+                                                  "train.gradient_checkpointing=true"],
+                             "which gradient checkpointing drops"),
     "flash-attention": ("d.jsonl", jsonl(), ["model.attn_implementation=flash_attention_2"], "`flash_attention_2`"),
     # the model, read on the meta device
     "target-modules": ("d.jsonl", jsonl(), ["adapter.target_modules=[nope_proj]"],

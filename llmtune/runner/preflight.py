@@ -2,11 +2,13 @@
 
 `check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
 (built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
-the reward model exists and the reward functions import, and the launch rules for this machine hold.
+the reward model exists and the reward functions import, the method's trainer would take the settings (its
+runner module's `refusals`), and the launch rules for this machine hold.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -41,6 +43,8 @@ def model(resolved) -> None:
             raise UserError(f"{resolved.locate(('model', 'attn_implementation'))}: `flash_attention_2` runs on a "
                             "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
     _rewards(resolved)
+    for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):
+        raise UserError(f"{resolved.locate(key)}: {message}")
     adapter = config.get("adapter")
     # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
     # prompt initialised from text needs the real embeddings, which the meta device does not have.
