@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,20 @@ recipes_app = typer.Typer(help="Shipped recipes: list, show, copy.", no_args_is_
 app.add_typer(recipes_app, name="recipes")
 data_app = typer.Typer(help="Look at training data the way the trainer will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print llmtune's version and exit.")):
+    pass  # the app's options; its help is the Typer app's
+
 
 SET_HELP = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML)."
 # Launch options, shared by the training verbs and `launch`; each but --node-rank sets a `launch:` key.
@@ -207,22 +222,30 @@ def validate(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     no_data: bool = typer.Option(False, "--no-data", help="Check the recipe only, not its data files and model."),
 ):
-    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2."""
+    """Check recipes (and their data) without loading a model; every problem at once. Exit 0 or 2. Judge recipes
+    (`llmtune judge`) are checked too."""
     from .data import check_data
     from .recipe.check import resolve
+    from .recipe.judge import is_judge_recipe, resolve_judge
+    from .tools import merging
 
     problems = []
     for recipe in recipes:
         try:
-            resolved = resolve(recipe, set_)
-            if not no_data:
-                from .runner import preflight
+            if is_judge_recipe(recipe):  # `llmtune judge`'s: prompts, candidates and answers files checked
+                resolve_judge(recipe, set_)
+            elif merging.is_merge_recipe(recipe):
+                merging.resolve(recipe, set_)  # its runs are checked (their configs only) with or without --no-data
+            else:
+                resolved = resolve(recipe, set_)
+                if not no_data:
+                    from .runner import preflight
 
-                preflight.check(resolved)  # the model (its config only) and the launch rules for this machine
-                for warning in check_data(resolved.config["data"], method=resolved.method.name,
-                                          seed=resolved.config["seed"], locate=resolved.locate,
-                                          model=resolved.config["model"]):
-                    typer.echo(f"warning: {warning}", err=True)  # as the run prints it
+                    preflight.check(resolved)  # the model (its config only) and the launch rules for this machine
+                    for warning in check_data(resolved.config["data"], method=resolved.method.name,
+                                              seed=resolved.config["seed"], locate=resolved.locate,
+                                              model=resolved.config["model"]):
+                        typer.echo(f"warning: {warning}", err=True)  # as the run prints it
         except UserError as err:
             problems.extend(err.problems)
         else:
@@ -274,6 +297,26 @@ def data_inspect(
         typer.echo(f"warning: {warning}", err=True)
 
 
+@data_app.command("formats")
+def data_formats():
+    """Each data format llmtune reads: the columns that identify it, an example row, what the example becomes (TRL's
+    dataset kind) and the methods that train on it. `format: auto` picks the first whose columns a source has."""
+    from .data.formats import format_table
+
+    typer.echo("\n".join(format_table(METHODS)))
+
+
+@app.command()
+def templates():
+    """The chat templates `model.chat_template:` takes by name (those TRL ships), and how each one's assistant turns
+    are found for assistant-only loss: by TRL, by llmtune, or not at all (and why)."""
+    from .data.templates import named_templates
+
+    table = named_templates()
+    width = max(len(name) for name, _ in table)
+    typer.echo("\n".join(f"{name:<{width}}  {how}" for name, how in table))
+
+
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML file (or a shipped recipe name)."),
@@ -281,33 +324,55 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 24GiB: says whether "
                                              "the run fits and what to change if not."),
     num_processes: Optional[str] = NUM_PROCESSES, backend: Optional[str] = BACKEND, nodes: Optional[int] = NODES,
+    show_recipe: bool = typer.Option(False, "--recipe", help="Also print the fully resolved recipe (every default "
+                                     "filled in, paths absolute), as the run directory's recipe.yaml will hold it."),
 ):
-    """Resolved recipe, data summary, parameter counts, effective batch, steps, a per-GPU memory estimate and the
-    launch command, without loading any weights."""
+    """What a run will cost, without loading any weights: first the findings (what trains, steps, memory per GPU and
+    whether it fits, warnings), then the data summary, parameter counts, speed picks, batch, the memory estimate
+    term by term and the launch command."""
     from .recipe.check import resolve
     from .tools.plan import plan as make_plan
 
     sets = [*set_, *_launch_sets(num_processes, backend, nodes, None, None)]
     try:
-        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory)
+        lines = make_plan(resolve(recipe, sets), recipe, sets, gpu_memory, show_recipe)
     except UserError as err:
         _fail(err.problems)
     typer.echo("\n".join(lines))
 
 
+class MergeDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
 @app.command()
 def merge(
-    run_dir: Path = typer.Argument(..., help="Run directory holding an adapter."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR|RECIPE", help="Run directory holding an adapter, or a "
+                                   "merge recipe (`method: merge`) listing runs to merge."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model "
-                                       "[default: RUN_DIR/merged]."),
+                                       "[default: RUN_DIR/merged; a recipe's `output_dir`]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Merge recipes only."),
+    dtype: Optional[MergeDtype] = typer.Option(None, "--dtype", help="Save the weights in this dtype [default: the "
+                                               "dtype the run loaded the model in, `model.dtype`]."),
 ):
     """Fold a LoRA/DoRA adapter into its base and save the full model with the run's tokenizer and chat template
-    (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against)."""
+    (a 4-bit/8-bit base is dequantized first: the weights the adapter was trained against). Given a merge recipe,
+    merge several runs instead (linear, task_arithmetic, ties, dare_linear, dare_ties) into a new run directory."""
+    from .tools import merging
     from .tools.export import merge as merge_run
 
     try:
-        written, notes = merge_run(run_dir, out, overwrite)
+        if merging.is_merge_recipe(run_dir):
+            if dtype:
+                raise UserError("--dtype goes with a run directory; a merge recipe keeps the runs' dtype")
+            written, notes = merging.merge(merging.resolve(run_dir, set_), out, overwrite)
+        elif set_:
+            raise UserError("--set goes with a merge recipe, not a run directory")
+        else:
+            written, notes = merge_run(run_dir, out, overwrite, dtype and dtype.value)
     except UserError as err:
         _fail(err.problems)
     for note in notes:
@@ -407,6 +472,26 @@ def compare(
     typer.echo("\n".join(lines))
 
 
+@app.command("reward-score")
+def reward_score(
+    run_dir: Path = typer.Argument(..., help="Run directory of `llmtune reward` (or its merged model folder)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message the responses answer."),
+    response: List[str] = typer.Option(..., "--response", "-r", help="A response to score (repeatable: one score "
+                                       "each)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message before the prompt."),
+):
+    """Score responses to a prompt with a trained reward model, through the run's chat template (as the reward
+    trainer scored its rows); prints one score per response, higher = preferred."""
+    from .tools.score import reward_scores
+
+    try:
+        scores = reward_scores(run_dir, prompt, response, system)
+    except UserError as err:
+        _fail(err.problems)
+    for text, value in zip(response, scores):
+        typer.echo(f"{value:.4f}\t{text}")
+
+
 MAX_NEW_TOKENS = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")
 TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (deterministic); higher samples more freely.")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this probability.")
@@ -426,18 +511,35 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, see
 @app.command()
 def generate(
     run_dir: Path = typer.Argument(..., help="Run directory (adapter or full model) or a merged model folder."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable: one answer each)."),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="A user message (repeatable: one answer each)."),
     system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as plain text, without the chat template."),
     max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
     repetition_penalty: float = REPETITION_PENALTY, seed: Optional[int] = SEED,
+    data: Optional[Path] = typer.Option(None, "--data", help="A .jsonl of prompts to answer, one per row: `prompt` "
+                                        "(text or messages) or `messages` (its last assistant turn is answered "
+                                        "again). Goes with --out."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --data: the .jsonl the answers are appended to, "
+                                       "as `messages` rows `llmtune sft` trains on; rows already there are skipped "
+                                       "(rerun to resume)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --data: prompts generated together."),
 ):
-    """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token."""
+    """Answer prompts with the trained model, through the run's own chat template; stops at the trained stop token.
+    With --data and --out, answer a whole file of prompts in batches (data distillation), resumable."""
     from .tools.infer import generate as run_generate
-    from .tools.infer import load, prompt_ids
+    from .tools.infer import generate_file, load, prompt_ids
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    if (data is None) != (out is None) or bool(prompt) == (data is not None) or (raw and data is not None):
+        _fail(["give --prompt TEXT (repeatable), or --data PROMPTS.jsonl with --out ANSWERS.jsonl (without --raw)"])
     try:
+        if data is not None:
+            if data.resolve() == out.resolve():
+                raise UserError("--out must be another file than --data")
+            written, before = generate_file(load(run_dir), data, out, sampling, batch_size, system,
+                                            progress=sys.stderr.isatty())
+            typer.echo(f"wrote {written} answers to {out}" + (f" (after {before} already there)" if before else ""))
+            return
         loaded = load(run_dir)
         for i, text in enumerate(prompt):
             messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
@@ -466,6 +568,25 @@ def chat(
                  system)
     except UserError as err:
         _fail(err.problems)
+
+
+@app.command()
+def judge(
+    recipe: Path = typer.Argument(..., help="A judge recipe: prompts, candidates, judge, rubric (docs/evaluation.md)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Judge answers with a model (LLM-as-a-judge): two candidates pairwise, each pair in both orders (win rate with
+    a 95% Wilson interval), or each candidate graded 1-10. The judge is a local model or an OpenAI-compatible
+    endpoint; results go to the first candidate run's eval/ folder, manifest and card (or `output_dir`)."""
+    from .recipe.judge import resolve_judge
+    from .tools.judge import run
+
+    try:
+        lines, written = run(resolve_judge(recipe, set_))
+    except UserError as err:
+        _fail(err.problems)
+    typer.echo("\n".join(lines))
+    typer.echo(f"wrote {written}")
 
 
 @app.command("eval")

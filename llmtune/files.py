@@ -54,8 +54,14 @@ def adapter_run(model: dict) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def is_repo_id(name: str) -> bool:
-    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
+def is_repo_id(name: str, folder: Path | None = None) -> bool:
+    """`owner/name` as the Hub spells ids; given the `folder` a relative path in `name` would be relative to, also
+    only when nothing there claims it: no folder `folder/owner/name`, nor `folder/owner` (`runs/x` once `runs/`
+    exists is a path, a missing one included)."""
+    if not (_REPO_ID.fullmatch(name) and "--" not in name and ".." not in name and not name.endswith(".git")):
+        return False
+    return folder is None or not (name.startswith(("./", "../", "/", "~")) or (folder / name).exists()
+                                  or (folder / name.split("/")[0]).is_dir())
 
 
 def not_on_hub(error: Exception) -> bool:

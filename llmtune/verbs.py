@@ -53,6 +53,7 @@ class Method:
     head: str = "CausalLM"  # the model class is `AutoModelFor<head>` (reward: SequenceClassification)
     paired: bool = False  # each row is a chosen + rejected pair: two sequences per row in memory (`plan`)
     reference: bool = False  # trains against a frozen reference model (`ref_model:`, cached log-probs)
+    teacher: bool = False  # trains toward a frozen teacher model's token distributions (`teacher_model:`)
     rewards: bool = False  # scores sampled responses (`reward_model:`, ...); build_trainer gets `recipe`
     reward_functions: bool = False  # scores with `reward_functions:` too, not only a `reward_model:`
     streams: bool = False  # can train on `data.streaming: true` sources
@@ -92,6 +93,10 @@ METHODS = {
                judged=(Metric("accuracy", "accuracy", "share of pairs the model scores chosen above rejected", "acc"),
                        Metric("margin", "margin", "mean score of the chosen answer minus the rejected one's",
                               "margin"))),
+        Method("distill", "trl.experimental.gkd:GKDConfig", "llmtune.methods.distill",
+               "Distil a teacher model into the student: match its token distributions (generalized JSD, forward "
+               "or reverse KL via train.beta), optionally on the student's own samples (train.lmbda).",
+               formats=("messages", "sharegpt"), experimental=True, teacher=True),
         Method("ppo", "llmtune.methods.ppo_config:PPOConfig", "llmtune.methods.ppo",
                "RLHF with PPO (llmtune's own; TRL has none): policy and value model, reward model, KL to the "
                "reference.", rewards=True, judged=REWARD),

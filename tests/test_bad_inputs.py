@@ -82,11 +82,12 @@ CASES = {
                        "the `adapter:` does not fit 'builtin:tiny': Target modules {'nope_proj'} not found"),
     "model-offline": ("d.jsonl", jsonl(), ["model.name=someone/not-cached"], "model 'someone/not-cached' is not a "
                       "folder here and not in the local Hub cache, and the Hub is offline"),
-    "model-not-an-id": ("d.jsonl", jsonl(), ["model.name=no such model"], "is neither a folder nor a Hub model id"),
+    "model-not-an-id": ("d.jsonl", jsonl(), ["model.name=no such model"],
+                        "model.name: no such model: no such folder (relative to "),  # not `owner/name`: a path
     # paths
     "output-dir-proc": ("d.jsonl", jsonl(), ["output_dir=/proc/llmtune"], "'/proc/llmtune' is under /proc"),
     "output-dir-long": ("d.jsonl", jsonl(), ["output_dir=" + "x" * 300], "is too long"),
-    "output-dir-file": ("d.jsonl", jsonl(), ["output_dir=d.jsonl"], "'d.jsonl' is a file, not a folder"),
+    "output-dir-file": ("d.jsonl", jsonl(), ["output_dir=d.jsonl"], "/d.jsonl' is a file, not a folder"),
     "data-looks-like-hub-id": ("d.jsonl", jsonl(), ["data.train.0.path=mydata/shopp.jsonl"],
                                "data file 'mydata/shopp.jsonl' not found"),
     # data rows

@@ -264,7 +264,7 @@ def test_empty_file_is_an_error_naming_it(tmp_path):
 
 
 def test_missing_file_is_an_error_at_its_recipe_line(tmp_path):
-    found = "; a relative path is looked up next to the recipe, then in the working directory"
+    found = "; a relative path in a recipe is relative to the recipe's folder"
     assert problems("data/chat.jsonl") == [f"recipe.yaml@data.train.0.path: data file 'data/chat.jsonl' not found{found}"]
     assert problems("./data") == [f"recipe.yaml@data.train.0.path: data file './data' not found{found}"]
     assert problems(f"{tmp_path}/*.jsonl") == [
@@ -276,8 +276,8 @@ def test_problems_of_every_source_come_in_one_error(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": 1}])
 
     assert problems("gone.jsonl", bad, {"path": bad, "format": "messages"}) == [
-        "recipe.yaml@data.train.0.path: data file 'gone.jsonl' not found; a relative path is looked up next to "
-        "the recipe, then in the working directory",
+        "recipe.yaml@data.train.0.path: data file 'gone.jsonl' not found; a relative path in a recipe is relative "
+        "to the recipe's folder",
         f"{bad}:1: 'text' must be a string, got number",
         f"{bad}: format 'messages' needs column(s) messages; columns found: text",
     ]

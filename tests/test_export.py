@@ -198,7 +198,13 @@ def test_chat_answers_each_turn_on_a_merged_dir(lora_run, tmp_path):
 def test_merge_refuses_what_it_cannot_merge(lora_run, tmp_path):
     result = cli("merge", tmp_path)
     assert result.returncode == 2 and "not a run directory" in result.stderr
-    assert cli("merge", lora_run, "--out", tmp_path / "m").returncode == 0
+    half = cli("merge", lora_run, "--out", tmp_path / "m", "--dtype", "bfloat16")
+    assert half.returncode == 0 and "saved in bfloat16" in half.stdout, half.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}  # the run's: float32
+    assert cli("merge", lora_run, "--dtype", "float8").returncode == 2
     again = cli("merge", tmp_path / "m")
     assert again.returncode == 2 and "holds a full model" in again.stderr
     busy = cli("merge", lora_run, "--out", tmp_path / "m")

@@ -87,7 +87,7 @@ def test_missing_rewards_and_bad_function_names_exit_2(workdir):
     from llmtune.methods.rewards import load_reward_functions
 
     with pytest.raises(UserError, match=r"reward_functions\[0\] `no_such_module:f`: cannot import module "
-                                        r"'no_such_module' .*working directory or PYTHONPATH"):
+                                        r"'no_such_module' .*a .py file beside the recipe, or importable from PYTHONPATH"):
         load_reward_functions(["no_such_module:f"])
     function = reward_module(workdir, "rewards_typo")
     with pytest.raises(UserError, match=r"'rewards_typo' \(.*rewards_typo.py\) has no function 'lowercase_sharex'"):

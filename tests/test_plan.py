@@ -153,6 +153,7 @@ def test_gpu_memory_fit_check_and_advice(config_only_model, tmp_path):
     tight = cli("plan", recipe, "--gpu-memory", "8GiB", "--set", "data.packing=true")
     assert tight.returncode == 0, tight.stderr
     assert "does NOT fit in 8.00 GiB" in tight.stdout
+    assert "does NOT fit in 8.00 GiB" in tight.stdout.split("\n# data")[0]  # among the findings, first
     advice = tight.stdout.split("change, in order:")[1].split("# launch")[0].strip().splitlines()
     assert advice[-1].endswith("(fits)") and all(line.endswith("(still over)") for line in advice[:-1])
     assert any("paged_adamw_8bit" in line for line in advice)
@@ -167,7 +168,12 @@ def test_batch_steps_data_summary_and_launch_line():
     result = cli("plan", RECIPES / "quickstart.yaml")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "# resolved recipe" in out and "learning_rate: 0.003" in out
+    # The findings lead; the recipe dump only with --recipe.
+    assert out.splitlines()[:4] == [
+        "# findings", "sft on builtin:tiny: 107,712 parameters, 32,768 trainable (30.42%, lora adapter)",
+        "228 training rows, 8 rows per optimizer step: 145 steps (5 epochs)",
+        out.splitlines()[3]]
+    assert out.splitlines()[3].startswith("memory per GPU: about ") and "# resolved recipe" not in out
     assert "chat.jsonl: messages (column 'messages' found), 240 rows" in out
     assert "p50 69, p90 99, p99 102, max 102; 0 rows over max_length 256" in out
     # 240 rows minus the 5% eval hold-out = 228; 228 / 8 per step = 29 steps, 5 epochs.
@@ -175,6 +181,8 @@ def test_batch_steps_data_summary_and_launch_line():
     assert "= 8 rows per optimizer step" in out and "steps: 29 per epoch, 145 in total (5 epochs)" in out
     assert "parameters: 107,712 total; 32,768 trainable" in out
     assert out.rstrip().endswith(f"llmtune sft {RECIPES / 'quickstart.yaml'}")
+    dumped = cli("plan", RECIPES / "quickstart.yaml", "--recipe").stdout
+    assert dumped.startswith(out.rstrip()) and "\n# resolved recipe\n" in dumped and "learning_rate: 0.003" in dumped
 
 
 @pytest.mark.slow

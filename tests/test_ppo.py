@@ -408,7 +408,8 @@ def test_ppo_without_a_reward_model_or_with_other_data_exits_2(tmp_path, letter_
 
     recipe = ppo_recipe(tmp_path, "./runs/no-such-reward", prompts)
     result = cli("ppo", recipe, "--output-dir", tmp_path / "out")
-    assert result.returncode == 2 and "no model folder at './runs/no-such-reward'" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"reward_model: ./runs/no-such-reward: no such folder (relative to {tmp_path})" \
+        in result.stderr, result.stderr
     assert "llmtune reward" in result.stderr and not (tmp_path / "out").exists()
 
 

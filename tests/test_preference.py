@@ -307,6 +307,17 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     accuracy, scores = pair_accuracy(model, tokenizer)
     assert accuracy == 1.0 and (scores[:, 0] - scores[:, 1]).min() > 1, scores  # chosen scored above rejected
 
+    # `llmtune reward-score`: the same scores, through the run's chat template, one per --response.
+    pair = reward_pairs(HELD_OUT_CAPITALS)[0]
+    scored = cli("reward-score", out, "--prompt", pair["prompt"][0]["content"],
+                 "--response", pair["chosen"][0]["content"], "--response", pair["rejected"][0]["content"])
+    assert scored.returncode == 0, scored.stderr
+    printed = [line.split("\t") for line in scored.stdout.splitlines()]
+    assert [text for _, text in printed] == [pair["chosen"][0]["content"], pair["rejected"][0]["content"]]
+    assert [float(value) for value, _ in printed] == pytest.approx(scores[0].tolist(), abs=1e-3)
+    refused = cli("reward-score", RECIPES / "data", "--prompt", "q", "--response", "a")
+    assert refused.returncode == 2 and "not a run directory" in refused.stderr
+
     from transformers import set_seed
 
     from llmtune.builtin import builtin_path

@@ -43,7 +43,7 @@ train: {learning_rate: 5.0e-5}
     assert config["adapter"] == {"type": "lora", "loraplus_lr_ratio": None, "r": 32, "lora_alpha": 16,
                                  "target_modules": ["o_proj"]}
     assert config["train"] == {"learning_rate": 5e-5, "num_train_epochs": 2.0}
-    assert config["name"] == "child" and config["output_dir"] == "runs/child"
+    assert config["name"] == "child" and config["output_dir"] == str(tmp_path / "runs" / "child")  # beside the recipe
 
 
 def test_extends_a_shipped_recipe_by_name(tmp_path, data_file):
@@ -109,8 +109,8 @@ def test_secret_env_values_are_redacted(tmp_path, data_file, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "secret_value_123")
     recipe = make_recipe(tmp_path, data=data_file, text="output_dir: runs/${env:MY_API_KEY}\n")
     resolved = resolve(recipe)
-    assert resolved.config["output_dir"] == "runs/secret_value_123"
-    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == "runs/${env:MY_API_KEY}"
+    assert resolved.config["output_dir"] == str(tmp_path / "runs" / "secret_value_123")
+    assert redact(resolved.config, resolved.recipe.secrets)["output_dir"] == str(tmp_path / "runs/${env:MY_API_KEY}")
     hub_token = make_recipe(tmp_path, data=data_file, name="t", train={"hub_token": "x"})
     assert "export HF_TOKEN instead" in problems(hub_token)[0]
 
@@ -188,9 +188,10 @@ def test_verb_must_match_the_recipe_method(tmp_path, data_file):
     assert "r.yaml:1:1: this recipe is for `llmtune dpo` (method: dpo), not `llmtune sft`" in result.stderr
 
 
-# eval/ holds lm-eval task files (tests/test_eval.py runs them), not recipes.
+# eval/ holds lm-eval task files (tests/test_eval.py runs them), not recipes; merge/ recipes name runs trained
+# first (tests/test_merging.py checks them on runs of its own).
 SHIPPED = sorted(p for p in RECIPES.rglob("*.yaml")
-                 if not {"base", "launch", "eval"} & set(p.relative_to(RECIPES).parts))
+                 if not {"base", "launch", "eval", "merge"} & set(p.relative_to(RECIPES).parts))
 
 
 @pytest.mark.slow
@@ -296,6 +297,8 @@ def test_recipes_list_show_copy(tmp_path):
     copied = cli("recipes", "copy", "quickstart", tmp_path)
     assert copied.returncode == 0, copied.stderr
     assert (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "chat.jsonl").is_file()
+    header = (tmp_path / "quickstart.yaml").read_text().splitlines()[1]
+    assert header == f"# Run:  llmtune sft {tmp_path / 'quickstart.yaml'}"  # the copy, not recipes/quickstart.yaml
     assert cli("validate", tmp_path / "quickstart.yaml").returncode == 0
     again = cli("recipes", "copy", "quickstart", tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -304,6 +307,7 @@ def test_recipes_list_show_copy(tmp_path):
     assert cli("recipes", "copy", "dpo/tiny-lora", nested).returncode == 0
     copied = (nested / "tiny-lora.yaml").read_text()
     assert "path: data/preference.jsonl" in copied and (nested / "data" / "preference.jsonl").is_file()
+    assert "recipes/dpo/tiny-lora.yaml" not in copied and f"llmtune dpo {nested / 'tiny-lora.yaml'}" in copied
     assert f"$schema={(RECIPES / 'recipe.schema.json').resolve().as_uri()}" in copied
     assert cli("validate", nested / "tiny-lora.yaml").returncode == 0
 

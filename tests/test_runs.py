@@ -58,7 +58,7 @@ def test_compare_shows_recipe_differences_metrics_and_an_overlay_plot(three_runs
     assert table["train.learning_rate"] == ["0.001", "0.002", "0.01"]
     assert table["data.train[0].path"] == [f"{repo}/data/{n}" for n in ("chat.jsonl", "preference.jsonl",
                                                                          "prompts.jsonl")]
-    assert table["reward_functions"] == ["[]", "[]", '["lower:share"]']
+    assert table["reward_functions"] == ["[]", "[]", f'["{repo}/lower.py:share"]']  # lower.py beside the recipe
     assert "model.name" not in table and "adapter.r" not in table  # the same in all three: not a difference
 
     values = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}

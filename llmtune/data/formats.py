@@ -11,6 +11,7 @@ caller adds the row's location); it only has to return something sensible when `
 stays empty.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -166,22 +167,34 @@ class Format:
     needs: tuple[str, ...]  # columns that identify the format; every row must have them
     shape: str  # TRL shape, without the "conversational_" prefix
     convert: Callable[[dict, list], dict]
+    example: dict  # one row, for `llmtune data formats` (a test converts each)
     optional: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()  # columns that mean the data is another format
+    strings_or_messages: bool = False  # its values may be strings (plain) or message lists (conversational)
 
 
+_USER = {"role": "user", "content": "What is 2+2?"}
+_ANSWER = {"role": "assistant", "content": "4"}
 # In detection order: the first format whose columns are all present wins.
 _FORMATS = {
-    "messages": Format(("messages",), "language_modeling", _messages),
-    "sharegpt": Format(("conversations",), "language_modeling", _sharegpt),
-    "alpaca": Format(("instruction", "output"), "prompt_completion", _alpaca, optional=("input", "system")),
-    "prompt_completion": Format(("prompt", "completion"), "prompt_completion", _prompt_completion, excludes=("label",)),
-    "text": Format(("text",), "language_modeling", _text_row),
+    "messages": Format(("messages",), "language_modeling", _messages,
+                       {"messages": [{"role": "system", "content": "Answer briefly."}, _USER, _ANSWER]}),
+    "sharegpt": Format(("conversations",), "language_modeling", _sharegpt,
+                       {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]}),
+    "alpaca": Format(("instruction", "output"), "prompt_completion", _alpaca,
+                     {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+                     optional=("input", "system")),
+    "prompt_completion": Format(("prompt", "completion"), "prompt_completion", _prompt_completion,
+                                {"prompt": "2+2=", "completion": "4"}, excludes=("label",), strings_or_messages=True),
+    "text": Format(("text",), "language_modeling", _text_row, {"text": "Two plus two is four."}),
     "preference": Format(("chosen", "rejected"), "preference", _preference,
-                         optional=("prompt", "score_chosen", "score_rejected")),
-    "kto": Format(("prompt", "completion", "label"), "unpaired_preference", _kto),
+                         {"prompt": [_USER], "chosen": [_ANSWER], "rejected": [{"role": "assistant", "content": "5"}]},
+                         optional=("prompt", "score_chosen", "score_rejected"), strings_or_messages=True),
+    "kto": Format(("prompt", "completion", "label"), "unpaired_preference", _kto,
+                  {"prompt": "2+2=", "completion": "5", "label": False}, strings_or_messages=True),
     # A prompt next to half a pair or triple is broken preference/KTO data, not prompts.
-    "prompt": Format(("prompt",), "prompt_only", _prompt, excludes=("completion", "chosen", "rejected", "label")),
+    "prompt": Format(("prompt",), "prompt_only", _prompt, {"prompt": [_USER]},
+                     excludes=("completion", "chosen", "rejected", "label"), strings_or_messages=True),
 }
 
 FORMATS = tuple(_FORMATS)
@@ -208,6 +221,23 @@ def describe_formats():
         optional = f" (optional: {', '.join(fmt.optional)})" if fmt.optional else ""
         lines.append(f"  {name}: {', '.join(fmt.needs)}{optional}")
     return "\n".join(lines)
+
+
+def format_table(methods) -> list[str]:
+    """`llmtune data formats`: per format its columns, an example row, what the example becomes (converted here,
+    as training converts it) and the methods (name -> Method) that train on it."""
+    lines = []
+    for name, fmt in _FORMATS.items():
+        _, kind, _ = convert([("example", fmt.example)], name)
+        users = [m for m, method in methods.items() if name in method.formats]
+        either = "; its values may be strings (plain) or message lists (conversational)" if fmt.strings_or_messages \
+            else ""
+        lines += [name, f"  columns:  {', '.join(fmt.needs)}"
+                  + (f" (optional: {', '.join(fmt.optional)})" if fmt.optional else ""),
+                  f"  example:  {json.dumps(fmt.example)}",
+                  f"  becomes:  {describe_kind(kind).replace('_', ' ')}{either}",
+                  f"  methods:  {', '.join(users)}", ""]
+    return lines[:-1]
 
 
 def missing_columns(fmt, columns):

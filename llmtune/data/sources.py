@@ -117,8 +117,8 @@ def _local_files(path, where):
             raise UserError(f"{where}: no {_EXTENSION_LIST} files match '{path}'")
         return [(m, m) for m in matches]
     if path.startswith((".", "/", "~")) or _supported(path):
-        raise UserError(f"{where}: data file '{path}' not found; a relative path is looked up next to the recipe, "
-                        "then in the working directory")
+        raise UserError(f"{where}: data file '{path}' not found; a relative path in a recipe is relative to the "
+                        "recipe's folder")
     return None
 
 

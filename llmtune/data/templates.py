@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from llmtune.errors import UserError
 
+from ..builtin import build_tiny_tokenizer
+from ..paths import named_chat_templates, read_chat_template
+from . import masking
+
 
 def conversations(row: dict) -> list[list[dict]]:
     """The message lists training renders from a converted conversational row."""
@@ -89,3 +93,36 @@ def require_trained(train, max_length: int, where: str) -> None:
         first = next(source.cut for source in train if source.cut)
         raise UserError(f"{where}: every row's prompt fills `data.max_length: {max_length}` tokens, so nothing would "
                         f"be trained (the first: {first}); raise `data.max_length` or shorten the prompts")
+
+
+# A conversation every chat model takes: system, then two user/assistant exchanges.
+PROBE = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+         {"role": "assistant", "content": "6"}]
+MASKED_BY = {masking.MARKERS: "masked by TRL ({% generation %} markers in the template)",
+             masking.TRL_COPY: "masked by TRL (its training copy of the template)",
+             masking.RENDERED: "masked by llmtune (by rendering each turn)"}
+
+
+def named_templates() -> list[tuple[str, str]]:
+    """`llmtune templates`: each chat template TRL ships, by the name `model.chat_template:` takes, and how the
+    assistant turns of a conversation are found in it for assistant-only loss, or why they cannot be (probed on a
+    system + two-turn conversation, as training renders it)."""
+    from jinja2 import TemplateError
+
+    tokenizer = build_tiny_tokenizer()
+    table = []
+    for name in named_chat_templates():
+        tokenizer.chat_template = read_chat_template(name)
+        mode = masking.masking_mode(tokenizer)
+        how = MASKED_BY[mode]
+        if mode == masking.RENDERED:
+            probe = PROBE if masking.has_system_role(tokenizer) else masking.fold_system(PROBE)
+            try:
+                masking.assistant_turns(tokenizer, probe)
+            except masking.Undecomposable as err:
+                how = f"cannot be masked: {err}"
+            except TemplateError as err:
+                how = f"cannot be masked: it refuses a system + two-turn conversation ({err})"
+        table.append((name, how))
+    return table

@@ -14,13 +14,12 @@ import dataclasses
 
 from ..errors import UserError
 from ..tokenizer import load_tokenizer
-from .rewards import check_reward_model, load_reward_model, load_sequence_classifier
+from .rewards import load_reward_model, load_sequence_classifier
 
 
 def defaults(config: dict, data) -> dict:
     """PPOConfig values llmtune sets unless the recipe's `train:` does; checks what the
-    recipe's `train:` cannot (the reward model exists, the stop token and tokenizers fit)."""
-    check_reward_model(config["reward_model"])
+    recipe's `train:` cannot (the stop token and tokenizers fit; the recipe checked the reward model's folder)."""
     train = config["train"]
     tokenizer = None
     stop = train.get("stop_token", "eos")

@@ -10,25 +10,12 @@ names them.
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.util
 import sys
 from pathlib import Path
 
 from ..errors import UserError
 from ..model import load_model
-
-
-def check_reward_model(path: str) -> None:
-    """A clear error for a reward model path that points nowhere (before any model is loaded).
-
-    `org/name` may be a Hub id, so only paths that cannot be one are checked.
-    """
-    if Path(path).expanduser().is_dir():
-        return
-    first = path.split("/")[0]
-    if path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(first).is_dir():
-        raise UserError(f"reward_model: no model folder at '{path}'; train one with `llmtune reward RECIPE` and "
-                        "set `reward_model:` to its run directory (or a Hub sequence-classification model id)")
 
 
 def load_sequence_classifier(config: dict, name: str, revision: str | None = None, trainable: bool = False):
@@ -54,20 +41,18 @@ def load_reward_model(path: str, config: dict):
 
 
 def load_reward_functions(names: list[str]) -> list:
-    """The callables named `module:function`; the module is imported from the working
-    directory or `PYTHONPATH`. Each takes TRL's reward-function arguments
-    (`prompts`, `completions`, `completion_ids`, **columns) and returns one float per completion."""
-    if names and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `llmtune` (unlike `python -m`) does not put it there
+    """The callables named `module:function`: `/path/to/file.py:function` (the recipe resolves a module beside it
+    to its file, recipe/locations.py), or a module importable from `PYTHONPATH`. Each takes TRL's reward-function
+    arguments (`prompts`, `completions`, `completion_ids`, **columns) and returns one float per completion."""
     functions = []
     for i, name in enumerate(names):
-        module_name, _, attr = name.partition(":")
+        module_name, _, attr = name.rpartition(":")
         where = f"reward_functions[{i}] `{name}`"
         try:
-            module = importlib.import_module(module_name)
+            module = _import(module_name)
         except ImportError as err:
-            raise UserError(f"{where}: cannot import module '{module_name}' ({err}); it must be importable from the "
-                            "working directory or PYTHONPATH") from None
+            raise UserError(f"{where}: cannot import module '{module_name}' ({err}); it must be a .py file beside "
+                            "the recipe, or importable from PYTHONPATH") from None
         function = getattr(module, attr, None)
         if not callable(function):
             raise UserError(f"{where}: module '{module_name}' ({module.__file__}) has no function '{attr}'")
@@ -75,10 +60,29 @@ def load_reward_functions(names: list[str]) -> list:
     return functions
 
 
+def _import(name: str):
+    """A module by name, or by its file (imported under its file's stem, its folder on the path for its own imports,
+    once per process)."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = Path(name)
+    if sys.modules.get(path.stem) is not None and getattr(sys.modules[path.stem], "__file__", None) == name:
+        return sys.modules[path.stem]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # TRL names a function by its module; worker processes import it again
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
+    return module
+
+
 def online_defaults(config: dict, data) -> dict:
-    """GRPO/RLOO: fail before training (exit 2) on a reward model or function that is not there."""
-    if config.get("reward_model"):
-        check_reward_model(config["reward_model"])
+    """GRPO/RLOO: fail before training (exit 2) on a reward function that is not there."""
     load_reward_functions(config["reward_functions"])
     return {}
 

@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..files import adapter_run
 from ..paths import read_chat_template
 from ..verbs import METHODS, Method
-from . import fields, loader, preflight, sections
+from . import evals, fields, loader, preflight, sections
 from .rules import check_recipe
 from .schema import (
     ADAPTER_ALIASES,
@@ -41,6 +41,8 @@ TRAIN_OWNED = {
     "hub_revision": "set `hub.revision:`",
     "hub_strategy": "the `hub:` section uploads the finished run (checkpoints with `hub.include_checkpoints: true`)",
     "hub_always_push": "the `hub:` section uploads once, when the run has finished",
+    "teacher_model_name_or_path": "set the top-level `teacher_model:`",
+    "teacher_model_init_kwargs": "the teacher loads with the `model:` section's settings; set `teacher_model:`",
 }
 
 
@@ -55,10 +57,17 @@ class Resolved:
     def locate(self, keypath) -> str:
         return self.recipe.locate(keypath)
 
+    def require_paths(self) -> None:
+        """Every file and folder the recipe names exists (what `validate --no-data` leaves unchecked)."""
+        if self.recipe.missing:
+            raise UserError(self.recipe.missing)
+
 
 def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     recipe = loader.load(path, list(overrides))
-    recipe.data.setdefault("output_dir", f"runs/{recipe.data['name']}")
+    if recipe.data.get("method") == "merge":  # tools/merging.py reads these
+        raise UserError(f"{recipe.locate(('method',))}: this recipe merges runs (method: merge) and trains nothing; "
+                        f"run `llmtune merge {path}`")
     check = Checker(recipe.locate)
     config = check.section(RecipeSection, recipe.data, ())
     if config is None:
@@ -80,6 +89,7 @@ def resolve(path, overrides=(), verb: str | None = None) -> Resolved:
     sections.check_early_stopping(check, method, config)
     sections.check_curate(check, config)
     sections.check_hub(check, config)
+    evals.check_eval(check, config, recipe.path.parent)
     if check.problems:
         raise UserError(check.problems)
     return Resolved(recipe=recipe, config=config, method=method)
@@ -203,6 +213,11 @@ def _method_checks(check: Checker, method: Method, config: dict) -> None:
                     "set `data.packing: false`")
     if config.get("ref_model") is not None and not method.reference:
         check.error(("ref_model",), f"`llmtune {method.name}` trains without a reference model; remove `ref_model:`")
+    if config.get("teacher_model") is not None and not method.teacher:
+        check.error(("teacher_model",), f"`llmtune {method.name}` learns from no teacher; remove `teacher_model:`")
+    if method.teacher and config.get("teacher_model") is None:
+        check.error(("method",), f"`method: {method.name}` learns from a teacher model: add `teacher_model:` (a Hub "
+                    "id, a model folder or a run directory such as `runs/my-sft`)")
 
     model = config.get("model") or {}
     run = adapter_run(model) if isinstance(model.get("name"), str) else None
@@ -225,7 +240,7 @@ def _method_checks(check: Checker, method: Method, config: dict) -> None:
                     "`quantization:`, or set `model.run_adapter: stack` to keep training the run's adapter")
 
 
-_FUNCTION_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_FUNCTION_NAME = re.compile(r"(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*")
 
 
 def _reward_checks(check: Checker, method: Method, config: dict) -> None:
@@ -252,4 +267,5 @@ def _reward_checks(check: Checker, method: Method, config: dict) -> None:
     for i, name in enumerate(functions):
         if not _FUNCTION_NAME.fullmatch(name):
             check.error(("reward_functions", i), f"`reward_functions` takes `module:function` names, e.g. "
-                        f"`my_rewards:length_bonus`; got {name!r}")
+                        f"`my_rewards:length_bonus` (my_rewards.py beside the recipe) or `lib/rewards.py:length_bonus`;"
+                        f" got {name!r}")

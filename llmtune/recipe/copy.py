@@ -38,6 +38,11 @@ def copy_recipe(name: str, dest: Path) -> list[Path]:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source.parent / rel, out)
                 written.append(out)
+    # The header's commands name the copy, not the shipped file it came from.
+    shipped = f"recipes/{source.relative_to(SHIPPED.resolve())}"
+    lines = text.splitlines(keepends=True)
+    header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    text = "".join([line.replace(shipped, str(target)) for line in lines[:header]] + lines[header:])
     # The editor modeline points at the schema shipped with llmtune, not at a file that did not travel.
     schema = (SHIPPED / "recipe.schema.json").resolve()
     text = re.sub(r"(\$schema=)\S+", lambda m: m.group(1) + schema.as_uri(), text, count=1)

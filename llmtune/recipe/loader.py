@@ -16,6 +16,7 @@ import yaml
 from ..errors import UserError
 from ..paths import SHIPPED
 from ..secret import SECRET_NAME
+from .locations import resolve_paths
 
 _REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -43,6 +44,8 @@ class Loc:
     file: str
     line: int = 0
     col: int = 0
+    # The folder of the recipe file that wrote the key (what its relative paths are relative to); None: `--set`.
+    folder: Path | None = None
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}" if self.line else self.file
@@ -57,6 +60,8 @@ class Recipe:
     locs: dict = field(default_factory=dict)
     # Values substituted from secret-looking environment variables; never written out.
     secrets: dict = field(default_factory=dict)
+    # Paths the recipe names that do not exist (recipe/locations.py): problems for whatever needs the files.
+    missing: list = field(default_factory=list)
 
     def locate(self, keypath) -> str:
         """`FILE:LINE:COL` of the key, else of its closest written parent."""
@@ -118,6 +123,8 @@ def _read_yaml(path: Path, problems: list) -> tuple[object, dict]:
     except RecursionError:
         problems.append(f"{shown}: nested too deeply to be a recipe; a recipe is a few levels of sections")
         return None, {}
+    for loc in locs.values():
+        loc.folder = path.parent
     return value, locs
 
 
@@ -259,7 +266,6 @@ def _load_tree(path: Path, chain: tuple, problems: list) -> tuple[dict, dict]:
     if not isinstance(data, dict):
         problems.append(f"{_display(path)}:1:1: a recipe must be a mapping of keys, got {type(data).__name__}")
         return {}, {}
-    _absolutize_paths(data, path.parent)
     parents = data.pop("extends", None)
     if parents is None:
         return data, locs
@@ -284,29 +290,6 @@ def _load_tree(path: Path, chain: tuple, problems: list) -> tuple[dict, dict]:
         merged = _merge(merged, merged_locs, p_data, p_locs)
     locs = {k: v for k, v in locs.items() if k[:1] != ("extends",)}
     return _merge(merged, merged_locs, data, locs), merged_locs
-
-
-def _absolutize_paths(data: dict, here: Path) -> None:
-    """Data and template paths are relative to the file that names them, so overlays can live anywhere."""
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("chat_template"), str) and \
-            model["chat_template"].endswith((".jinja", ".j2")):
-        model["chat_template"] = str((here / os.path.expanduser(model["chat_template"])).resolve())
-    launch = data.get("launch")
-    if isinstance(launch, dict) and isinstance(launch.get("deepspeed_config"), str):
-        launch["deepspeed_config"] = str((here / os.path.expanduser(launch["deepspeed_config"])).resolve())
-    section = data.get("data")
-    if not isinstance(section, dict):
-        return
-    for split in ("train", "eval"):
-        sources = section.get(split)
-        if not isinstance(sources, list):
-            continue
-        for source in sources:
-            if isinstance(source, dict) and isinstance(source.get("path"), str):
-                candidate = here / os.path.expanduser(source["path"])
-                if candidate.exists() or any(ch in source["path"] for ch in "*?["):
-                    source["path"] = str(candidate.resolve() if candidate.exists() else candidate)
 
 
 def parse_set(item: str) -> tuple[tuple, object]:
@@ -429,8 +412,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         _apply_set(data, locs, item, problems)
     data.setdefault("name", path.stem)
+    data.setdefault("output_dir", "runs/${name}")
     secrets: dict = {}
     data = _interpolate(data, locs, secrets, problems)
+    missing = resolve_paths(data, locs, path)
     if problems:
         raise UserError(problems)
-    return Recipe(path=path, data=data, locs=locs, secrets=secrets)
+    return Recipe(path=path, data=data, locs=locs, secrets=secrets, missing=missing)

@@ -27,7 +27,8 @@ def opt(default=MISSING, help: str = "", factory=MISSING):
 
 @dataclass
 class ModelSection:
-    name: str = opt(help="Hub id (`Qwen/Qwen2.5-0.5B`), a local model folder, or `builtin:tiny`.")
+    name: str = opt(help="Hub id (`Qwen/Qwen2.5-0.5B`), a local model folder or run directory (relative to the "
+                    "recipe), or `builtin:tiny`.")
     revision: Union[str, None] = opt(None, help="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
         "auto", help="Weights dtype; `auto` = the checkpoint's own (float32 for builtin:tiny).")
@@ -37,7 +38,8 @@ class ModelSection:
         "Hopper with FA3) when there is a CUDA GPU, flash-attn is installed and the weights are bfloat16/float16, "
         "else transformers' default (sdpa for most models). `llmtune plan` shows the pick and why.")
     chat_template: Union[str, None] = opt(
-        None, help="null = the tokenizer's own; a `.jinja` file, or a template TRL ships, by name "
+        None, help="null = the tokenizer's own; a `.jinja` file (relative to the recipe), or a template TRL ships, by "
+        "name "
         "(llama3, qwen2_5, phi3, gemma, ...).")
     trust_remote_code: bool = opt(False, help="Run Python code shipped with a Hub model. Off unless you set it.")
     run_adapter: Literal["stack", "merge"] = opt(
@@ -110,7 +112,8 @@ class AdapterSection:
 
 @dataclass
 class SourceSection:
-    path: str = opt(help="A .jsonl/.json/.csv/.parquet file, a folder, a glob, or a Hub dataset id.")
+    path: str = opt(help="A .jsonl/.json/.csv/.parquet file, a folder or a glob (relative to the recipe), or a Hub "
+                    "dataset id (`owner/name`).")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto",
                     "prompt"] = opt("auto", help="Row format; `auto` detects it from the columns.")
     columns: dict[str, str] = opt(factory=dict, help="Rename map applied first, "
@@ -214,6 +217,27 @@ class HubSection:
 
 
 @dataclass
+class EvalSection:
+    tasks: list[str] = opt(help="lm-evaluation-harness tasks scored on the starting model before training and on the "
+                           "result after: task names (`hellaswag`), task YAML files or folders (relative to the "
+                           "recipe), or a shipped task (`eval/chat-mc`), as `llmtune eval --tasks` takes them.")
+    metric: Union[str, None] = opt(None, help="The metric each task is judged by (`acc`, `exact_match`, ...); null = "
+                                   "the first one the task reports. Every metric is recorded.")
+    tolerance: Union[float, None] = opt(
+        None, help="Flag the run (catastrophic forgetting) when a task's metric gets worse than before training by "
+        "more than this, in the metric's own units (0.02 = two points of accuracy); null = no such check.")
+    targets: dict[str, float] = opt(factory=dict, help="Flag the run when a task ends worse than its target, "
+                                    "`{task: value}` (task names as lm-eval reports them, e.g. `llmtune_chat_mc`).")
+    every_n_steps: Union[int, None] = opt(None, help="Also score the tasks every this many optimizer steps (recorded "
+                                          "with the step); null = before and after training only.")
+    limit: Union[float, None] = opt(None, help="Rows per task (a fraction below 1: that share); null = all.")
+    num_fewshot: Union[int, None] = opt(None, help="Solved examples before each question; null = the task's own.")
+    chat_template: Union[bool, None] = opt(
+        None, help="Wrap prompts in the chat template; null = when the training data is conversational and the "
+        "tokenizer has a template (as `llmtune eval` decides).")
+
+
+@dataclass
 class RecipeSection:
     method: MethodName = opt(help="Training method; the verb (`llmtune sft`) must match it.")
     model: ModelSection = opt(help="The base model.")
@@ -231,20 +255,30 @@ class RecipeSection:
         "(transformers' EarlyStoppingCallback). Needs `data.eval`; sets `load_best_model_at_end`, "
         "`metric_for_best_model` and a save schedule matching the evaluations unless `train:` sets them.")
     ref_model: Union[str, None] = opt(
-        None, help="dpo, kto: the frozen reference model (Hub id, folder or run directory); null = the starting "
+        None, help="dpo, kto: the frozen reference model (Hub id, or a folder or run directory relative to the "
+        "recipe); null = the starting "
         "model (with an adapter: the base with the adapter switched off).")
+    teacher_model: Union[str, None] = opt(
+        None, help="distill: the teacher whose token distributions the student learns (Hub id, folder or run "
+        "directory, whose adapter is then merged into its base); it must share the student's tokenizer.")
     reward_model: Union[str, None] = opt(
         None, help="ppo, grpo, rloo: the model that scores responses, a run directory of `llmtune reward` (e.g. "
-        "`runs/my-reward`) or a local or Hub sequence-classification model with one output.")
+        "`runs/my-reward`, relative to the recipe) or a local or Hub sequence-classification model with one output.")
     reward_functions: list[str] = opt(
-        factory=list, help="grpo, rloo: Python reward functions as `module:function` (importable from the working "
-        "directory), each called as TRL calls them: `f(prompts, completions, **columns) -> list[float]`.")
+        factory=list, help="grpo, rloo: Python reward functions as `module:function` (`module.py` beside the recipe, "
+        "else importable from PYTHONPATH) or `path/to/file.py:function` (relative to the recipe), each called as TRL "
+        "calls them: `f(prompts, completions, **columns) -> list[float]`.")
     launch: LaunchSection = opt(factory=lambda: {f.name: f.default for f in fields(LaunchSection)}, help="How many processes run the recipe, and how they "
                                 "share the model (`llmtune launch`).")
     hub: Union[HubSection, None] = opt(
         None, help="Upload the finished run to the Hugging Face Hub (needs a token: `HF_TOKEN` or `hf auth login`; "
         "without one the upload is skipped and `llmtune push` does it later); omitted = nothing is uploaded.")
-    output_dir: str = opt("runs/${name}", help="Run directory.")
+    eval: Union[EvalSection, None] = opt(
+        None, help="lm-evaluation-harness tasks scored before and after training (and every N steps if asked); the "
+        "change per task, and a verdict when a task drops by more than `tolerance` or misses its target, go to the "
+        "manifest, the card, the summary and `llmtune compare`.")
+    output_dir: str = opt("runs/${name}", help="Run directory, relative to the recipe (`--output-dir` and `--set`: to "
+                          "the working directory).")
     seed: int = opt(42, help="Seed for data mixing, splits and training.")
 
 

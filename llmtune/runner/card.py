@@ -156,6 +156,46 @@ def _evals(manifest: dict) -> list:
     return list(rows.values())
 
 
+def _gate(manifest: dict) -> str:
+    """The recipe's `eval:` scores before and after training, and the verdict."""
+    gate = manifest.get("eval_gate")
+    if not gate or "verdict" not in gate:
+        return ""
+    rows = [(task, r["metric"], judged.fmt(r["before"]), judged.fmt(r["after"]), f"{r['change']:+.4g}")
+            for task, r in gate["change"].items()]
+    limits = [f"tolerance {gate['tolerance']:g}" if gate.get("tolerance") is not None else "",
+              ", ".join(f"target {t} {v:g}" for t, v in gate["targets"].items())]
+    why = "".join(f"\n- {reason}" for reason in gate["reasons"])
+    return f"""
+## Evaluation gate (the recipe's `eval:`)
+
+Verdict: **{gate['verdict']}**{' (' + '; '.join(filter(None, limits)) + ')' if any(limits) else ''}{why}
+
+{_table(('task', 'metric', 'before training', 'after', 'change'), rows)}
+"""
+
+
+def _judgements(manifest: dict) -> str:
+    """`llmtune judge` results: a win rate per pairing, a mean score per graded candidate."""
+    rows = []
+    for entry in manifest.get("judgements") or []:
+        for item in entry.get("summary") or []:
+            interval = "-".join(judged.fmt(v) for v in item["interval"]) if item.get("interval") else "-"
+            if "win_rate" in item:
+                result = f"win rate {judged.fmt(item['win_rate'])}" if item["win_rate"] is not None else "-"
+                counts = f"{item['wins']} W / {item['ties']} T / {item['losses']} L"
+            else:
+                result = f"mean {judged.fmt(item['mean'])}/10" if item["mean"] is not None else "-"
+                counts = f"{item['scored']} graded"
+            rows.append((f"`{entry['judge']['model']}`", item["what"], result, interval,
+                         f"{counts}, {item['parse_failures']} parse failures"))
+    return f"""
+## Judged (`llmtune judge`)
+
+{_table(('judge', 'compared', 'result', '95% interval', 'counts'), rows)}
+""" if rows else ""
+
+
 def render(run_dir: Path) -> str:
     """The card's Markdown, from the files in `run_dir`; paths in it made portable."""
     manifest = _read_json(run_dir / "manifest.json")
@@ -202,7 +242,7 @@ Every logged step is in `metrics.jsonl`; the curves are in `loss.png`.
 ## Evaluation (`llmtune eval`)
 
 {_table(('task', 'metric', 'value', 'rows'), evals)}
-""" if evals else "") + f"""
+""" if evals else "") + _gate(manifest) + _judgements(manifest) + f"""
 ## Training settings
 
 {_table(('setting', 'value'), _settings_rows(manifest, config, peft, steps))}

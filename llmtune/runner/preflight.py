@@ -2,8 +2,9 @@
 
 `check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
 (built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
-the reward model exists and the reward functions import, the method's trainer would take the settings (its
-runner module's `refusals`), and the launch rules for this machine hold.
+the reward model exists and the reward functions import, a teacher shares the student's tokenizer, the
+`eval:` tasks load, the method's trainer would take the settings (its runner module's `refusals`), and the
+launch rules for this machine hold.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import os
 import warnings
 from pathlib import Path
 
+from ..defaults import auto_config
 from ..errors import UserError
 from ..files import BUILTIN_PREFIX, adapter_run, not_on_hub
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
-from ..methods.rewards import check_reward_model, load_reward_functions
+from ..methods.rewards import load_reward_functions
 from ..recipe.schema import ADAPTERS
+from ..tokenizer import load_tokenizer
+from . import gate
 
 
 def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
@@ -31,6 +35,7 @@ def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
 
 def model(resolved) -> None:
     """The model exists (a folder, the builtin, or a Hub id: cached when offline) and the adapter fits it."""
+    resolved.require_paths()
     config = resolved.config
     name = config["model"]["name"]
     where = resolved.locate(("model", "name"))
@@ -43,6 +48,12 @@ def model(resolved) -> None:
             raise UserError(f"{resolved.locate(('model', 'attn_implementation'))}: `flash_attention_2` runs on a "
                             "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
     _rewards(resolved)
+    _teacher(resolved)
+    if config.get("eval"):
+        try:
+            gate.tasks(config["eval"])
+        except UserError as err:
+            raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
     for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):
         raise UserError(f"{resolved.locate(key)}: {message}")
     adapter = config.get("adapter")
@@ -108,10 +119,43 @@ def _rewards(resolved) -> None:
     reward_model = config.get("reward_model")
     try:
         if reward_model:
-            check_reward_model(reward_model)
-            if not Path(reward_model).expanduser().is_dir():
+            if not Path(reward_model).is_dir():  # the recipe made a path absolute and checked it: a Hub id
                 _hub_model(reward_model, None, "reward_model")
         load_reward_functions(config.get("reward_functions") or [])
     except UserError as err:
         key = ("reward_model",) if err.problems[0].startswith("reward_model") else ("reward_functions",)
         raise UserError(f"{resolved.locate(key)}: {err.problems[0]}") from None
+
+
+def _teacher(resolved) -> None:
+    """The teacher exists and shares the student's tokenizer and logits: distillation compares their next-token
+    distributions id by id, so the same id must be the same token in both."""
+    config = resolved.config
+    name = config.get("teacher_model")
+    if not name:
+        return
+    where = resolved.locate(("teacher_model",))
+    if not name.startswith(BUILTIN_PREFIX) and not Path(name).expanduser().is_dir():
+        _hub_model(name, None, where)
+    teacher = {**config["model"], "name": name, "revision": None, "chat_template": None}
+    try:
+        ours, theirs = load_tokenizer(config["model"]).get_vocab(), load_tokenizer(teacher).get_vocab()
+        widths = auto_config(config["model"]).get_text_config().vocab_size, \
+            auto_config(teacher).get_text_config().vocab_size
+    except (OSError, ValueError) as err:
+        raise UserError(f"{where}: cannot read the teacher '{name}': {str(err).splitlines()[0]}") from None
+    except UserError as err:
+        raise UserError(f"{where}: the teacher: {err.problems[0]}") from None
+    why = None
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[0]
+        token, token_id = differ
+        why = (f"their vocabularies differ ({len(ours)} tokens in the student's, {len(theirs)} in the teacher's; "
+               f"e.g. {token!r} is id {ours.get(token)} in the student's and {theirs.get(token)} in the teacher's)")
+    elif widths[0] != widths[1]:
+        why = f"the student predicts {widths[0]} token ids, the teacher {widths[1]}"
+    if why:
+        raise UserError(f"{where}: the teacher '{name}' does not share the student's tokenizer: {why}; distillation "
+                        "compares their next-token distributions id by id, so pick a teacher of the student's "
+                        "model family (same tokenizer), or write the teacher's answers as data instead "
+                        "(`llmtune generate TEACHER --data prompts.jsonl --out answers.jsonl`, then `llmtune sft`)")

@@ -28,12 +28,14 @@ from ..recipe.preflight import output_dir_problem
 from ..secret import redact, scrub
 from . import card, lock
 from . import metrics as judged
+from .gate import summary as gate_summary
 from .resume import prepare
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 
 
-def _now() -> str:
+def now() -> str:
+    """The time in UTC, to the second, as every record writes it."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -157,11 +159,11 @@ class RunDir:
             "data": json.loads(scrub(json.dumps([vars(s) for s in data.sources]))),
             "data_shape": data.shape,  # conversational or not: `llmtune eval` applies the chat template to match
             "trust_remote_code": self.resolved.config["model"]["trust_remote_code"],
-            "started": previous.get("started", _now()),
+            "started": previous.get("started", now()),
             "status": "running",
         }
         if checkpoint is not None:
-            self.manifest["resumed"] = [*previous.get("resumed", []), {"from": str(checkpoint), "at": _now()}]
+            self.manifest["resumed"] = [*previous.get("resumed", []), {"from": str(checkpoint), "at": now()}]
         write_json(self.path / "manifest.json", self.manifest)
 
     def record(self, **fields) -> None:
@@ -176,7 +178,7 @@ class RunDir:
         returned, not raised, so it never hides the failure being recorded."""
         if not is_main_process():
             return None
-        self.manifest.update(status=status, finished=_now(), metrics=metrics)
+        self.manifest.update(status=status, finished=now(), metrics=metrics)
         try:
             write_json(self.path / "manifest.json", self.manifest)
             if status == "completed":
@@ -254,5 +256,7 @@ def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
     manifest = read_manifest(run_dir)
     shown = judged.summary(manifest.get("method", ""), metrics)
     hub = manifest.get("hub")  # where `hub:` uploaded the run
+    gate = manifest.get("eval_gate")
     (stream or sys.stdout).write(f"\nrun directory: {run_dir}\n{shown}\n" +
-                                 (f"on the Hub: {hub['url']}\n" if hub else ""))
+                                 (f"on the Hub: {hub['url']}\n" if hub else "") +
+                                 (gate_summary(gate) + "\n" if gate else ""))

@@ -34,6 +34,7 @@ from ..verbs import config_class
 from . import stopping
 from .card import settings
 from .diagnose import divergence_guard, explain
+from .gate import Gate
 from .interrupt import Interrupted, Interruption
 from .metrics import final
 from .preflight import model as check_model
@@ -164,6 +165,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     quiet()
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
+    gate = Gate(config, tokenizer, data.shape) if config.get("eval") else None  # its tasks, loaded now
     method = importlib.import_module(resolved.method.runner)
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
@@ -187,6 +189,8 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
             f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
+        if gate:
+            trainer.add_callback(gate.callback(run_dir, interruption))
         interruption.attach(trainer)
         make_resumable(trainer, stamp, checkpoint)
         metrics = execute(trainer, tokenizer, data, run_dir, checkpoint, interruption)
@@ -215,9 +219,10 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
     set_seed(config["seed"])  # new weights (a LoRA, a reward head) start the same on every run
     model = load_model(config, resolved.method.head)
     extra = {}
-    if config.get("ref_model"):  # frozen, so a run adapter in it is merged
-        ref = {**config["model"], "name": config["ref_model"], "revision": None, "run_adapter": "merge"}
-        extra["ref_model"] = load_model({**config, "model": ref}, resolved.method.head)
+    for key in ("ref_model", "teacher_model"):  # frozen, so a run adapter in one is merged
+        if config.get(key):
+            frozen = {**config["model"], "name": config[key], "revision": None, "run_adapter": "merge"}
+            extra[key] = load_model({**config, "model": frozen}, resolved.method.head)
     if resolved.method.rewards:  # reward (and value) models load with the recipe's model settings
         extra["recipe"] = config
     trainer = method.build_trainer(

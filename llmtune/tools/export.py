@@ -88,8 +88,9 @@ def merged_model(run_dir: Path):
     return model, loaded.tokenizer, loaded.recipe, notes
 
 
-def merge(run_dir, out=None, overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Write the run's adapter merged into its base as a full model folder (default RUN_DIR/merged)."""
+def merge(run_dir, out=None, overwrite: bool = False, dtype: str | None = None) -> tuple[Path, list[str]]:
+    """Write the run's adapter merged into its base as a full model folder (default RUN_DIR/merged), in `dtype`
+    (`bfloat16`, `float16`, `float32`; None: the dtype the run loaded the model in)."""
     run_dir = Path(run_dir)
     if not is_adapter(run_dir):
         raise UserError(f"{run_dir}: holds a full model (config.json, no adapter_config.json); there is nothing to "
@@ -97,6 +98,11 @@ def merge(run_dir, out=None, overwrite: bool = False) -> tuple[Path, list[str]]:
     out = Path(out) if out else run_dir / "merged"
     _fresh_dir(out, overwrite)
     model, tokenizer, recipe, notes = merged_model(run_dir)
+    if dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, dtype))
+        notes.append(f"saved in {dtype}")
     # Other inference engines read the stop tokens from generation_config.json: include the template's end of turn.
     model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
     # Written beside the target and renamed into place: an interrupted merge leaves nothing half-written.

@@ -10,6 +10,7 @@ at the model's eos tokens.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,3 +175,115 @@ def chat(loaded: Loaded, sampling: Sampling, system: str | None, read=input, wri
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         new = generate(loaded, prompt_ids(loaded.tokenizer, history), sampling, streamer=streamer)
         history.append({"role": "assistant", "content": loaded.tokenizer.decode(new, skip_special_tokens=True)})
+
+
+def generate_batch(loaded: Loaded, batch: list, sampling: Sampling) -> list[list[int]]:
+    """New token ids for each prompt (a 1-row id tensor each), generated together: padded on the left, each answer
+    cut at its first stop token."""
+    import torch
+
+    if loaded.head != "CausalLM":
+        raise UserError("this run trained a reward model: it scores text and does not generate")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(ids.shape[1] for ids in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, prompt in enumerate(batch):  # left padding: every answer starts right after its prompt
+        ids[row, width - prompt.shape[1]:] = prompt[0]
+        mask[row, width - prompt.shape[1]:] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), eos_token_id=stops,
+                             pad_token_id=pad, **sampling.kwargs())
+    answers = []
+    for new in out[:, width:].tolist():
+        cut = next((i for i, token in enumerate(new) if token in stops), len(new))
+        answers.append(new[:cut])
+    return answers
+
+
+def read_prompts(path: Path) -> list[list[dict]]:
+    """Each row's conversation up to the turn to answer: a `prompt` (text or messages) or `messages` (the turns
+    before its last assistant turn, which is answered again). UserError with the file and line otherwise."""
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+        turns = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        if isinstance(turns, str):
+            turns = [{"role": "user", "content": turns}]
+        elif isinstance(turns, list) and "prompt" not in row:
+            while turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+                turns = turns[:-1]  # a finished conversation: its last answer is the one written again
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                                           and isinstance(t.get("content"), str) for t in turns)):
+            raise UserError(f"{where}: a prompt row needs `prompt` (text, or a list of {{role, content}} messages) "
+                            "or `messages` (a conversation); this row has "
+                            f"{', '.join(map(repr, row)) if isinstance(row, dict) and row else 'neither'}")
+        if turns[-1]["role"] != "user":
+            raise UserError(f"{where}: the conversation to answer ends with a `{turns[-1]['role']}` turn; it must "
+                            "end with a `user` turn")
+        prompts.append(turns)
+    if not prompts:
+        raise UserError(f"--data {path}: no rows")
+    return prompts
+
+
+def answered(out: Path, prompts: list[list[dict]]) -> int:
+    """How many rows `out` already holds for these prompts (in order). A last row cut short by a killed run is
+    removed, to be written again; rows of other prompts are refused rather than mixed in."""
+    if not out.is_file():
+        return 0
+    data = out.read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]  # rows end with a newline: anything after the last one is a cut row
+    if len(whole) != len(data):
+        with out.open("r+b") as handle:
+            handle.truncate(len(whole))
+    rows = [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+    if len(rows) > len(prompts):
+        raise UserError(f"--out {out}: holds {len(rows)} rows, more than the {len(prompts)} prompts; choose another "
+                        "--out")
+    for number, (row, prompt) in enumerate(zip(rows, prompts), 1):
+        if row.get("messages", [])[:-1] != prompt:
+            raise UserError(f"--out {out}:{number}: this answer is to another prompt than row {number} of --data; "
+                            "it was written from other prompts (or they changed): choose another --out")
+    return len(rows)
+
+
+def generate_file(loaded: Loaded, data: Path, out: Path, sampling: Sampling, batch_size: int = 8,
+                  system: str | None = None, progress: bool = True) -> tuple[int, int]:
+    """Answer every prompt of `data` into `out` as `messages` rows (what `sft` trains on), `batch_size` at a time;
+    rows already in `out` are kept and skipped. Returns (rows written now, rows there before)."""
+    from tqdm.auto import tqdm
+
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [head + turns for turns in read_prompts(Path(data))]
+    out = Path(out)
+    done = answered(out, prompts)
+    if sampling.seed is not None:
+        import torch
+
+        torch.manual_seed(sampling.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    todo = prompts[done:]
+    with out.open("a", encoding="utf-8") as handle, \
+            tqdm(total=len(prompts), initial=done, unit="row", desc="generate", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            answers = generate_batch(loaded, [prompt_ids(loaded.tokenizer, turns) for turns in batch], sampling)
+            rows = [{"messages": [*turns, {"role": "assistant",
+                                           "content": loaded.tokenizer.decode(new, skip_special_tokens=True)}]}
+                    for turns, new in zip(batch, answers)]
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))  # whole rows only
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(len(rows))
+    return len(todo), done

@@ -170,6 +170,7 @@ def source_stats(resolved, sample_rows: int = 0):
     """(view, [SourceStats per train and eval source], the PreparedData training will use)."""
     import random
 
+    resolved.require_paths()  # the model and data it reads (plan and inspect both start here)
     config = resolved.config
     section = config["data"]
     specs = [("train", i, s) for i, s in enumerate(section["train"])]

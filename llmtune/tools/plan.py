@@ -36,8 +36,10 @@ def launch_lines(resolved, recipe, sets) -> tuple[object, list[str]]:
     return launch, [typed, f"which runs: {shlex.join(command)}"]
 
 
-def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
-    """The lines `llmtune plan` prints; the launch comes from the recipe's `launch:` (after `sets`)."""
+def plan(resolved, recipe, sets=(), gpu_memory: str | None = None, show_recipe: bool = False) -> list[str]:
+    """The lines `llmtune plan` prints: its findings first (what trains, steps, memory, fit, warnings), then each
+    section's details, and the resolved recipe when asked; the launch comes from the recipe's `launch:` (after
+    `sets`)."""
     import importlib
 
     import yaml
@@ -47,10 +49,9 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
     launch, commands = launch_lines(resolved, recipe, sets)
     processes, backend = launch.world, launch.backend
     config, method = resolved.config, resolved.method
-    lines = ["# resolved recipe", yaml.safe_dump(redact(config, resolved.recipe.secrets), sort_keys=False).rstrip()]
     view, sources, data = source_stats(resolved)
     max_length = config["data"]["max_length"]
-    lines.append("\n# data")
+    lines = ["\n# data"]
     longest, tokens = 0, 0
     for stats in sources:
         r = stats.report
@@ -65,15 +66,15 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
     rows = None if streamed else len(data.train)
     lines.append(f"training rows after eval hold-out and weights: {'streamed' if streamed else rows}"
                  + (f"; eval rows: {len(data.eval)}" if data.eval is not None else ""))
-    lines += [f"warning: {w}" for w in data.warnings]  # e.g. what the chat template does to the rows
 
     shape = model_shape(config, method.head)
     runner = importlib.import_module(method.runner)
     args = training_args(resolved, Path(".llmtune-plan"), runner.defaults(config, data), data)  # creates nothing
     kind = "full fine-tuning" if config.get("adapter") is None else f"{config['adapter']['type']} adapter"
+    trained = f"{shape.trainable:,} trainable ({100 * shape.trainable / shape.params:.2f}%, {kind})"
     lines += ["\n# model", f"{config['model']['name']} ({shape.architecture}), weights in {shape.dtype}",
-              f"parameters: {shape.params:,} total; {shape.trainable:,} trainable "
-              f"({100 * shape.trainable / shape.params:.2f}%, {kind})"]
+              f"parameters: {shape.params:,} total; {trained}"]
+    findings = [f"{method.name} on {config['model']['name']}: {shape.params:,} parameters, {trained}"]
 
     lines += ["\n# speed (picked for this machine where the recipe leaves it open)",
               *describe(resolved, args, data, shape.attention)]
@@ -86,6 +87,7 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
               f"= {effective} {'packed sequences' if packed else 'rows'} per optimizer step"]
     if streamed:
         lines.append(f"steps: {args.max_steps} in total (train.max_steps; a stream has no epochs to count)")
+        findings.append(f"streamed rows, {effective} per optimizer step: {args.max_steps} steps")
     else:
         sequences = math.ceil(tokens / max_length) if packed and max_length else rows
         batches = math.ceil(sequences / (per_device * processes))
@@ -94,6 +96,9 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
         lines.append(f"steps: {per_epoch} per epoch"
                      f"{' (packing: about ' + str(sequences) + ' sequences)' if packed else ''}, {total} in total"
                      + (" (train.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"))
+        findings.append(f"{rows} training rows, {effective} {'packed sequences' if packed else 'rows'} per optimizer "
+                        f"step: {total} steps" + (f" ({args.num_train_epochs:g} epochs)" if args.max_steps <= 0
+                                                  else ""))
 
     seq_len = max_length if packed and max_length else min(longest, max_length or longest)
     batch = per_device * (2 if method.paired else 1)
@@ -121,19 +126,30 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None) -> list[str]:
     for name, value in est.terms.items():
         lines.append(f"  {name:<12} {gib(value):>12}   {explain[name]}")
     lines.append(f"  {'total':<12} {gib(est.total):>12}")
+    verdict = ""
     lines += [f"  note: {note}" for note in est.notes]
     if processes > 1:
         lines.append(f"  {processes} processes with {backend}" + (", sharded" if backend != "ddp" else
                                                                   ": a whole copy on each GPU"))
     if budget is not None:
         if est.total <= budget:
-            lines.append(f"fits in {gib(budget)} ({gib(budget - est.total)} to spare)")
+            verdict = f"fits in {gib(budget)} ({gib(budget - est.total)} to spare)"
+            lines.append(verdict)
         else:
-            lines.append(f"does NOT fit in {gib(budget)} (short by {gib(est.total - budget)}); change, in order:")
+            verdict = f"does NOT fit in {gib(budget)} (short by {gib(est.total - budget)})"
+            lines.append(f"{verdict}; change, in order:")
             for text, after in suggestions(shape, settings, budget):
                 mark = "fits" if after <= budget else "still over"
                 lines.append(f"  - {text}: {gib(after)} ({mark})")
-    return lines + ["\n# launch", *commands]
+    findings.append(f"memory per GPU: about {gib(est.total)}" + (f"; {verdict} (see # memory)" if verdict else ""))
+    findings += [f"warning: {w}" for w in data.warnings]  # e.g. what the chat template does to the rows
+    over = sum(stats.truncated for stats in sources)
+    if over:
+        findings.append(f"warning: {over} sampled rows are longer than data.max_length {max_length} (their ends do "
+                        "not train; see # data)")
+    recipe_lines = ["\n# resolved recipe", yaml.safe_dump(redact(config, resolved.recipe.secrets),
+                                                          sort_keys=False).rstrip()] if show_recipe else []
+    return ["# findings", *findings, *lines, "\n# launch", *commands, *recipe_lines]
 
 
 def _weights_kind(shape: Shape, s: Settings) -> str:

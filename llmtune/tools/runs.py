@@ -131,6 +131,21 @@ def _cell(value) -> str:
         else "null" if value is None else str(value)
 
 
+def gate_rows(runs: list[Run]) -> list[list[str]]:
+    """The recipe's `eval:` gate: each task's judged metric before -> after training, and the verdict."""
+    gates = [r.manifest.get("eval_gate") or {} for r in runs]
+    tasks = list(dict.fromkeys(task for gate in gates for task in gate.get("change") or {}))
+    if not tasks:
+        return []
+
+    def cell(gate: dict, task: str) -> str:
+        row = (gate.get("change") or {}).get(task)
+        return f"{judged.fmt(row['before'])} -> {judged.fmt(row['after'])}" if row else "-"
+
+    return [*([f"eval {task}", *(cell(gate, task) for gate in gates)] for task in tasks),
+            ["eval gate", *(gate.get("verdict", "-") for gate in gates)]]
+
+
 def default_out(paths: list[Path]) -> Path:
     """Beside the first run: compare-A-vs-B.png (names cut, with a hash, past 80 characters)."""
     name = "-vs-".join(p.name for p in paths)
@@ -167,7 +182,7 @@ def compare(paths: list[Path], out: Path | None = None) -> tuple[list[str], Path
                                                                                    for r in runs)],
             ["steps", *(str(r.steps if r.steps is not None else "-") for r in runs)],
             *([k, *(_cell(r.metrics[k]) if k in r.metrics else "-" for r in runs)] for k in metric_keys),
-            ["duration", *(r.duration for r in runs)]]
+            *gate_rows(runs), ["duration", *(r.duration for r in runs)]]
     lines += ["", "metrics (final; eval_* on the eval set):", *("  " + line for line in table(rows))]
 
     out = out or default_out(paths)

@@ -1,0 +1,72 @@
+"""The recipe's `eval:` section (evaluations that gate a run): values the schema's types let through but the run
+cannot use, and task files read from the recipe's folder. Recipe-only, so `validate` reports them too."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..paths import SHIPPED
+from ..verbs import METHODS
+from .loader import shipped_recipe
+
+
+def task_path(item: str, here: Path) -> str | None:
+    """A task file or folder named relative to the recipe's folder `here`, as an absolute path; None when `item`
+    is not one there (a shipped task, an lm-eval task name, or a path relative to the working directory)."""
+    candidate = (here / os.path.expanduser(item))
+    return str(candidate.resolve()) if not Path(item).is_absolute() and candidate.exists() else None
+
+
+def _missing_file(item: str) -> bool:
+    """Written as a task file or folder, and neither there nor a shipped task."""
+    looks_like_path = Path(item).suffix in (".yaml", ".yml") or os.sep in item
+    shipped = shipped_recipe(item)
+    shipped_task = shipped is not None and shipped.is_relative_to((SHIPPED / "eval").resolve())
+    return looks_like_path and not Path(item).expanduser().exists() and not shipped_task
+
+
+def check_eval(checker, config: dict, here: Path) -> None:
+    """Check `eval:` and make its task paths absolute (relative ones are read from the recipe's folder `here`)."""
+    spec = config.get("eval")
+    if not spec:
+        return
+    where = ("eval",)
+    tasks = spec.get("tasks") or []
+    if spec.get("tasks") is not None and not tasks:
+        checker.error(where + ("tasks",), "`eval.tasks` is empty: name at least one task, e.g. `[eval/chat-mc]` (the "
+                      "shipped offline task) or `[hellaswag]`")
+    for i, item in enumerate(tasks):
+        if not isinstance(item, str):
+            continue
+        resolved = task_path(item, here)
+        if resolved:
+            tasks[i] = resolved
+        elif _missing_file(item):
+            checker.error(where + ("tasks", i), f"no such task file {item!r} (relative paths are read from the "
+                          "recipe's folder); give a task YAML file, a folder of them, a shipped task such as "
+                          "`eval/chat-mc`, or an lm-eval task name")
+    tolerance = spec.get("tolerance")
+    if tolerance is not None and not tolerance >= 0:  # nor .nan
+        checker.error(where + ("tolerance",), f"`eval.tolerance` is how far a task may get worse, >= 0 (e.g. "
+                      f"0.02); got {tolerance}")
+    for task, value in (spec.get("targets") or {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            checker.error(where + ("targets", task), f"`eval.targets.{task}` must be a finite number; got {value}")
+    for key, low in (("every_n_steps", 1), ("num_fewshot", 0)):
+        if spec.get(key) is not None and spec[key] < low:
+            checker.error(where + (key,), f"`eval.{key}` must be >= {low}; got {spec[key]}")
+    if spec.get("limit") is not None and not spec["limit"] > 0:
+        checker.error(where + ("limit",), f"`eval.limit` is a number of rows, or a fraction of each task between 0 "
+                      f"and 1; got {spec['limit']}")
+    method = METHODS.get(config.get("method"))
+    if method is not None and method.head != "CausalLM":
+        checker.error(where, f"`llmtune {method.name}` trains a {method.head} model, which scores whole texts; "
+                      "lm-eval tasks need a language model: remove `eval:`")
+    launch = config.get("launch") or {}
+    processes = launch.get("num_processes")
+    if (isinstance(processes, int) and processes > 1) or (launch.get("nodes") or 1) > 1:
+        checker.error(where, "`eval:` scores the model in one process, and this recipe launches several: remove "
+                      "`eval:` and score the finished run with `llmtune eval`, or train with `launch.num_processes: "
+                      "1`")
