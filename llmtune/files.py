@@ -62,3 +62,12 @@ def is_repo_id(name: str, folder: Path | None = None) -> bool:
         return False
     return folder is None or not (name.startswith(("./", "../", "/", "~")) or (folder / name).exists()
                                   or (folder / name.split("/")[0]).is_dir())
+
+
+def not_on_hub(error: Exception) -> bool:
+    """Whether a Hub request failed because the repository does not exist (404, or the 401 the Hub answers to
+    an unknown id without a token), rather than for want of access or of a network."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return (isinstance(error, RepositoryNotFoundError) and not isinstance(error, GatedRepoError)) or status == 404

@@ -32,6 +32,9 @@ def quiet_loggers() -> None:
     """Lower the libraries' loggers before any of them is imported (bitsandbytes warns as it loads)."""
     for name in ("trl", "peft", "accelerate", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # "Token indices sequence length is longer than ... indexing errors" on a row longer than the model takes:
+    # llmtune counts the rows `data.max_length` cuts and says so itself, in the row's words
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 def quiet() -> None:

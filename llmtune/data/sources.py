@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from llmtune.errors import UserError
+from llmtune.files import not_on_hub
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 _EXTENSION_LIST = ", ".join(EXTENSIONS)
@@ -274,12 +275,16 @@ def _read_hub(path, name, split, revision, where):
     """A Hub dataset, pinned to the commit the revision resolves to, so the run records
     exactly what it trained on."""
     import datasets
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
     try:
         commit = HfApi().dataset_info(path, revision=revision).sha
         table = datasets.load_dataset(path, name, split=split, revision=commit)
     except (OSError, ValueError) as error:  # unknown id, split or config, no network, no access
+        if not_on_hub(error):
+            raise UserError(f"{where}: '{path}' is not a file or folder here and not a dataset on the Hub "
+                            f"({constants.ENDPOINT}); a relative path is looked up next to the recipe, then in the "
+                            "working directory") from None
         raise UserError(f"{where}: cannot load Hub dataset '{path}': {error}") from error
     if not len(table):
         raise UserError(f"{where}: split '{split}' of Hub dataset '{path}' has no rows")

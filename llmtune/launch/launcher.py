@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def spawn(resolved, launch: Launch, args: list[str], extra_args=()) -> int:
     """Launch, wait, and return the exit code; a failed launch prints its first failing rank's error."""
     from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
+    from torch.distributed import run  # noqa: F401  (imported now, so its loggers exist to be lowered below)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -162,6 +164,10 @@ def spawn(resolved, launch: Launch, args: list[str], extra_args=()) -> int:
         return report(err)
     except SignalException:  # Ctrl-C / SIGTERM: the launcher passed it on; each process saved a checkpoint and exited
         return 130
+    except SystemExit as err:  # the same where accelerate (1.16) exits with 128 + the signal number instead
+        if err.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            return 130
+        raise
     except ValueError as err:  # accelerate's own checks of the config and arguments
         raise UserError(f"accelerate launch refused the settings: {err}") from None
     return 0

@@ -8,11 +8,26 @@ from ..defaults import attention
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
+def _varlen(model: dict) -> bool:
+    """Whether the attention the run will use (the recipe's, or flash attention picked for this machine) is varlen."""
+    return attention(model).value in VARLEN_ATTENTION and not model["trust_remote_code"]
+
+
+def refusals(config: dict) -> list[tuple[tuple, str]]:
+    """(key, message) for what SFTTrainer would refuse once the model loaded; the pre-flight says it first."""
+    packing = config["data"]["packing"]
+    if (config.get("train") or {}).get("padding_free") and not (_varlen(config["model"]) if packing is None
+                                                                else packing) \
+            and config["data"]["max_length"] is not None:
+        return [(("train", "padding_free"), "`train.padding_free: true` without packing would not cut rows to "
+                 "`data.max_length` (TRL's SFTTrainer refuses it); set `data.packing: true` too, or remove "
+                 "`padding_free`")]
+    return []
+
+
 def defaults(config: dict, data) -> dict:
     """SFTConfig values llmtune sets unless the recipe's `train:` does."""
-    model = config["model"]
-    # The attention the run will use: the recipe's, or flash attention picked for this machine.
-    varlen = attention(model).value in VARLEN_ATTENTION and not model["trust_remote_code"]
+    varlen = _varlen(config["model"])
     packing = config["data"]["packing"]
     if packing is None:
         packing = varlen

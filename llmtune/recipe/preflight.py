@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from .schema import ADAPTERS
+
 # `train.report_to` names and the modules transformers imports for them.
 TRACKERS = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
@@ -35,11 +37,24 @@ def values(check, config: dict) -> None:
     dropout = adapter.get("lora_dropout")
     if isinstance(dropout, (int, float)) and not 0 <= dropout < 1:
         check.error(("adapter", "dropout"), f"`adapter.dropout` must be in [0, 1); got {dropout}")
+    if in_cache(config) and train.get("gradient_checkpointing") is True:
+        check.error(("train", "gradient_checkpointing"), f"`adapter.type: {adapter['type']}` trains vectors that "
+                    "enter every layer as its attention cache, which gradient checkpointing drops (each batch would "
+                    "then fail: the attention mask is longer than the keys); set `train.gradient_checkpointing: "
+                    f"false` (the default with `type: {adapter['type']}`), or use `type: prompt` or `p_tuning`")
     attention = (config.get("model") or {}).get("attn_implementation")
     if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         check.error(("model", "attn_implementation"), "`flash_attention_2` needs the flash-attn package and a "
                     "CUDA GPU; install it (`pip install flash-attn`) or set `model.attn_implementation: sdpa`")
     _output_dir(check, config)
+
+
+def in_cache(config: dict) -> bool:
+    """Whether the recipe's adapter enters the model as the attention cache (prefix tuning): gradient
+    checkpointing, which drops that cache, is then off by default and refused when asked for."""
+    adapter = config.get("adapter") or {}
+    kind = ADAPTERS.get(adapter.get("type", "lora")) if isinstance(adapter, dict) else None
+    return bool(kind and kind.in_cache)
 
 
 def _train_values(check, train: dict) -> None:

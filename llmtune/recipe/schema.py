@@ -68,6 +68,9 @@ class AdapterType:
     defaults: dict = field(default_factory=dict)  # llmtune's defaults where PEFT has none that fits
     required: tuple = ()  # fields PEFT leaves unset and cannot build the adapter without
     mergeable: bool = True  # `llmtune merge` can fold it into the base weights
+    # Its trained vectors go in as the attention cache (past_key_values), which transformers' gradient
+    # checkpointing drops: the attention mask, widened for them, then no longer matches the keys.
+    in_cache: bool = False
 
 
 _LORA_DEFAULTS = {"target_modules": "all-linear"}
@@ -79,7 +82,7 @@ ADAPTERS = {
     "rslora": AdapterType("peft:LoraConfig", {"use_rslora": True}, _LORA_DEFAULTS),
     "ia3": AdapterType("peft:IA3Config"),
     # Prompt learning: trained virtual tokens in front of the input, nothing to fold into weights.
-    "prefix": AdapterType("peft:PrefixTuningConfig", required=_VIRTUAL_TOKENS, mergeable=False),
+    "prefix": AdapterType("peft:PrefixTuningConfig", required=_VIRTUAL_TOKENS, mergeable=False, in_cache=True),
     "prompt": AdapterType("peft:PromptTuningConfig", required=_VIRTUAL_TOKENS, mergeable=False),
     "p_tuning": AdapterType("peft:PromptEncoderConfig", required=_VIRTUAL_TOKENS, mergeable=False),
 }

@@ -3,11 +3,13 @@
 `check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
 (built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
 the reward model exists and the reward functions import, a teacher shares the student's tokenizer, the
-`eval:` tasks load, and the launch rules for this machine hold.
+`eval:` tasks load, the method's trainer would take the settings (its runner module's `refusals`), and the
+launch rules for this machine hold.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from ..defaults import auto_config
 from ..errors import UserError
-from ..files import BUILTIN_PREFIX, adapter_run
+from ..files import BUILTIN_PREFIX, adapter_run, not_on_hub
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
 from ..methods.rewards import load_reward_functions
@@ -52,6 +54,8 @@ def model(resolved) -> None:
             gate.tasks(config["eval"])
         except UserError as err:
             raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
+    for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):
+        raise UserError(f"{resolved.locate(key)}: {message}")
     adapter = config.get("adapter")
     # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
     # prompt initialised from text needs the real embeddings, which the meta device does not have.
@@ -72,8 +76,13 @@ def model(resolved) -> None:
                         f"{str(err).splitlines()[0]}") from None
 
 
+# One question to the Hub, answered or given up on within this many seconds (no retries): exists or not.
+HUB_TIMEOUT_S = 10
+
+
 def _hub_model(name: str, revision: str | None, where: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HTTPError, RevisionNotFoundError
     from huggingface_hub.utils import HFValidationError
 
     try:
@@ -88,6 +97,20 @@ def _hub_model(name: str, revision: str | None, where: str) -> None:
         raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the Hub "
                         "is offline (HF_HUB_OFFLINE); download it first (`hf download "
                         f"{name}`) with the Hub reachable, or give the path of a model folder")
+    try:
+        HfApi().model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError:
+        raise UserError(f"{where}: model '{name}' has no revision '{revision}' on the Hub ({constants.ENDPOINT}); "
+                        "fix `model.revision`") from None
+    except (HTTPError, OSError) as err:  # HfHubHTTPError is both: the Hub's answer; others: no network, a timeout
+        if not_on_hub(err):
+            raise UserError(f"{where}: '{name}' is not a folder and not a model on the Hub ({constants.ENDPOINT}); "
+                            "give the path of a model folder, or a Hub id such as `Qwen/Qwen2.5-0.5B` (a private "
+                            "model needs `hf auth login`)") from None
+        if not isinstance(err, GatedRepoError):  # a gated model exists: loading it needs access, as anywhere
+            raise UserError(f"{where}: model '{name}' is not a folder here and not in the local Hub cache, and the "
+                            f"Hub ({constants.ENDPOINT}) did not answer: {str(err).splitlines()[0] or type(err).__name__}; "
+                            "download it first, or give the path of a model folder") from None
 
 
 def _rewards(resolved) -> None:

@@ -28,6 +28,7 @@ from ..logs import quiet
 from ..model import convert_adapter, load_model, loraplus_optimizer, peft_config, save_initial_adapter
 from ..ranks import is_main_process, launched
 from ..recipe.check import Resolved
+from ..recipe.preflight import in_cache
 from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
 from ..verbs import config_class
 from . import stopping
@@ -68,6 +69,7 @@ def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
         **launched_args(),  # a launch on a machine without GPUs: CPU processes over gloo
         **picks(resolved, data),  # picked for this machine: tokenizing workers, Liger kernels
         **defaults,
+        **({"gradient_checkpointing": False} if in_cache(config) else {}),  # see recipe/preflight.py
         **stopping.settings(config, resolved.method),
         **config["train"],
     }
