@@ -94,7 +94,8 @@ def _save(model, folder: Path) -> None:
     rank (or the first rank of another machine) may be the one that builds the model."""
     from safetensors.torch import save_file
 
-    model.config.architectures = [type(model).__name__]  # as save_pretrained records it (GGUF export reads it)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records them (GGUF export and the
+    model.config.dtype = model.dtype  # attention pick read them)
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
