@@ -72,7 +72,7 @@ def tiny_config(tokenizer):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
         # Wider than the usual 0.02 so the output head can express sharp predictions and a LoRA
         # on the inner layers (the head is not adapted) visibly learns within a minute.
-        initializer_range=0.1,
+        initializer_range=0.1, dtype="float32",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
 
