@@ -384,7 +384,7 @@ def misblamed(fmt: str, rows: list) -> bool:
     """KNOWN BROKEN (data/prepare.py, `_format_of`): a source's format is detected from the columns of all its
     rows together, so one stray row whose columns win detection (a `messages` row in an alpaca file, a `label` in
     a prompt/completion one) makes every other row the bad one, or the whole file a format the method cannot
-    train, instead of naming the stray row. Left out of the sweep; see the xfail test below."""
+    train, instead of naming the stray row. Left out of the sweep until it is fixed (issue 15)."""
     columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k, v in r.items() if v is not None))
     found = detect(columns)
     return found is not None and found[0] != fmt
@@ -477,13 +477,3 @@ def test_fuzzed_data_files_validate_accepts_do_train(ident, tmp_path, monkeypatc
     assert result.exit_code == 0, (result.stderr, result.exception)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["metrics"]["train_loss"] > 0
-
-
-@pytest.mark.xfail(strict=True, reason="known broken: a stray row's columns decide the source's format "
-                                       "(data/prepare.py `_format_of`), so the other rows are blamed")
-def test_a_stray_row_of_another_format_is_blamed_on_that_row(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rows = [ROWS["alpaca"][1](i) for i in range(12)]
-    rows[BAD_ROW] = ROWS["messages"][1](BAD_ROW)
-    assert data_outcome(("alpaca.jsonl.row-of-messages", "sft", "d.jsonl", serialize("jsonl", rows), "d.jsonl:7"),
-                        tmp_path) == "refused at the row"
