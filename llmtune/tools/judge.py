@@ -224,10 +224,11 @@ def judge_single(judge, rubric: str, rows: list[dict], answers: list[str]) -> li
 def target(judging: Judging) -> Path:
     """`output_dir`, else the first candidate's run directory, else runs/NAME."""
     config = judging.config
-    if config["output_dir"]:
-        return Path(config["output_dir"]).expanduser()
     first = Path(config["candidates"][0])
-    return first if read_manifest(first).get("method") else Path("runs") / config["name"]
+    # The loader fills in `output_dir: runs/NAME` when the recipe leaves it out: only a written one wins.
+    if ("output_dir",) not in judging.recipe.locs and read_manifest(first).get("method"):
+        return first
+    return Path(config["output_dir"]).expanduser()
 
 
 def run(judging: Judging) -> tuple[list[str], Path]:
