@@ -6,12 +6,10 @@ run offline and a run directory made from it reloads like any other.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .files import BUILTIN_PREFIX
+from .files import BUILTIN_PREFIX, staged_folder
 from .paths import cache_dir
 
 TINY_VERSION = "tiny-v2"  # bump when the builtin model or tokenizer changes
@@ -109,15 +107,10 @@ def builtin_path(name: str) -> Path:
     target = cache_dir() / "builtin" / TINY_VERSION
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    tokenizer = build_tiny_tokenizer()
-    _save(build_tiny_model(tokenizer), tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(target, replace=False) as tmp:  # another process finishing first: its copy is identical
+        tokenizer = build_tiny_tokenizer()
+        _save(build_tiny_model(tokenizer), tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

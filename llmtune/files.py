@@ -1,4 +1,4 @@
-"""Run-directory file facts, Hub repository ids, and the one write-then-rename helper.
+"""Run-directory file facts, Hub repository ids, and the write-then-rename helpers (a file, a folder).
 
 Layout (DESIGN.md): the model or adapter and tokenizer, `recipe.yaml`, `manifest.json`,
 `README.md`, `metrics.jsonl`, `loss.png`, `checkpoint-N/`, and `train.log`.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +30,26 @@ def atomic_path(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(target: Path, replace: bool = True):
+    """A new hidden folder beside `target` to write a whole folder into, renamed onto `target` when the block
+    succeeds (removed when it fails): an interrupted write leaves nothing half-written. With `replace=False` a
+    `target` that exists by then (another process wrote the same thing first) is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if replace and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if replace or not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -601,3 +601,22 @@ def test_the_divergence_guard_leaves_fp16_loss_scaling_alone():
                        (False, {"eval_loss": float("nan"), "loss": 1.0})):
         with pytest.raises(Diverged, match="diverged at step 3"):
             divergence_guard(SimpleNamespace(fp16=fp16)).on_log(None, state, None, logs=logs)
+
+
+def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
+    from llmtune.files import staged_folder
+
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_folder(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the staging folder
+    with staged_folder(target) as tmp:
+        (tmp / "a").write_text("first")
+    with staged_folder(target) as tmp:
+        (tmp / "b").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]  # replaced whole
+    with staged_folder(target, replace=False) as tmp:  # another process got there first: its copy stays
+        (tmp / "c").write_text("third")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "b").read_text() == "second"

@@ -10,13 +10,11 @@ Hub sources are not cached here: `datasets` caches them itself.
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from llmtune.data.sources import local_fingerprint
 from llmtune.errors import UserError
+from llmtune.files import staged_folder
 from llmtune.paths import cache_dir
 from llmtune.secret import scrub
 
@@ -82,16 +80,11 @@ def store(cache_key, train, evals, meta):
 
     datasets.disable_progress_bars()  # a cache write is not worth a progress bar
     target = folder(cache_key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        train.save_to_disk(str(tmp / "train"))
-        if evals is not None:
-            evals.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(scrub(json.dumps(meta)), encoding="utf-8")  # a secret in a data path
-        if target.exists():  # another run stored the same key first; its copy is identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
+    try:  # another run storing the same key first: its copy is identical
+        with staged_folder(target, replace=False) as tmp:
+            train.save_to_disk(str(tmp / "train"))
+            if evals is not None:
+                evals.save_to_disk(str(tmp / "eval"))
+            (tmp / "meta.json").write_text(scrub(json.dumps(meta)), encoding="utf-8")  # a secret in a data path
     except OSError:  # a full disk or a race with another run: the cache is only an optimisation
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass

@@ -18,12 +18,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import write_atomic, write_json
+from ..files import staged_folder, write_atomic, write_json
 from ..runner.rundir import package_versions
 from ..tokenizer import GENERATION_TAG, end_of_turn_token, stop_at_end_of_turn, stop_token_ids
 from .infer import is_adapter, load
@@ -104,22 +103,13 @@ def merge(run_dir, out=None, overwrite: bool = False, dtype: str | None = None) 
         model = model.to(getattr(torch, dtype))
         notes.append(f"saved in {dtype}")
     stop_at_end_of_turn(model, tokenizer)
-    # Written beside the target and renamed into place: an interrupted merge leaves nothing half-written.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:  # an interrupted merge leaves nothing half-written
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # with the chat template used in training
         if (run_dir / "recipe.yaml").is_file():
             shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")
         write_json(tmp / "manifest.json",
                    {"merged_from": str(run_dir.resolve()), "notes": notes, "packages": package_versions()})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, notes
 
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -27,7 +24,7 @@ import yaml
 from ..builtin import model_path
 from ..defaults import auto_config
 from ..errors import UserError
-from ..files import read_manifest, write_json
+from ..files import read_manifest, staged_folder, write_json
 from ..recipe import loader
 from ..recipe.schema import Checker, mergeable, opt
 from ..runner.rundir import now, package_versions
@@ -242,9 +239,7 @@ def merge(plan: MergePlan, out=None, overwrite: bool = False) -> tuple[Path, lis
     started = now()
     model, tokenizer, notes = merged_weights(plan)
     model.generation_config.eos_token_id = stop_token_ids(model, tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:  # written beside the target and renamed into place: an interrupted merge leaves nothing half-written
+    with staged_folder(out) as tmp:  # an interrupted merge leaves nothing half-written
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         config = {**plan.config, "base": plan.base,
@@ -256,12 +251,6 @@ def merge(plan: MergePlan, out=None, overwrite: bool = False) -> tuple[Path, lis
                     **_data_shape(plan.runs)}
         write_json(tmp / "manifest.json", manifest)
         (tmp / "README.md").write_text(card(plan, notes), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, notes
 
 
