@@ -266,6 +266,9 @@ def execute(trainer, tokenizer, data, run_dir: RunDir, checkpoint: Path | None, 
     if logged:
         metrics.update(first_loss=logged[0], last_loss=logged[-1])
     metrics.update(final(method, rows, metrics))
+    if args.load_best_model_at_end and trainer.state.best_global_step:  # transformers loaded that checkpoint
+        run_dir.record(best_checkpoint={"step": trainer.state.best_global_step,
+                                        "metric": args.metric_for_best_model, "value": trainer.state.best_metric})
     save_final(trainer, tokenizer, run_dir.path)
     if initial:
         convert_adapter(trainer.model, run_dir.path, initial)
