@@ -51,7 +51,7 @@ def model(resolved) -> None:
     _teacher(resolved)
     if config.get("eval"):
         try:
-            gate.tasks(config["eval"])
+            gate.tasks(config)
         except UserError as err:
             raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
     for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):
