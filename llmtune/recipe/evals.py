@@ -7,8 +7,10 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import UserError
 from ..paths import SHIPPED
 from ..verbs import METHODS
+from .judge import RUN, resolve_judge
 from .loader import shipped_recipe
 from .sections import check_saves_at_evaluations
 
@@ -35,9 +37,10 @@ def check_eval(checker, config: dict, here: Path) -> None:
         return
     where = ("eval",)
     tasks = spec.get("tasks") or []
-    if spec.get("tasks") is not None and not tasks:
-        checker.error(where + ("tasks",), "`eval.tasks` is empty: name at least one task, e.g. `[eval/chat-mc]` (the "
-                      "shipped offline task) or `[hellaswag]`")
+    if not tasks and not spec.get("judge"):
+        checker.error(where + ("tasks",), "`eval:` scores nothing: name at least one task in `eval.tasks`, e.g. "
+                      "`[eval/chat-mc]` (the shipped offline task) or `[hellaswag]`, or a judge recipe in "
+                      "`eval.judge`")
     for i, item in enumerate(tasks):
         if not isinstance(item, str):
             continue
@@ -63,6 +66,11 @@ def check_eval(checker, config: dict, here: Path) -> None:
                       f"and 1; got {spec['limit']}")
     if spec.get("keep_best") is not None:
         _check_keep_best(checker, config)
+    if isinstance(spec.get("judge"), str) and Path(spec["judge"]).is_file():  # a missing file: a path problem
+        try:
+            resolve_judge(spec["judge"], run=RUN)
+        except UserError as err:  # each at the judge recipe's own FILE:LINE
+            checker.problems.extend(err.problems)
     method = METHODS.get(config.get("method"))
     if method is not None and method.head != "CausalLM":
         checker.error(where, f"`llmtune {method.name}` trains a {method.head} model, which scores whole texts; "

@@ -49,7 +49,7 @@ def model(resolved) -> None:
                             "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
     _rewards(resolved)
     _teacher(resolved)
-    if config.get("eval"):
+    if (config.get("eval") or {}).get("tasks"):
         try:
             gate.tasks(config)
         except UserError as err:

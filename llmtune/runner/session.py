@@ -165,7 +165,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     quiet()
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
-    gate = Gate(config, tokenizer, data.shape) if config.get("eval") else None  # its tasks, loaded now
+    gate = Gate(config, tokenizer, data.shape) if (config.get("eval") or {}).get("tasks") else None  # its tasks, loaded now
     method = importlib.import_module(resolved.method.runner)
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
