@@ -166,6 +166,8 @@ def test_keep_best_ends_the_run_on_the_checkpoint_with_the_best_task_score(tmp_p
      r"r\.yaml:\d+:\d+: `eval.keep_best` scores the tasks at every evaluation \(`train.eval_steps`\): remove"),
     ({"keep_best": f"{TASK}/acc"}, {"metric_for_best_model": "eval_loss"},
      r"r\.yaml:\d+:\d+: `eval.keep_best` sets `train.metric_for_best_model`: remove it"),
+    ({"tasks": [], "keep_best": f"{TASK}/acc"}, {},
+     r"r\.yaml:\d+:\d+: `eval.keep_best` names a task of `eval.tasks`, and none is scored"),
     ({"keep_best": f"{TASK}/acc"}, {"save_strategy": "no"},
      r"r\.yaml:\d+:\d+: `eval.keep_best` loads the best checkpoint, so checkpoints are saved when evaluating"),
 ])

@@ -91,6 +91,9 @@ def _check_keep_best(checker, config: dict) -> None:
     if not task or not metric:
         checker.error(where, f"`eval.keep_best` is `TASK/METRIC` as lm-eval reports them, e.g. "
                       f"`llmtune_chat_mc/acc`; got {spec['keep_best']!r}")
+    if not spec.get("tasks"):
+        checker.error(where, "`eval.keep_best` names a task of `eval.tasks`, and none is scored: add it there, e.g. "
+                      "`tasks: [eval/chat-mc]`")
     if not (config.get("data") or {}).get("eval"):
         checker.error(where, "`eval.keep_best` scores the tasks at every evaluation of the eval set, and there is "
                       "none: add `data.eval: 0.05` (a held-out fraction of train) or eval sources under `data.eval:`")
