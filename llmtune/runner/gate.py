@@ -58,11 +58,10 @@ def _check_keep_best(keep: str, loaded: dict, train: dict) -> None:
                         "highest: add `train.greater_is_better: false`")
 
 
-def logged(step: int, scores: dict) -> dict:
-    """A metrics.jsonl row of the tasks' scores at `step`, under `gate/TASK/METRIC` (what `eval.keep_best`
-    names, and the plot draws)."""
-    return {"step": step, **{f"gate/{task}/{metric}": value for task, values in scores.items()
-                             for metric, value in values.items()}}
+def flat(scores: dict) -> dict:
+    """{task: {metric: value}} under the names metrics.jsonl logs them by, `gate/TASK/METRIC` (what the plot draws
+    and `eval.keep_best` names)."""
+    return {f"gate/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
 
 
 class Gate:
@@ -120,7 +119,7 @@ class Gate:
         def scored(state, model) -> dict:
             scores = gate.score(model)
             gate.record["steps"].append({"step": state.global_step, "scores": scores})
-            gate.save(run_dir, logged(state.global_step, scores))
+            gate.save(run_dir, state.global_step, scores)
             return scores
 
         class GateCallback(TrainerCallback):
@@ -130,11 +129,12 @@ class Gate:
                 self.training = True
                 earlier = _read(run_dir / FILE) if state.global_step else {}  # resumed: the starting model's scores
                 gate.record["steps"] = [s for s in earlier.get("steps", []) if s["step"] <= state.global_step]
-                if earlier.get("before"):
+                if earlier.get("before"):  # already in metrics.jsonl too
                     gate.record["before"] = earlier["before"]
-                    return gate.save(run_dir)
-                gate.record["before"] = gate.score(model, starting=True)
-                gate.save(run_dir, logged(state.global_step, gate.record["before"]))
+                    gate.save(run_dir)
+                else:
+                    gate.record["before"] = gate.score(model, starting=True)
+                    gate.save(run_dir, state.global_step, gate.record["before"])
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 every = gate.spec["every_n_steps"]
@@ -143,8 +143,7 @@ class Gate:
 
             def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
                 if gate.spec["keep_best"] and self.training:  # the trainer picks the best checkpoint by these
-                    metrics.update({f"eval_{key}": value for key, value in logged(0, scored(state, model)).items()
-                                    if key != "step"})
+                    metrics.update({f"eval_{key}": value for key, value in flat(scored(state, model)).items()})
 
             def on_train_end(self, args, state, control, model=None, **kwargs):
                 self.training = False
@@ -152,19 +151,19 @@ class Gate:
                     return
                 gate.record["after"] = gate.score(model)  # the best checkpoint's, when one was loaded
                 gate.record.update(judge(gate.record))
-                gate.save(run_dir, logged(state.global_step, gate.record["after"]))
+                gate.save(run_dir, state.global_step, gate.record["after"])
                 run.record(eval_gate=gate.record)
 
         return GateCallback()
 
-    def save(self, run_dir: Path, row: dict | None = None) -> None:
-        """The record to RUN_DIR/eval/gate.json, and `row` (scores) appended to metrics.jsonl."""
+    def save(self, run_dir: Path, step: int | None = None, scores: dict | None = None) -> None:
+        """The record to RUN_DIR/eval/gate.json; `scores` (new at `step`) appended to metrics.jsonl."""
         if is_main_process():
             (run_dir / FILE).parent.mkdir(exist_ok=True)
             write_json(run_dir / FILE, self.record)
-            if row:
+            if scores is not None:
                 with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
-                    out.write(json.dumps(row) + "\n")
+                    out.write(json.dumps({"step": step, **flat(scores)}) + "\n")
 
 
 def _read(path: Path) -> dict:
