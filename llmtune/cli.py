@@ -98,7 +98,12 @@ def _train(recipe: Path, sets: list[str], verb: Optional[str], output_dir: Optio
         if dry_run:
             return _dry_run(resolved)
         outcome = run_recipe(resolved, options)
-        if outcome.metrics is not None and resolved.config.get("hub") and ranks.is_main_process():
+        finished = outcome.metrics is not None and ranks.is_main_process()
+        if finished and (resolved.config.get("eval") or {}).get("judge"):  # before the upload, which takes it along
+            from .tools.judge import judge_finished
+
+            typer.echo("\n".join(judge_finished(outcome.run_dir, resolved.config["eval"]["judge"])))
+        if finished and resolved.config.get("hub"):
             _upload(outcome.run_dir, resolved.config["hub"])  # after the run: a failed upload loses nothing
     _summary(outcome, options)
 

@@ -48,6 +48,23 @@ def test_stops_when_eval_loss_rises_and_ends_on_the_best_checkpoint(tmp_path):
     assert (out / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_load_best_model_at_end_in_train_keeps_the_best_checkpoint_and_the_manifest_names_it(tmp_path):
+    out = tmp_path / "run"
+    best = {"max_steps": 6, "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "save_steps": 2}
+    run(resolve(recipe(tmp_path, train=best, stopping=None)), ["llmtune", "sft"], output_dir=str(out))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [(m["step"], m["eval_loss"]) for m in logged if "eval_loss" in m]
+    # Evaluated at steps 2, 4 and 6, rising after step 2; then once more on the model the run ends with.
+    assert [step for step, _ in evals] == [2, 4, 6, 6] and evals[0][1] < min(evals[1][1], evals[2][1]), evals
+    assert evals[-1][1] == pytest.approx(evals[0][1], rel=1e-4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["best_checkpoint"] == {"step": 2, "metric": "eval_loss", "value": pytest.approx(evals[0][1])}
+    final, kept = load_file(out / "adapter_model.safetensors"), load_file(out / "checkpoint-2" /
+                                                                          "adapter_model.safetensors")
+    assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
+
+
 def test_section_sets_the_trainer_arguments_and_train_wins(tmp_path):
     resolved = resolve(recipe(tmp_path, train={"save_total_limit": 3}))
     args = training_args(resolved, tmp_path / "out", {"eval_strategy": "steps"})

@@ -118,6 +118,10 @@ def test_a_destructive_run_is_flagged_and_a_normal_one_is_not(tmp_path, base_run
     assert bad_gate["verdict"] == "flagged" and "more than the tolerance 0.05" in bad_gate["reasons"][0]
     assert good_gate["verdict"] == "passed" and abs(good_gate["change"][TASK]["change"]) <= 0.05
     assert json.loads((bad / "eval" / "gate.json").read_text()) == bad_gate
+    # Every score is a metrics.jsonl row too (before at step 0, step 2, the end at step 3), for the plots.
+    rows = [json.loads(line) for line in (bad / "metrics.jsonl").read_text().splitlines()]
+    scored = [(row["step"], row[f"gate/{TASK}/acc"]) for row in rows if f"gate/{TASK}/acc" in row]
+    assert scored == [(0, drop["before"]), (2, bad_gate["steps"][0]["scores"][TASK]["acc"]), (3, drop["after"])]
 
     card = (bad / "README.md").read_text()
     assert "Verdict: **flagged** (tolerance 0.05)" in card and f"| {TASK} | acc |" in card
@@ -125,6 +129,64 @@ def test_a_destructive_run_is_flagged_and_a_normal_one_is_not(tmp_path, base_run
     summarize(bad, bad_metrics, shown)
     assert "eval gate: FLAGGED: llmtune_chat_mc acc fell by" in shown.getvalue()
     lines, _ = compare([bad, good], tmp_path / "cmp.png")
+    assert lines[-1].endswith(", lm-eval tasks (eval:))")  # a panel of the tasks' scores per step
     row = next(line for line in lines if line.strip().startswith(f"eval {TASK}"))
     assert f"{drop['after']:.4g}" in row and "eval gate" in "\n".join(lines)
     assert next(line for line in lines if "eval gate" in line).split()[-2:] == ["flagged", "passed"]
+
+
+@pytest.mark.slow  # a short run on the base, scored at each of its 4 evaluations
+def test_keep_best_ends_the_run_on_the_checkpoint_with_the_best_task_score(tmp_path, base_run):
+    from safetensors.torch import load_file
+
+    recipe = make_recipe(tmp_path, name="best", model={"name": str(base_run)}, data={"max_length": 256, "eval": 0.1},
+                         train={"learning_rate": 3e-3, "max_steps": 4, "per_device_train_batch_size": 8,
+                                "logging_steps": 1, "eval_steps": 1, "disable_tqdm": True},
+                         eval={"tasks": ["eval/chat-mc"], "keep_best": f"{TASK}/acc"})
+    out = tmp_path / "best"
+    train(resolve(recipe), ["llmtune", "sft"], output_dir=str(out))
+    gate = json.loads((out / "manifest.json").read_text())["eval_gate"]
+    scores = {s["step"]: s["scores"][TASK]["acc"] for s in gate["steps"]}
+    # Measured: 0.528 after step 1, then 0.5 (this learning rate makes the base forget a little more each step).
+    assert list(scores) == [1, 2, 3, 4] and scores[1] > max(scores[2], scores[3], scores[4]), scores
+    best = json.loads((out / "manifest.json").read_text())["best_checkpoint"]
+    assert best == {"step": 1, "metric": f"gate/{TASK}/acc", "value": scores[1]}
+    assert gate["after"][TASK]["acc"] == scores[1]  # the model the run ends with is step 1's
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in (out / "checkpoint-1").glob("*.safetensors"))
+    for name in weights:
+        final, kept = load_file(out / name), load_file(out / "checkpoint-1" / name)
+        assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
+
+
+@pytest.mark.parametrize("section, train, message", [
+    ({"keep_best": "acc"}, {}, r"r\.yaml:\d+:\d+: `eval.keep_best` is `TASK/METRIC` as lm-eval reports them"),
+    ({"keep_best": f"{TASK}/acc", "every_n_steps": 2}, {},
+     r"r\.yaml:\d+:\d+: `eval.keep_best` scores the tasks at every evaluation \(`train.eval_steps`\): remove"),
+    ({"keep_best": f"{TASK}/acc"}, {"metric_for_best_model": "eval_loss"},
+     r"r\.yaml:\d+:\d+: `eval.keep_best` sets `train.metric_for_best_model`: remove it"),
+    ({"tasks": [], "keep_best": f"{TASK}/acc"}, {},
+     r"r\.yaml:\d+:\d+: `eval.keep_best` names a task of `eval.tasks`, and none is scored"),
+    ({"keep_best": f"{TASK}/acc"}, {"save_strategy": "no"},
+     r"r\.yaml:\d+:\d+: `eval.keep_best` loads the best checkpoint, so checkpoints are saved when evaluating"),
+])
+def test_bad_keep_best_is_refused_at_its_line(tmp_path, section, train, message):
+    recipe = make_recipe(tmp_path, data={"eval": 0.1}, train=train, eval={"tasks": ["eval/chat-mc"], **section})
+    with pytest.raises(UserError, match=message):
+        resolve(recipe)
+
+
+def test_keep_best_without_an_eval_set_or_naming_no_task_is_refused(tmp_path):
+    from llmtune.runner import preflight
+
+    with pytest.raises(UserError, match=r"`eval.keep_best` scores the tasks at every evaluation of the eval set, "
+                       r"and there is none: add `data.eval: 0.05`"):
+        resolve(make_recipe(tmp_path, eval={"tasks": ["eval/chat-mc"], "keep_best": f"{TASK}/acc"}))
+    for keep, message in (("chat_mc/acc", f"no task chat_mc among the tasks scored ({TASK})"),
+                          (f"{TASK}/f1", f"{TASK} reports acc, acc_norm, not f1")):
+        recipe = make_recipe(tmp_path, data={"eval": 0.1}, eval={"tasks": ["eval/chat-mc"], "keep_best": keep})
+        with pytest.raises(UserError) as err:
+            preflight.model(resolve(recipe))  # what `validate` and every training verb run first
+        (problem,) = err.value.problems
+        assert problem.startswith(f"{tmp_path / 'r.yaml'}:") and message in problem

@@ -215,3 +215,56 @@ def test_a_tiny_local_judge_on_a_run_counts_its_parse_failures(tmp_path):
     assert [j["summary"] for j in manifest["judgements"]] == [result["summary"]] * 2
     assert "## Judged (`llmtune judge`)" in (run_dir / "README.md").read_text() and "2 parse failures" in (
         run_dir / "README.md").read_text()
+
+
+def eval_judge(folder, url, candidates=("run", "reference")):
+    """A training recipe whose `eval.judge` names a judge recipe on the fake endpoint."""
+    write_jsonl(folder / "prompts.jsonl", PROMPTS[:2])
+    write_recipe(folder / "judge.yaml", json.dumps({
+        "mode": "pairwise", "prompts": "prompts.jsonl", "candidates": list(candidates), "max_new_tokens": 8,
+        "judge": {"model": "m", "base_url": url}}, indent=1))
+    return make_recipe(folder, name="trained", train={"max_steps": 2, "save_strategy": "no"},
+                       eval={"judge": "judge.yaml"})
+
+
+def test_eval_judge_is_checked_with_the_training_recipe(tmp_path):
+    from llmtune.recipe.check import resolve
+
+    assert resolve(eval_judge(tmp_path, "http://127.0.0.1:9/v1")).config["eval"]["judge"] == str(
+        tmp_path / "judge.yaml")  # relative to the training recipe
+    with pytest.raises(UserError) as err:
+        resolve(eval_judge(tmp_path, "127.0.0.1:9", candidates=("reference", "run")))
+    text = "\n".join(err.value.problems)
+    assert f"{tmp_path / 'judge.yaml'}:" in text  # each at the judge recipe's own line
+    assert "make `run` the first candidate" in text and "`judge.base_url` must be an http:// or https://" in text
+    # On its own, `run` stands for nothing.
+    with pytest.raises(UserError, match="`run` stands for the finished run of a training recipe whose `eval.judge`"):
+        resolve_judge(tmp_path / "judge.yaml")
+    with pytest.raises(UserError, match=r"`eval:` scores nothing: name at least one task in `eval.tasks`"):
+        resolve(make_recipe(tmp_path, eval={"tasks": []}))
+
+
+@pytest.mark.slow  # trains a run (a CLI subprocess) that is then judged
+def test_eval_judge_judges_the_finished_run_into_its_folder(tmp_path, endpoint):
+    url, requests = endpoint
+    recipe = eval_judge(tmp_path, url)
+    (tmp_path / "bad").mkdir()
+    bad = eval_judge(tmp_path / "bad", "127.0.0.1:9")
+    refused = cli("sft", bad)  # what validate refuses, the run refuses first, writing nothing
+    assert refused.returncode == 2 and "judge.yaml:" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bad" / "runs").exists()
+
+    result = cli("sft", recipe)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "trained"
+    out = run_dir / "eval" / "judge-judge.json"
+    judged = json.loads(out.read_text())
+    # Both prompts, in both orders: the run's greedy answers against the references, which the judge prefers.
+    assert len(requests) == 4 and judged["candidates"] == [str(run_dir), "reference"]
+    assert [p["answers"][1] for p in judged["per_prompt"]] == ["4", "Paris"]
+    assert [p["outcome"] for p in judged["per_prompt"]] == ["loss", "loss"]
+    assert judged["summary"][0]["win_rate"] == 0.0
+    assert f"judge: {run_dir} vs reference: win rate 0.000" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["judgements"][0]["summary"] == judged["summary"]
+    assert "## Judged (`llmtune judge`)" in (run_dir / "README.md").read_text()

@@ -12,7 +12,7 @@ from llmtune.errors import UserError
 from llmtune.tools import merging
 from llmtune.tools.infer import Sampling, generate, load, prompt_ids
 
-from .conftest import cli, write_recipe
+from .conftest import cli, make_recipe, write_jsonl, write_recipe
 
 KEY = "model.layers.0.self_attn.q_proj.weight"
 BASE = {"name": "builtin:tiny", "revision": None, "dtype": "float32", "attn_implementation": None,
@@ -203,6 +203,55 @@ def test_merged_run_directory_generates_and_reloads(tmp_path, runs):
     assert len(generate(loaded, ids, Sampling(max_new_tokens=4))) <= 4
     with pytest.raises(UserError, match="is not empty"):
         merging.merge(merging.resolve(path))
+
+
+NOUNS = ["apple", "car", "sky", "rose", "ball", "cup", "shoe", "hat", "door", "lamp", "fish", "bird", "tree", "box",
+         "pen", "book", "coat", "kite", "boat", "ring"]
+TASKS = {"colour": lambda i: {"prompt": f"What colour is the {NOUNS[i % 20]}?", "completion": " red"},
+         "repeat": lambda i: {"prompt": f"Repeat {i % 10}:", "completion": f" {i % 10} {i % 10} {i % 10}"}}
+
+
+def completion_loss(loaded, rows) -> float:
+    """The mean loss on the completions of `rows` (prompt tokens masked), on one row at a time."""
+    total = 0.0
+    for row in rows:
+        prompt, answer = (loaded.tokenizer(row[k], add_special_tokens=False)["input_ids"]
+                          for k in ("prompt", "completion"))
+        with torch.no_grad():
+            total += loaded.model(input_ids=torch.tensor([prompt + answer]),
+                                  labels=torch.tensor([[-100] * len(prompt) + answer])).loss.item()
+    return total / len(rows)
+
+
+@pytest.mark.slow  # trains two LoRA runs (8 steps each)
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_merging_runs_of_two_tasks_does_well_on_both(tmp_path, method):
+    from llmtune.recipe.check import resolve
+    from llmtune.runner.session import train
+
+    folders = {}
+    for task, row in TASKS.items():
+        write_jsonl(tmp_path / f"{task}.jsonl", [row(i) for i in range(40)])
+        trained = make_recipe(tmp_path, name=task, data={"train": [{"path": f"{task}.jsonl"}]},
+                              adapter={"type": "lora", "r": 8, "alpha": 16},
+                              train={"learning_rate": 1e-2, "max_steps": 8, "per_device_train_batch_size": 8,
+                                     "save_strategy": "no", "disable_tqdm": True})
+        folders[task] = tmp_path / task
+        train(resolve(trained), ["llmtune", "sft"], output_dir=str(folders[task]))
+    extra = {"density": 1.0} if method == "ties" else {}  # TIES: sum the agreeing task vectors, trimming none
+    weights = [1.0, 1.0] if method == "ties" else [0.5, 0.5]
+    out, _ = merging.merge(merging.resolve(with_weights(tmp_path, list(folders.values()), weights,
+                                                        merge_method=method, output_dir=str(tmp_path / "merged"),
+                                                        **extra)))
+    models = {name: load(folder) for name, folder in {**folders, "merged": out}.items()}
+    loss = {name: {task: completion_loss(loaded, [row(i) for i in range(20)]) for task, row in TASKS.items()}
+            for name, loaded in models.items()}
+    # Measured (linear): colour 2.03 / 5.57 / 3.11, repeat 5.58 / 2.93 / 3.19 for the colour run, the repeat run and
+    # the merge (builtin:tiny itself: 6.1 and 6.0). The merge is far better on each task than the run trained on
+    # the other one, and worse than the run trained on it.
+    for task, other in (("colour", "repeat"), ("repeat", "colour")):
+        assert loss["merged"][task] < loss[other][task] - 1.0, loss
+        assert loss[task][task] < loss["merged"][task], loss
 
 
 def refused(path, match):

@@ -35,6 +35,8 @@ train:
   fsdp_config: fsdp.json
   accelerator_config: accel.json
   resume_from_checkpoint: runs/policy
+eval:
+  judge: judge.yaml
 """
 
 
@@ -45,7 +47,7 @@ def project(tmp_path, monkeypatch):
     for folder in ("runs/policy", "runs/rm", "models/ref", "templates", "data", "lib"):
         (sub / folder).mkdir(parents=True)
     for file in ("templates/chat.jinja", "data/train.jsonl", "rewards.py", "lib/more.py", "ds.json", "fsdp.json",
-                 "accel.json"):
+                 "accel.json", "judge.yaml"):
         (sub / file).write_text("{}")
     (tmp_path / "proj" / "eval.jsonl").write_text("{}")
     (tmp_path / "proj" / "shared").mkdir()
@@ -73,6 +75,7 @@ def test_every_path_key_is_relative_to_the_recipe_not_the_working_directory(proj
     assert data["launch"]["deepspeed_config"] == f"{sub}/ds.json"
     assert data["train"] == {"deepspeed": f"{sub}/ds.json", "fsdp_config": f"{sub}/fsdp.json",
                              "accelerator_config": f"{sub}/accel.json", "resume_from_checkpoint": f"{sub}/runs/policy"}
+    assert data["eval"] == {"judge": f"{sub}/judge.yaml"}
     written = {k[0] for k in PATH_KEYS} - {"data", "output_dir", "runs", "base"}  # the last two: a merge recipe's
     assert written <= set(data), "the recipe above names every path key"
 

@@ -7,9 +7,12 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import UserError
 from ..paths import SHIPPED
 from ..verbs import METHODS
+from .judge import RUN, resolve_judge
 from .loader import shipped_recipe
+from .sections import check_saves_at_evaluations
 
 
 def task_path(item: str, here: Path) -> str | None:
@@ -34,9 +37,10 @@ def check_eval(checker, config: dict, here: Path) -> None:
         return
     where = ("eval",)
     tasks = spec.get("tasks") or []
-    if spec.get("tasks") is not None and not tasks:
-        checker.error(where + ("tasks",), "`eval.tasks` is empty: name at least one task, e.g. `[eval/chat-mc]` (the "
-                      "shipped offline task) or `[hellaswag]`")
+    if not tasks and not spec.get("judge"):
+        checker.error(where + ("tasks",), "`eval:` scores nothing: name at least one task in `eval.tasks`, e.g. "
+                      "`[eval/chat-mc]` (the shipped offline task) or `[hellaswag]`, or a judge recipe in "
+                      "`eval.judge`")
     for i, item in enumerate(tasks):
         if not isinstance(item, str):
             continue
@@ -60,6 +64,13 @@ def check_eval(checker, config: dict, here: Path) -> None:
     if spec.get("limit") is not None and not spec["limit"] > 0:
         checker.error(where + ("limit",), f"`eval.limit` is a number of rows, or a fraction of each task between 0 "
                       f"and 1; got {spec['limit']}")
+    if spec.get("keep_best") is not None:
+        _check_keep_best(checker, config)
+    if isinstance(spec.get("judge"), str) and Path(spec["judge"]).is_file():  # a missing file: a path problem
+        try:
+            resolve_judge(spec["judge"], run=RUN)
+        except UserError as err:  # each at the judge recipe's own FILE:LINE
+            checker.problems.extend(err.problems)
     method = METHODS.get(config.get("method"))
     if method is not None and method.head != "CausalLM":
         checker.error(where, f"`llmtune {method.name}` trains a {method.head} model, which scores whole texts; "
@@ -70,3 +81,32 @@ def check_eval(checker, config: dict, here: Path) -> None:
         checker.error(where, "`eval:` scores the model in one process, and this recipe launches several: remove "
                       "`eval:` and score the finished run with `llmtune eval`, or train with `launch.num_processes: "
                       "1`")
+
+
+def _check_keep_best(checker, config: dict) -> None:
+    """`eval.keep_best` scores the tasks at the eval set's evaluations and loads the best checkpoint at the end."""
+    spec, train = config["eval"], config.get("train") or {}
+    where = ("eval", "keep_best")
+    task, _, metric = spec["keep_best"].partition("/")
+    if not task or not metric:
+        checker.error(where, f"`eval.keep_best` is `TASK/METRIC` as lm-eval reports them, e.g. "
+                      f"`llmtune_chat_mc/acc`; got {spec['keep_best']!r}")
+    if not spec.get("tasks"):
+        checker.error(where, "`eval.keep_best` names a task of `eval.tasks`, and none is scored: add it there, e.g. "
+                      "`tasks: [eval/chat-mc]`")
+    if not (config.get("data") or {}).get("eval"):
+        checker.error(where, "`eval.keep_best` scores the tasks at every evaluation of the eval set, and there is "
+                      "none: add `data.eval: 0.05` (a held-out fraction of train) or eval sources under `data.eval:`")
+    if train.get("eval_strategy") == "no":
+        checker.error(("train", "eval_strategy"), "`eval.keep_best` scores the tasks at every evaluation: remove "
+                      "`train.eval_strategy: no`")
+    if spec.get("every_n_steps") is not None:
+        checker.error(("eval", "every_n_steps"), "`eval.keep_best` scores the tasks at every evaluation "
+                      "(`train.eval_steps`): remove `eval.every_n_steps`")
+    if config.get("early_stopping") is not None:
+        checker.error(where, "`eval.keep_best` and `early_stopping:` both choose the checkpoint the run ends with: "
+                      "keep one")
+    for key in ("metric_for_best_model", "load_best_model_at_end"):
+        if key in train:
+            checker.error(("train", key), f"`eval.keep_best` sets `train.{key}`: remove it")
+    check_saves_at_evaluations(checker, train, "`eval.keep_best`")

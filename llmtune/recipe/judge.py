@@ -18,6 +18,7 @@ from . import loader
 from .schema import Checker, opt
 
 REFERENCE = "reference"  # a candidate: the prompts file's `reference` answers
+RUN = "run"  # a candidate of a training recipe's `eval.judge`: the run it finished
 RUBRIC = ("Consider the helpfulness, relevance, accuracy, depth and level of detail of the response, and whether it "
           "follows the user's instructions.")
 
@@ -112,7 +113,9 @@ def is_judge_recipe(path) -> bool:
     return "judge" in data and "method" not in data
 
 
-def resolve_judge(path, overrides=()) -> Judging:
+def resolve_judge(path, overrides=(), run: str | None = None) -> Judging:
+    """The judge recipe at `path`, checked; `run`: the finished run the `run` candidate stands for, when a training
+    recipe's `eval.judge` names this one (`RUN` itself while that run is still to come)."""
     recipe = loader.load(path, list(overrides))
     here = recipe.path.parent
     check = Checker(recipe.locate)
@@ -134,7 +137,12 @@ def resolve_judge(path, overrides=()) -> Judging:
         if not isinstance(item, str):
             continue
         where = ("candidates", i)
-        if item == REFERENCE:
+        if item == RUN:
+            if run is None:
+                check.error(where, "`run` stands for the finished run of a training recipe whose `eval.judge` names "
+                            "this file; to judge a run yourself, name its directory (e.g. `runs/sft`)")
+            candidates[i] = run or RUN
+        elif item == REFERENCE:
             missing = [row["line"] for row in rows if not isinstance(row.get(REFERENCE), str)]
             if missing:
                 check.error(where, f"the `reference` candidate needs a `reference` answer in every prompt row; "
@@ -157,6 +165,10 @@ def resolve_judge(path, overrides=()) -> Judging:
                 check.error(where, f"no such model folder or run directory {item!r}, and not a Hub id "
                             "(`namespace/name`); give a run directory, a model folder, a Hub id, an answers "
                             "`.jsonl` file or `reference`")
+    if run is not None and candidates[:1] != [run]:
+        check.error(("candidates",), "a judge recipe named by `eval.judge` judges the run it finished: make `run` "
+                    "the first candidate, e.g. `candidates: [run, Qwen/Qwen2.5-0.5B]` (against the base model) or "
+                    "`[run]` with `mode: single`")
     _check_judge(check, config.get("judge"), here)
     if isinstance(config.get("max_new_tokens"), int) and config["max_new_tokens"] < 1:
         check.error(("max_new_tokens",), f"`max_new_tokens` must be >= 1; got {config['max_new_tokens']}")

@@ -41,6 +41,7 @@ PATH_KEYS = {
     ("reward_functions", "*"): "function",
     ("runs", "*", "path"): "model",  # a merge recipe's (tools/merging.py)
     ("base",): "model",
+    ("eval", "judge"): "file",  # a judge recipe (recipe/judge.py)
 }
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 

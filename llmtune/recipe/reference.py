@@ -11,6 +11,7 @@ from .schema import (
     CurateSection,
     DataSection,
     EarlyStoppingSection,
+    EvalSection,
     HubSection,
     LaunchSection,
     ModelSection,
@@ -43,7 +44,7 @@ def render() -> str:
     parts = [table(RecipeSection, ""), table(ModelSection, "model."), table(QuantizationSection, "quantization."),
              table(AdapterSection, "adapter."), table(DataSection, "data."), table(SourceSection, "data.train[]."),
              table(CurateSection, "data.curate."), table(EarlyStoppingSection, "early_stopping."),
-             table(LaunchSection, "launch."), table(HubSection, "hub.")]
+             table(EvalSection, "eval."), table(LaunchSection, "launch."), table(HubSection, "hub.")]
     return "\n\n".join(parts) + "\n"
 
 

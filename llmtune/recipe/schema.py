@@ -218,7 +218,7 @@ class HubSection:
 
 @dataclass
 class EvalSection:
-    tasks: list[str] = opt(help="lm-evaluation-harness tasks scored on the starting model before training and on the "
+    tasks: list[str] = opt(factory=list, help="lm-evaluation-harness tasks scored on the starting model before training and on the "
                            "result after: task names (`hellaswag`), task YAML files or folders (relative to the "
                            "recipe), or a shipped task (`eval/chat-mc`), as `llmtune eval --tasks` takes them.")
     metric: Union[str, None] = opt(None, help="The metric each task is judged by (`acc`, `exact_match`, ...); null = "
@@ -230,6 +230,15 @@ class EvalSection:
                                     "`{task: value}` (task names as lm-eval reports them, e.g. `llmtune_chat_mc`).")
     every_n_steps: Union[int, None] = opt(None, help="Also score the tasks every this many optimizer steps (recorded "
                                           "with the step); null = before and after training only.")
+    keep_best: Union[str, None] = opt(
+        None, help="End the run on the checkpoint that scored best on this task's metric, `TASK/METRIC` (e.g. "
+        "`llmtune_chat_mc/acc`): the tasks are scored at every evaluation of the eval set (`train.eval_steps`), a "
+        "checkpoint is saved at each, and the best is loaded at the end (transformers' `load_best_model_at_end`; "
+        "higher is better unless `train.greater_is_better: false`). Needs `data.eval`; null = the last step's model.")
+    judge: Union[str, None] = opt(
+        None, help="A `llmtune judge` recipe (relative to this one) run on the finished run, its candidate `run` "
+        "standing for it: `candidates: [run, BASE_MODEL]` (pairwise, against the base) or `[run]` (`mode: "
+        "single`). Results go to RUN_DIR/eval/judge-NAME.json, the manifest (`judgements`) and the card.")
     limit: Union[float, None] = opt(None, help="Rows per task (a fraction below 1: that share); null = all.")
     num_fewshot: Union[int, None] = opt(None, help="Solved examples before each question; null = the task's own.")
     chat_template: Union[bool, None] = opt(

@@ -55,11 +55,15 @@ def check_early_stopping(checker, method, config: dict) -> None:
         checker.error(where + ("threshold",), f"`early_stopping.threshold` must be >= 0; got {threshold}")
     if train.get("load_best_model_at_end") is False:
         return  # no checkpoint to load: any save schedule will do
+    check_saves_at_evaluations(checker, train, "early stopping", ", or set `train.load_best_model_at_end: false`")
+
+
+def check_saves_at_evaluations(checker, train: dict, who: str, other: str = "") -> None:
+    """`who` loads the best checkpoint at the end, so one is saved at every evaluation; `other`: another fix."""
     strategy = train.get("eval_strategy", "steps")
     if train.get("save_strategy") not in (None, strategy):
-        checker.error(("train", "save_strategy"), f"early stopping loads the best checkpoint, so checkpoints are "
-                      f"saved when evaluating: remove `train.save_strategy` (or set it to `{strategy}`), or set "
-                      "`train.load_best_model_at_end: false`")
+        checker.error(("train", "save_strategy"), f"{who} loads the best checkpoint, so checkpoints are "
+                      f"saved when evaluating: remove `train.save_strategy` (or set it to `{strategy}`){other}")
     save, every = train.get("save_steps"), train.get("eval_steps")
     if strategy == "steps" and save is not None and every is not None and save % every:
         checker.error(("train", "save_steps"), f"`train.save_steps: {save}` must be a multiple of `train.eval_steps: "

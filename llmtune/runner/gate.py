@@ -25,9 +25,10 @@ from .lmeval import import_lm_eval, load_tasks, metrics, parse_tasks, score
 FILE = Path("eval") / "gate.json"
 
 
-def tasks(spec: dict):
-    """(lm_eval, its loaded tasks) for the recipe's `eval:`; UserError for a task or a target it cannot score. The
-    pre-flight calls it too, so `validate` refuses what the run would."""
+def tasks(config: dict):
+    """(lm_eval, its loaded tasks) for the recipe's `eval:`; UserError for a task, a target or a `keep_best` it
+    cannot score. The pre-flight calls it too, so `validate` refuses what the run would."""
+    spec = config["eval"]
     specs = parse_tasks(",".join(spec["tasks"]), label="`eval.tasks`")
     lm_eval = import_lm_eval(specs, "the recipe's `eval:`")
     loaded = load_tasks(specs)
@@ -35,7 +36,32 @@ def tasks(spec: dict):
     if unknown:
         raise UserError(f"`eval.targets`: no task {', '.join(unknown)} among the tasks scored "
                         f"({', '.join(loaded[1])}); name targets by task as lm-eval reports it")
+    if spec["keep_best"]:
+        _check_keep_best(spec["keep_best"], loaded[1], config["train"])
     return lm_eval, loaded
+
+
+def _check_keep_best(keep: str, loaded: dict, train: dict) -> None:
+    from lm_eval.api.group import Group
+
+    task, _, metric = keep.partition("/")
+    if task not in loaded:
+        raise UserError(f"`eval.keep_best: {keep}`: no task {task} among the tasks scored ({', '.join(loaded)}); "
+                        "write `TASK/METRIC` with the task as lm-eval reports it")
+    if isinstance(loaded[task], Group):
+        return  # a group's metrics are its members' aggregated, known once scored
+    higher = loaded[task].higher_is_better()
+    if metric not in higher:
+        raise UserError(f"`eval.keep_best: {keep}`: {task} reports {', '.join(higher)}, not {metric}")
+    if higher[metric] is False and train.get("greater_is_better") is not False:
+        raise UserError(f"`eval.keep_best: {keep}`: lower {metric} is better, and the trainer would keep the "
+                        "highest: add `train.greater_is_better: false`")
+
+
+def flat(scores: dict) -> dict:
+    """{task: {metric: value}} under the names metrics.jsonl logs them by, `gate/TASK/METRIC` (what the plot draws
+    and `eval.keep_best` names)."""
+    return {f"gate/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
 
 
 class Gate:
@@ -47,7 +73,7 @@ class Gate:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("`eval:` scores the model in one process, and this run has several; remove `eval:` and "
                             "score the finished run with `llmtune eval`, or train in one process")
-        self.lm_eval, self.tasks = tasks(self.spec)
+        self.lm_eval, self.tasks = tasks(config)
         # A new prompt-learning adapter starts with random virtual tokens, so the starting model is the base without
         # it; a new LoRA starts as the identity, and a run's own adapter (`model.run_adapter: stack`) is the start.
         adapter = config.get("adapter")
@@ -84,39 +110,60 @@ class Gate:
 
     def callback(self, run, interruption):
         """The TrainerCallback that scores the model for `run` (a RunDir), unless `interruption` stopped the run
-        (a checkpoint is saved and the process exits; the resumed run scores its end). The record goes to RUN_DIR/eval/gate.json as it grows, and
-        with the verdict to the manifest."""
+        (a checkpoint is saved and the process exits; the resumed run scores its end). The record goes to
+        RUN_DIR/eval/gate.json as it grows, and with the verdict to the manifest; each score to metrics.jsonl."""
         from transformers import TrainerCallback
 
         gate, run_dir = self, run.path
 
+        def scored(state, model) -> dict:
+            scores = gate.score(model)
+            gate.record["steps"].append({"step": state.global_step, "scores": scores})
+            gate.save(run_dir, state.global_step, scores)
+            return scores
+
         class GateCallback(TrainerCallback):
+            training = False  # trainer.evaluate() after training calls on_evaluate too: the end is scored once
+
             def on_train_begin(self, args, state, control, model=None, **kwargs):
+                self.training = True
                 earlier = _read(run_dir / FILE) if state.global_step else {}  # resumed: the starting model's scores
-                gate.record["before"] = earlier.get("before") or gate.score(model, starting=True)
                 gate.record["steps"] = [s for s in earlier.get("steps", []) if s["step"] <= state.global_step]
-                gate.save(run_dir)
+                if earlier.get("before"):  # already in metrics.jsonl too
+                    gate.record["before"] = earlier["before"]
+                    gate.save(run_dir)
+                else:
+                    gate.record["before"] = gate.score(model, starting=True)
+                    gate.save(run_dir, state.global_step, gate.record["before"])
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 every = gate.spec["every_n_steps"]
                 if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-                    gate.record["steps"].append({"step": state.global_step, "scores": gate.score(model)})
-                    gate.save(run_dir)
+                    scored(state, model)
+
+            def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+                if gate.spec["keep_best"] and self.training:  # the trainer picks the best checkpoint by these
+                    metrics.update({f"eval_{key}": value for key, value in flat(scored(state, model)).items()})
 
             def on_train_end(self, args, state, control, model=None, **kwargs):
+                self.training = False
                 if interruption.step is not None:
                     return
-                gate.record["after"] = gate.score(model)  # the best checkpoint's, when early stopping loaded it
+                gate.record["after"] = gate.score(model)  # the best checkpoint's, when one was loaded
                 gate.record.update(judge(gate.record))
-                gate.save(run_dir)
+                gate.save(run_dir, state.global_step, gate.record["after"])
                 run.record(eval_gate=gate.record)
 
         return GateCallback()
 
-    def save(self, run_dir: Path) -> None:
+    def save(self, run_dir: Path, step: int | None = None, scores: dict | None = None) -> None:
+        """The record to RUN_DIR/eval/gate.json; `scores` (new at `step`) appended to metrics.jsonl."""
         if is_main_process():
             (run_dir / FILE).parent.mkdir(exist_ok=True)
             write_json(run_dir / FILE, self.record)
+            if scores is not None:
+                with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
+                    out.write(json.dumps({"step": step, **flat(scores)}) + "\n")
 
 
 def _read(path: Path) -> dict:

@@ -105,6 +105,17 @@ def panels(methods) -> list[tuple[str, list[Metric]]]:
     return list(out.items())
 
 
+def _task_curves(runs: dict[str, tuple[str, list[dict]]]) -> list:
+    """The recipe's `eval:` scores (`gate/TASK/METRIC`, before training at its first step, then as scored)."""
+    curves = []
+    for name, (_, logged) in runs.items():
+        keys = dict.fromkeys(key for row in logged for key in row if key.startswith("gate/"))
+        for key in keys:
+            points = [(row["step"], row[key]) for row in logged if key in row and "step" in row]
+            curves.append((points, "s-", " ".join(filter(None, [name, key.removeprefix("gate/")]))))
+    return curves
+
+
 def _points(metric: Metric, logged: list[dict], prefix: str) -> list[tuple[int, float]]:
     return [(row["step"], v) for row in logged if "step" in row
             and (v := _value(metric, row, prefix)) is not None and math.isfinite(v)]
@@ -128,6 +139,9 @@ def plot(runs: dict[str, tuple[str, list[dict]]], out: Path) -> list[str]:
                         curves.append((points, style, " ".join(p for p in parts if p)))
         if curves:
             drawn.append((title, curves))
+    tasks = _task_curves(runs)
+    if tasks:
+        drawn.append(("lm-eval tasks (eval:)", tasks))
     if not drawn:
         return []
     import matplotlib

@@ -49,9 +49,9 @@ def model(resolved) -> None:
                             "CUDA GPU only and none is visible; set `model.attn_implementation: sdpa`")
     _rewards(resolved)
     _teacher(resolved)
-    if config.get("eval"):
+    if (config.get("eval") or {}).get("tasks"):
         try:
-            gate.tasks(config["eval"])
+            gate.tasks(config)
         except UserError as err:
             raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
     for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):

@@ -165,7 +165,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     quiet()
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
-    gate = Gate(config, tokenizer, data.shape) if config.get("eval") else None  # its tasks, loaded now
+    gate = Gate(config, tokenizer, data.shape) if (config.get("eval") or {}).get("tasks") else None  # its tasks, loaded now
     method = importlib.import_module(resolved.method.runner)
     args = training_args(resolved, run_dir.path, method.defaults(config, data), data)
     stamp = fingerprint(resolved, data, args)
@@ -266,6 +266,9 @@ def execute(trainer, tokenizer, data, run_dir: RunDir, checkpoint: Path | None, 
     if logged:
         metrics.update(first_loss=logged[0], last_loss=logged[-1])
     metrics.update(final(method, rows, metrics))
+    if args.load_best_model_at_end and trainer.state.best_global_step:  # transformers loaded that checkpoint
+        run_dir.record(best_checkpoint={"step": trainer.state.best_global_step,
+                                        "metric": args.metric_for_best_model, "value": trainer.state.best_metric})
     save_final(trainer, tokenizer, run_dir.path)
     if initial:
         convert_adapter(trainer.model, run_dir.path, initial)

@@ -1,4 +1,5 @@
-"""`early_stopping:`: stop when the eval metric stops improving, and end on the best checkpoint.
+"""`early_stopping:`: stop when the eval metric stops improving, and end on the best checkpoint (which
+`eval.keep_best` asks for too, by an lm-eval task's score).
 
 transformers does the work (`EarlyStoppingCallback`, `load_best_model_at_end`); this module
 turns the recipe's section into those settings and checks the combination before any model
@@ -11,13 +12,15 @@ from ..recipe import fields
 
 
 def settings(config: dict, method) -> dict:
-    """The TrainingArguments `early_stopping:` implies; the recipe's `train:` goes over them."""
-    section = config.get("early_stopping")
-    if section is None:
+    """The TrainingArguments that `early_stopping:` or `eval.keep_best` (the gate's `gate/TASK/METRIC`) imply;
+    the recipe's `train:` goes over them."""
+    section, keep = config.get("early_stopping"), (config.get("eval") or {}).get("keep_best")
+    if section is None and keep is None:
         return {}
     train = config["train"]
     strategy = train.get("eval_strategy", "steps")
-    out = {"load_best_model_at_end": True, "metric_for_best_model": section["metric"], "save_strategy": strategy,
+    metric = section["metric"] if section else f"gate/{keep}"
+    out = {"load_best_model_at_end": True, "metric_for_best_model": metric, "save_strategy": strategy,
            "save_total_limit": 1}  # transformers keeps the best checkpoint besides the newest
     if strategy == "steps":  # a checkpoint at every evaluation (transformers evaluates every logging_steps by default)
         out["save_steps"] = (train.get("eval_steps") or train.get("logging_steps")

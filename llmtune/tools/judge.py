@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import read_manifest, write_json
 from ..model import load_model as load_weights
-from ..recipe.judge import REFERENCE, Judging
+from ..recipe.judge import REFERENCE, Judging, resolve_judge
 from ..runner import card
 from ..runner.rundir import now
 from ..secret import scrub
@@ -231,10 +231,11 @@ def target(judging: Judging) -> Path:
     return Path(config["output_dir"]).expanduser()
 
 
-def run(judging: Judging) -> tuple[list[str], Path]:
-    """Judge, then write the results; (lines to print, results file). Nothing is written unless all went well."""
+def run(judging: Judging, folder: Path | None = None) -> tuple[list[str], Path]:
+    """Judge, then write the results into `folder` (default: `target`); (lines to print, results file). Nothing is
+    written unless all went well."""
     config = judging.config
-    folder = target(judging)
+    folder = folder or target(judging)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: not a folder; set `output_dir:` to a folder for the results")
     started = time.monotonic()
@@ -257,6 +258,17 @@ def run(judging: Judging) -> tuple[list[str], Path]:
               "llmtune": __version__}
     out = save(folder, record, per_prompt, config["judge"])
     return [line for item in summary for line in describe(item)], out
+
+
+def judge_finished(run_dir: Path, recipe: str) -> list[str]:
+    """A training recipe's `eval.judge`: the judge recipe on the run just finished (its candidate `run`), the results
+    into that run's eval/ folder, manifest and card."""
+    try:
+        lines, _ = run(resolve_judge(recipe, run=str(run_dir)), folder=run_dir)
+    except UserError as err:
+        raise UserError([f"the run finished in {run_dir}, but `eval.judge` failed: {problem}"
+                         for problem in err.problems]) from None
+    return [f"judge: {line}" for line in lines]
 
 
 def _secret_free(payload: dict, judge: dict) -> dict:
