@@ -204,6 +204,14 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     return Estimate({k: int(v) for k, v in terms.items()}, notes)
 
 
+def teacher_bytes(teacher: Shape, s: Settings) -> int:
+    """A frozen teacher: its weights (loaded with the student's dtype and quantization), and its logits for the
+    batch with their float32 log-probabilities (computed without gradients, alive for the divergence)."""
+    weights = estimate(teacher, replace(s, adapter=None)).terms["weights"]
+    e = 2 if DTYPE_BYTES.get(teacher.dtype, 4) == 2 else 4
+    return int(weights + s.batch * s.seq_len * teacher.vocab * (e + 4))
+
+
 def parse_size(text: str) -> int:
     """'24GiB', '24GB', '80G', '16000MiB' -> bytes (GB and G read as GiB, as GPU makers mean them)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)

@@ -37,6 +37,13 @@ def quantization_config(quant: dict | None):
         bnb_4bit_quant_storage=torch_dtype(quant["quant_storage"]) if quant.get("quant_storage") else None)
 
 
+def frozen_config(config: dict, key: str) -> dict:
+    """The recipe as it loads the frozen model named by `key` (`ref_model`, `teacher_model`): the `model:`
+    section's settings on that name, no adapter trained, and a run adapter in it merged."""
+    return {**config, "adapter": None,
+            "model": {**config["model"], "name": config[key], "revision": None, "run_adapter": "merge"}}
+
+
 def load_model(config: dict, head: str = "CausalLM"):
     """The model as the recipe describes it, as `AutoModelFor<head>` (not yet wrapped in the recipe's adapter).
 

@@ -194,3 +194,19 @@ def test_multi_process_plan_uses_the_launch_settings(config_only_model, tmp_path
     assert "4 processes with zero3, sharded" in result.stdout
     assert "which runs: accelerate launch --config_file " in result.stdout
     assert "-m llmtune sft" in result.stdout and "launch.backend=zero3" in result.stdout
+
+
+def test_distill_plan_counts_the_frozen_teacher(config_only_model, tmp_path):
+    """The teacher loads with the student's `model:` settings (float32 here): its weights, and its logits."""
+    import re
+
+    from llmtune.memory import gib
+
+    recipe = make_recipe(tmp_path, "distill", teacher_model=str(config_only_model), data={"max_length": 64},
+                         train={"per_device_train_batch_size": 2})
+    lines = plan(resolve(recipe), "r.yaml")
+    (activations,) = [line for line in lines if line.strip().startswith("activations")]
+    seq_len = int(re.search(r"2 x (\d+) tokens", activations).group(1))
+    (teacher,) = [line for line in lines if line.strip().startswith("teacher")]
+    # Llama-3.2-1B's parameters in float32, then 2 x seq_len logits over its 128256 ids (float32 + log-probs).
+    assert gib(1_235_814_400 * 4 + 2 * seq_len * 128256 * 8) in teacher and str(config_only_model) in teacher

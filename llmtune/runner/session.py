@@ -25,7 +25,7 @@ from ..launch.launcher import child_args, gpu_count, launch_command, preflight, 
 from ..launch.rank import report_callback
 from ..launch.rank import training_args as launched_args
 from ..logs import quiet
-from ..model import convert_adapter, load_model, loraplus_optimizer, peft_config, save_initial_adapter
+from ..model import convert_adapter, frozen_config, load_model, loraplus_optimizer, peft_config, save_initial_adapter
 from ..ranks import is_main_process, launched
 from ..recipe.check import Resolved
 from ..recipe.preflight import in_cache
@@ -223,8 +223,7 @@ def build_trainer(resolved: Resolved, method, args, tokenizer, data, run_dir: Ru
     extra = {}
     for key in ("ref_model", "teacher_model"):  # frozen, so a run adapter in one is merged
         if config.get(key):
-            frozen = {**config["model"], "name": config[key], "revision": None, "run_adapter": "merge"}
-            extra[key] = load_model({**config, "model": frozen}, resolved.method.head)
+            extra[key] = load_model(frozen_config(config, key), resolved.method.head)
     if resolved.method.rewards:  # reward (and value) models load with the recipe's model settings
         extra["recipe"] = config
     trainer = method.build_trainer(

@@ -13,7 +13,19 @@ from ..defaults import describe
 from ..launch import effective_batch, launch_command, settle
 from ..launch.launcher import child_args, write_config
 from ..logs import quiet
-from ..memory import Settings, Shape, estimate, gib, grad_bytes, model_shape, optimizer_bytes, parse_size, suggestions
+from ..memory import (
+    Settings,
+    Shape,
+    estimate,
+    gib,
+    grad_bytes,
+    model_shape,
+    optimizer_bytes,
+    parse_size,
+    suggestions,
+    teacher_bytes,
+)
+from ..model import frozen_config
 from ..runner.session import training_args
 from ..secret import redact
 from .inspect import percentiles, sampled, source_stats
@@ -111,6 +123,9 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None, show_recipe: 
                                                                                   False):
         est.terms["reference"] = est.terms["weights"]
         est.notes.append("a frozen reference copy of the model (full fine-tuning; an adapter would reuse the base)")
+    if method.teacher:
+        est.terms["teacher"] = teacher_bytes(model_shape(frozen_config(config, "teacher_model"), method.head),
+                                             settings)
     lines.append("\n# memory per GPU (an estimate; docs/plan.md explains each term)")
     explain = {
         "weights": f"{shape.params:,} parameters, {_weights_kind(shape, settings)}",
@@ -122,6 +137,8 @@ def plan(resolved, recipe, sets=(), gpu_memory: str | None = None, show_recipe: 
                        + (", gradient checkpointing" if settings.checkpointing else ", no gradient checkpointing"),
         "runtime": "CUDA context, kernels, allocator slack",
         "reference": "frozen reference model",
+        "teacher": f"frozen teacher {config.get('teacher_model')}: its weights, and its logits for {batch} x "
+                   f"{seq_len} tokens",
     }
     for name, value in est.terms.items():
         lines.append(f"  {name:<12} {gib(value):>12}   {explain[name]}")
