@@ -284,6 +284,32 @@ def detect(columns):
     return None
 
 
+def row_format(row):
+    """`detect` on one row's own columns: a null or empty value is no column (Parquet and Hub tables give every row
+    every column, null where it has none; CSV an empty cell)."""
+    return detect([name for name, value in row.items() if value is not None and value != ""])
+
+
+def other_format(row, fmt):
+    """The format a row's own columns show when it is not `fmt`, else None. A row that is only an `fmt` row lacking
+    something (a kto row without its `label` shows prompt_completion; an alpaca row with an empty `instruction`, no
+    format) is `fmt`'s: its converter names what is missing."""
+    found = row_format(row)
+    if found is None or found[0] == fmt:
+        return None
+    known = _FORMATS[fmt].needs + _FORMATS[fmt].optional
+    return None if set(_FORMATS[found[0]].needs).issubset(known) else found[0]
+
+
+def stray_row(other, fmt, path, among):
+    """Why a row of format `other` cannot sit among the `fmt` rows of the source `path` (`among`: which rows those
+    are), and the fixes."""
+    return (f"this row's columns ({_quoted(_FORMATS[other].needs)}) make it {other} data, but {path} holds {fmt} "
+            f"rows ({among}); one source holds one format: move the {other} rows into a file of their own (a "
+            f"`data.train` entry of its own), or set `format: {fmt}` on this source (with `columns: {{old: new}}` to "
+            f"rename) to read every row as {fmt}")
+
+
 def describe_formats():
     """One line per format with the columns it needs, for a 'matches no format' error."""
     lines = []
