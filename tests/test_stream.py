@@ -187,6 +187,11 @@ def test_a_stray_row_of_another_format_is_refused_as_without_streaming(tmp_path)
         "one format: move the prompt_completion rows into a file of their own (a `data.train` entry of its own), or "
         "set `format: messages` on this source (with `columns: {old: new}` to rename) to read every row as messages "
         "(found while streaming)"]
+    # `format:` reads every row as that format: a later row's other columns are not its own format.
+    pairs = [{"prompt": "a", "completion": "b"}] * CHECK_ROWS + [{"prompt": "c", "completion": "d", "label": True}]
+    forced = {"path": str(write_jsonl(tmp_path / "pc.jsonl", pairs)), "format": "prompt_completion"}
+    streamed = list(load_data({**data, "train": [forced]}, method="sft", seed=0).train)
+    assert len(streamed) == CHECK_ROWS + 1 and {"prompt": "c", "completion": "d"} in streamed
 
 
 LONG = "word " * 300  # over 128 tokens with builtin:tiny's byte tokenizer

@@ -279,26 +279,31 @@ def detect(columns):
     present = set(columns)
     for name, fmt in _FORMATS.items():
         if present.issuperset(fmt.needs) and not present.intersection(fmt.excludes):
-            plural = "s" if len(fmt.needs) > 1 else ""
-            return name, f"column{plural} {_quoted(fmt.needs)} found"
+            return name, detected_by(name)
     return None
 
 
+def detected_by(name):
+    """Why `detect` picks format `name`: the columns that identify it."""
+    needs = _FORMATS[name].needs
+    return f"column{'s' if len(needs) > 1 else ''} {_quoted(needs)} found"
+
+
 def row_format(row):
-    """`detect` on one row's own columns: a null or empty value is no column (Parquet and Hub tables give every row
-    every column, null where it has none; CSV an empty cell)."""
-    return detect([name for name, value in row.items() if value is not None and value != ""])
+    """The format one row's own columns show, or None: a null or empty value is no column (Parquet and Hub tables
+    give every row every column, null where it has none; CSV an empty cell)."""
+    found = detect([name for name, value in row.items() if value is not None and value != ""])
+    return found and found[0]
 
 
-def other_format(row, fmt):
-    """The format a row's own columns show when it is not `fmt`, else None. A row that is only an `fmt` row lacking
-    something (a kto row without its `label` shows prompt_completion; an alpaca row with an empty `instruction`, no
-    format) is `fmt`'s: its converter names what is missing."""
-    found = row_format(row)
-    if found is None or found[0] == fmt:
-        return None
-    known = _FORMATS[fmt].needs + _FORMATS[fmt].optional
-    return None if set(_FORMATS[found[0]].needs).issubset(known) else found[0]
+def foreign(shown, fmt):
+    """Whether a row whose own columns show format `shown` (`row_format`'s name, or None) is of another format than
+    `fmt`. A row that is only an `fmt` row lacking something (a kto row without its `label` shows
+    prompt_completion; an alpaca row with an empty `instruction`, no format) is `fmt`'s: its converter names what
+    is missing."""
+    if shown is None or shown == fmt:
+        return False
+    return not set(_FORMATS[shown].needs).issubset(_FORMATS[fmt].needs + _FORMATS[fmt].optional)
 
 
 def stray_row(other, fmt, path, among):

@@ -5,7 +5,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmtune.data import mix
-from llmtune.data.formats import convert, describe_formats, detect, missing_columns, other_format, row_format, stray_row
+from llmtune.data.formats import (
+    convert,
+    describe_formats,
+    detect,
+    detected_by,
+    foreign,
+    missing_columns,
+    row_format,
+    stray_row,
+)
 from llmtune.data.sources import read_source
 from llmtune.errors import UserError
 from llmtune.verbs import METHODS
@@ -140,7 +149,7 @@ def _format_of(requested, rows, path):
             raise UserError(f"{path}: format '{requested}' needs column(s) {needed}; columns found: {found}")
         return requested, "forced by format:"
     shown = [row_format(row) for _, row in rows]
-    counts = Counter(name for name, _ in filter(None, shown))
+    counts = Counter(filter(None, shown))
     if not counts:  # no row is a format on its own: the columns together name one whose rows say what they lack
         detected = detect(columns)
         if detected is None:
@@ -150,13 +159,12 @@ def _format_of(requested, rows, path):
             )
         return detected
     fmt = max(counts, key=counts.get)  # the most rows' format; on a tie, the first row's
-    first, reason = next((where, found[1]) for (where, _), found in zip(rows, shown) if found and found[0] == fmt)
-    strays = [(where, other) for where, other in ((where, other_format(row, fmt)) for where, row in rows) if other]
+    strays = [(where, name) for (where, _), name in zip(rows, shown) if foreign(name, fmt)]
     if strays:
         where, other = strays[0]
-        among = f"{counts[fmt]} of the {len(rows)} rows read, the first at {first}"
+        among = f"{counts[fmt]} of the {len(rows)} rows read, the first at {rows[shown.index(fmt)][0]}"
         raise UserError(f"{where}: {stray_row(other, fmt, path, among)}")
-    return fmt, reason
+    return fmt, detected_by(fmt)
 
 
 def mixed(sources, rng):

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from llmtune.data import templates
-from llmtune.data.formats import common_kind, convert, describe_kind, other_format, stray_row, to_kind
+from llmtune.data.formats import common_kind, convert, describe_kind, foreign, row_format, stray_row, to_kind
 from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, renamed
 from llmtune.data.prepare import mixed as mixed_whole
 from llmtune.data.sources import sha256_files, stream_records
@@ -135,8 +135,8 @@ def _rows(stream, target):
         if row is None:
             raise UserError(f"{where} (found while streaming: fix the row, or drop it, and resume)")
         row = renamed(row, renames)
-        other = detected and other_format(row, fmt)
-        if other:
+        other = row_format(row) if detected else None
+        if foreign(other, fmt):
             raise UserError(f"{where}: {stray_row(other, fmt, stream.spec['path'], 'the rows before it')} "
                             "(found while streaming)")
         converted, kind, problems = convert([(where, row)], fmt)
