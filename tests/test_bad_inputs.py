@@ -281,8 +281,9 @@ def test_an_id_the_hub_does_not_know_is_refused_at_once_by_validate_and_the_run(
 
 
 # The data fuzzer: good files of every format and container llmtune reads, each mutated one way at a time (a row's
-# value, a column, the file itself). Every case is accepted by `validate` or refused with the file and, where one
-# applies, the row's line (`FILE: row N` for JSON arrays and Parquet); `train --dry-run` says exactly the same.
+# value, a column, a row of another format, the file itself). Every case is accepted by `validate` or refused with
+# the file and, where one applies, the row's line (`FILE: row N` for JSON arrays and Parquet) in its first problem;
+# `train --dry-run` says exactly the same.
 ROWS = {  # format: (the method that trains on it, the good row i)
     "messages": ("sft", lambda i: {"messages": [{"role": "user", "content": f"What is {i} + 1?"},
                                                 {"role": "assistant", "content": f"{i} + 1 = {i + 1}."}]}),
@@ -424,7 +425,10 @@ def data_outcome(case, folder: Path) -> str:
     assert errors and name in errors[0], (ident, errors)  # the file, and its line where one applies
     if where is None:
         return "refused (the file)"
-    assert any(where + ":" in e for e in errors), (ident, where, errors)
+    assert where + ":" in errors[0], (ident, where, errors)  # the changed row is the first problem named
+    other = ident.partition(".row-of-")[2]
+    if other:  # a row of another format: named as one, or as a row of the file's format lacking a column
+        assert f"make it {other} data" in errors[0] or ": missing '" in errors[0], (ident, errors)
     return "refused at the row"
 
 
