@@ -101,6 +101,17 @@ CASES = {
     "max-length-cuts-every-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"}) + "\n"
                                                      for _ in range(12)), [],
                                   "d.jsonl:1); raise `data.max_length` or shorten the prompts"),
+    "max-length-cuts-every-streamed-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"})
+                                                              + "\n" for _ in range(12)), ["data.streaming=true"],
+                                           "the prompt of each of the first 12 rows (those checked before streaming) "
+                                           "fills `data.max_length: 128` tokens, so nothing would be trained (the "
+                                           "first: "),
+    "row-of-another-format": ("d.jsonl", jsonl(json.dumps({"prompt": "a", "completion": "b"})), [],
+                              "d.jsonl:7: this row's columns ('prompt', 'completion') make it prompt_completion data, "
+                              "but "),
+    "streamed-row-of-another-format": ("d.jsonl", jsonl(json.dumps({"prompt": "a", "completion": "b"})),
+                                       ["data.streaming=true"], "d.jsonl:7: this row's columns ('prompt', "
+                                       "'completion') make it prompt_completion data, but "),
     "template-refuses-row": ("d.jsonl", jsonl(json.dumps({"messages": [{"role": "user", "content": "s"},
                                                                       *json.loads(CHAT)["messages"]]})),
                              ["model.chat_template=" + str(Path(__file__).parent / "data" / "bad" / "data" /
