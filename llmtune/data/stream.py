@@ -2,9 +2,9 @@
 larger than memory.
 
 Before training only the head of each source is read (``CHECK_ROWS`` rows): enough to
-detect its format and check those rows, which is all `llmtune validate` reads too. Later
-rows are checked and converted as they stream, and a bad one stops the run naming its file
-and line. Several sources are interleaved at random, each giving a share of the rows
+detect its format and check those rows (rows cut away by `data.max_length` are counted, and
+a head with none left is refused), which is all `llmtune validate` reads too. Later rows are
+checked and converted as they stream, and a bad one stops the run naming its file and line. Several sources are interleaved at random, each giving a share of the rows
 proportional to its `weight` (a source that runs out starts again until every source has
 run out once); a seeded buffer of ``SHUFFLE_BUFFER`` rows shuffles them, the same way on
 every pass, so a resumed run skips exactly the rows it trained on. Eval sources are small
