@@ -25,7 +25,6 @@ import pytest
 from typer.testing import CliRunner
 
 from llmtune.cli import app
-from llmtune.data.formats import detect
 from llmtune.logs import quiet_loggers
 
 from .conftest import RECIPES, make_recipe
@@ -102,6 +101,17 @@ CASES = {
     "max-length-cuts-every-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"}) + "\n"
                                                      for _ in range(12)), [],
                                   "d.jsonl:1); raise `data.max_length` or shorten the prompts"),
+    "max-length-cuts-every-streamed-row": ("d.jsonl", "".join(json.dumps({"prompt": "word " * 200, "completion": "x"})
+                                                              + "\n" for _ in range(12)), ["data.streaming=true"],
+                                           "the prompt of each of the first 12 rows (those checked before streaming) "
+                                           "fills `data.max_length: 128` tokens, so nothing would be trained (the "
+                                           "first: "),
+    "row-of-another-format": ("d.jsonl", jsonl(json.dumps({"prompt": "a", "completion": "b"})), [],
+                              "d.jsonl:7: this row's columns ('prompt', 'completion') make it prompt_completion data, "
+                              "but "),
+    "streamed-row-of-another-format": ("d.jsonl", jsonl(json.dumps({"prompt": "a", "completion": "b"})),
+                                       ["data.streaming=true"], "d.jsonl:7: this row's columns ('prompt', "
+                                       "'completion') make it prompt_completion data, but "),
     "template-refuses-row": ("d.jsonl", jsonl(json.dumps({"messages": [{"role": "user", "content": "s"},
                                                                       *json.loads(CHAT)["messages"]]})),
                              ["model.chat_template=" + str(Path(__file__).parent / "data" / "bad" / "data" /
@@ -282,8 +292,9 @@ def test_an_id_the_hub_does_not_know_is_refused_at_once_by_validate_and_the_run(
 
 
 # The data fuzzer: good files of every format and container llmtune reads, each mutated one way at a time (a row's
-# value, a column, the file itself). Every case is accepted by `validate` or refused with the file and, where one
-# applies, the row's line (`FILE: row N` for JSON arrays and Parquet); `train --dry-run` says exactly the same.
+# value, a column, a row of another format, the file itself). Every case is accepted by `validate` or refused with
+# the file and, where one applies, the row's line (`FILE: row N` for JSON arrays and Parquet) in its first problem;
+# `train --dry-run` says exactly the same.
 ROWS = {  # format: (the method that trains on it, the good row i)
     "messages": ("sft", lambda i: {"messages": [{"role": "user", "content": f"What is {i} + 1?"},
                                                 {"role": "assistant", "content": f"{i} + 1 = {i + 1}."}]}),
@@ -347,8 +358,8 @@ def serialize(container: str, rows: list) -> bytes | None:
         return ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n").encode()
     if not all(isinstance(r, dict) for r in rows):
         return None
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     if container == "csv":
-        columns = list(dict.fromkeys(k for r in rows for k in r))
         out = io.StringIO()
         writer = csv.DictWriter(out, columns, lineterminator="\n")
         writer.writeheader()
@@ -357,8 +368,8 @@ def serialize(container: str, rows: list) -> bytes | None:
     import pyarrow
     import pyarrow.parquet
 
-    try:
-        table = pyarrow.Table.from_pylist(rows)
+    try:  # every row gets every column (null where it has none), as Parquet writers do; not the first row's only
+        table = pyarrow.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, pyarrow.ArrowNotImplementedError):
         return None
     out = io.BytesIO()
@@ -380,16 +391,6 @@ def file_mutations(container: str, good: bytes) -> dict:
             "lone-surrogate": good.replace(b'1', b'\\ud800', 1), "garbage-after": good + b"}{ not data\n"}
 
 
-def misblamed(fmt: str, rows: list) -> bool:
-    """KNOWN BROKEN (data/prepare.py, `_format_of`): a source's format is detected from the columns of all its
-    rows together, so one stray row whose columns win detection (a `messages` row in an alpaca file, a `label` in
-    a prompt/completion one) makes every other row the bad one, or the whole file a format the method cannot
-    train, instead of naming the stray row. Left out of the sweep until it is fixed (issue 15)."""
-    columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k, v in r.items() if v is not None))
-    found = detect(columns)
-    return found is not None and found[0] != fmt
-
-
 def data_cases() -> list:
     """(id, method, file name, bytes, where the changed row is, or None for a change to the whole file)."""
     located = {"jsonl": ":{line}", "json": ": row {row}", "csv": ":{csv}", "parquet": ": row {row}"}
@@ -403,7 +404,7 @@ def data_cases() -> list:
             cases.append((f"{fmt}.{container}.good", method, name, good, None))
             for mutation, rows in row_mutations(fmt).items():
                 body = serialize(container, rows)
-                if body is not None and not misblamed(fmt, rows):
+                if body is not None:
                     where = name + located[container].format(line=BAD_ROW + 1, csv=BAD_ROW + 2, row=BAD_ROW)
                     cases.append((f"{fmt}.{container}.{mutation}", method, name, body, where))
             for mutation, body in file_mutations(container, good).items():
@@ -435,7 +436,10 @@ def data_outcome(case, folder: Path) -> str:
     assert errors and name in errors[0], (ident, errors)  # the file, and its line where one applies
     if where is None:
         return "refused (the file)"
-    assert any(where + ":" in e for e in errors), (ident, where, errors)
+    assert where + ":" in errors[0], (ident, where, errors)  # the changed row is the first problem named
+    other = ident.partition(".row-of-")[2]
+    if other:  # a row of another format: named as one, or as a row of the file's format lacking a column
+        assert f"make it {other} data" in errors[0] or ": missing '" in errors[0], (ident, errors)
     return "refused at the row"
 
 

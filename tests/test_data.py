@@ -177,6 +177,69 @@ def test_columns_matching_no_format_list_the_columns_and_every_format(tmp_path):
     assert "  kto: prompt, completion, label" in problem
 
 
+def stray(path, row, other, columns, fmt, kept, first):
+    """The refusal of a row of format `other` among the `fmt` rows of the source `path`."""
+    return (f"{row}: this row's columns ({columns}) make it {other} data, but {path} holds {fmt} rows ({kept} rows "
+            f"read, the first at {first}); one source holds one format: move the {other} rows into a file "
+            f"of their own (a `data.train` entry of its own), or set `format: {fmt}` on this source (with `columns: "
+            f"{{old: new}}` to rename) to read every row as {fmt}")
+
+
+def test_a_stray_row_of_another_format_is_refused_at_its_line_not_taken_for_the_file_format(tmp_path):
+    chat = [{"messages": CHAT}] * 9
+    path = write_jsonl(tmp_path / "chat.jsonl", chat[:4] + [{"prompt": "a", "completion": "b"}] + chat[4:])
+    assert problems(path) == [stray(path, f"{path}:5", "prompt_completion", "'prompt', 'completion'", "messages",
+                                    "9 of the 10", f"{path}:1")]
+    # The file's format is its most rows' format, wherever the first row of another one is.
+    alpaca = [{"instruction": "Add", "output": "2"}] * 3
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"messages": CHAT}] + alpaca + [{"messages": CHAT}])
+    assert problems(path) == [stray(path, f"{path}:1", "messages", "'messages'", "alpaca", "3 of the 5", f"{path}:2")]
+    # A stray row once made the whole file a format the method cannot train (prompt_completion rows, one with a label).
+    pairs = [{"prompt": "a", "completion": "b"}] * 3
+    path = write_jsonl(tmp_path / "pc.jsonl", pairs + [{"prompt": "a", "completion": "b", "label": True}])
+    assert problems(path) == [stray(path, f"{path}:4", "kto", "'prompt', 'completion', 'label'", "prompt_completion",
+                                    "3 of the 4", f"{path}:1")]
+
+
+def test_rows_of_one_format_may_differ_in_optional_and_null_columns(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    alpaca = load(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "output": "2", "system": "Be brief."},
+                                                     {"instruction": "Sub", "input": "3 1", "output": "2"},
+                                                     {"instruction": "Say", "input": "", "output": "hi"}]))
+    assert alpaca.sources[0].format == "alpaca" and alpaca.sources[0].rows == 3
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat = load(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT, "tools": [tool]}, {"messages": CHAT}]))
+    assert chat.sources[0].format == "messages" and chat.sources[0].rows == 2
+    # Parquet gives every row every column: null where a row has none (here a `messages` column, set in no row).
+    rows = [{"instruction": "Add", "output": "2", "system": "Be brief.", "messages": None},
+            {"instruction": "Sub", "output": "1", "system": None, "messages": None}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "p.parquet")
+    table = load(tmp_path / "p.parquet")
+    assert table.sources[0].format == "alpaca" and table.sources[0].rows == 2
+    # A row lacking a column of the file's format is one of its rows, refused for what it lacks.
+    kto = [{"prompt": "a", "completion": "b", "label": True}] * 2
+    path = write_jsonl(tmp_path / "k.jsonl", kto + [{"prompt": "a", "completion": "b"}])
+    assert problems(path, method="kto") == [f"{path}:3: missing 'label'"]
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}])
+    assert problems(path) == [f"{path}:2: 'completion' is empty"]
+
+
+def test_a_csv_row_of_another_format_is_refused_at_its_line(tmp_path):
+    path = tmp_path / "d.csv"  # CSV gives every row every column: an empty cell where a row has none
+    path.write_text("text,instruction,output\nfirst,,\nsecond,,\n,Add,2\nthird,,\n")
+    assert problems(path) == [stray(path, f"{path}:4", "alpaca", "'instruction', 'output'", "text", "3 of the 4",
+                                    f"{path}:2")]
+
+
+def test_a_forced_format_reads_every_row_as_it(tmp_path):
+    pairs = [{"prompt": "a", "completion": "b"}] * 2 + [{"prompt": "c", "completion": "d", "label": False}]
+    forced = load({"path": write_jsonl(tmp_path / "pc.jsonl", pairs), "format": "prompt_completion"})
+    assert forced.sources[0].format == "prompt_completion" and forced.train.column_names == ["prompt", "completion"]
+    assert sorted(forced.train["prompt"]) == ["a", "a", "c"]
+
+
 # Reading files, and where problems are reported
 
 

@@ -5,7 +5,9 @@ import hashlib
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from llmtune.cli import app
 from llmtune.data import load_data
 from llmtune.data.stream import CHECK_ROWS
 from llmtune.errors import UserError
@@ -156,3 +158,78 @@ def test_a_resumed_stream_continues_with_the_rows_it_would_have_seen(tmp_path):
     after = {step: loss for step, loss in losses(whole).items() if step > 20}
     assert sorted(after) == list(range(21, 41))
     assert {step: losses(resumed)[step] for step in after} == pytest.approx(after, abs=1e-6)
+
+
+def test_a_stray_row_of_another_format_is_refused_as_without_streaming(tmp_path):
+    rows = chat_rows()
+    rows[5] = {"prompt": "2+2=", "completion": "4"}
+    data = {"train": [{"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}], "eval": None, "streaming": True}
+    problems = []
+    for streaming in (True, False):
+        with pytest.raises(UserError) as refused:
+            load_data({**data, "streaming": streaming}, method="sft", seed=0)
+        problems.append(refused.value.problems)
+    assert problems[0] == problems[1] == [
+        f"{tmp_path}/d.jsonl:6: this row's columns ('prompt', 'completion') make it prompt_completion data, but "
+        f"{tmp_path}/d.jsonl holds messages rows ({len(rows) - 1} of the {len(rows)} rows read, the first at "
+        f"{tmp_path}/d.jsonl:1); one source holds one format: move the prompt_completion rows into a file of their "
+        "own (a `data.train` entry of its own), or set `format: messages` on this source (with `columns: {old: new}` "
+        "to rename) to read every row as messages"]
+    # Past the head, the row is refused when the stream reaches it.
+    late = [rows[0]] * CHECK_ROWS + [rows[5]]
+    train = load_data({**data, "train": [{"path": str(write_jsonl(tmp_path / "late.jsonl", late))}]}, method="sft",
+                      seed=0).train
+    with pytest.raises(UserError) as refused:
+        list(train)
+    assert refused.value.problems == [
+        f"{tmp_path}/late.jsonl:{CHECK_ROWS + 1}: this row's columns ('prompt', 'completion') make it "
+        f"prompt_completion data, but {tmp_path}/late.jsonl holds messages rows (the rows before it); one source holds "
+        "one format: move the prompt_completion rows into a file of their own (a `data.train` entry of its own), or "
+        "set `format: messages` on this source (with `columns: {old: new}` to rename) to read every row as messages "
+        "(found while streaming)"]
+    # `format:` reads every row as that format: a later row's other columns are not its own format.
+    pairs = [{"prompt": "a", "completion": "b"}] * CHECK_ROWS + [{"prompt": "c", "completion": "d", "label": True}]
+    forced = {"path": str(write_jsonl(tmp_path / "pc.jsonl", pairs)), "format": "prompt_completion"}
+    streamed = list(load_data({**data, "train": [forced]}, method="sft", seed=0).train)
+    assert len(streamed) == CHECK_ROWS + 1 and {"prompt": "c", "completion": "d"} in streamed
+
+
+LONG = "word " * 300  # over 128 tokens with builtin:tiny's byte tokenizer
+
+
+def test_a_stream_whose_checked_rows_are_all_cut_at_max_length_is_refused_before_the_model_loads(tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": LONG + str(i)}, {"role": "assistant", "content": "ok"}]}
+            for i in range(30)]
+    path = recipe(tmp_path, data=write_jsonl(tmp_path / "long.jsonl", rows))
+    refusal = ("error: r.yaml:7:3: the prompt of each of the first 30 rows (those checked before streaming) fills "
+               f"`data.max_length: 128` tokens, so nothing would be trained (the first: {tmp_path}/long.jsonl:1); "
+               "raise `data.max_length` or shorten the prompts")
+    for verb in ("validate", "sft", "plan"):
+        result = CliRunner().invoke(app, [verb, str(path), *(["--output-dir", "run"] if verb == "sft" else [])])
+        assert (result.exit_code, result.stderr.strip()) == (2, refusal), (verb, result.stderr, result.exception)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_rows_cut_at_max_length_are_counted_by_validate_plan_and_the_stream_run(tmp_path):
+    rows = chat_rows()
+    for i in (3, 10, 17):
+        rows[i] = {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    path = recipe(tmp_path, data=data)
+    warning = (f"warning: 3 of the first {len(rows)} rows of {data} (those checked before streaming) have a prompt of "
+               "`data.max_length: 128` tokens or more, so nothing of them would be trained; they, and rows like them "
+               f"further on, are still streamed and train nothing (the first: {data}:4). Raise `data.max_length` or "
+               "shorten the prompts")
+    validated = cli("validate", path)
+    assert validated.returncode == 0 and warning in validated.stderr.splitlines(), validated.stderr
+    planned = cli("plan", path)
+    assert planned.returncode == 0 and warning in planned.stdout.splitlines(), planned.stdout
+    run(resolve(path, ["train.max_steps=2"]), ["llmtune", "sft"], output_dir=str(tmp_path / "run"))
+    assert warning.removeprefix("warning: ") in (tmp_path / "run" / "train.log").read_text()
+    # Without streaming the same rows are left out and the rows used counted, by plan too.
+    whole = cli("plan", path, "--set", "data.streaming=false")
+    assert (f"warning: 3 of {len(rows)} rows of {data} have a prompt of `data.max_length: 128` tokens or more, so "
+            f"nothing of them would be trained; they are left out (the first: {data}:4)") in whole.stdout, whole.stdout

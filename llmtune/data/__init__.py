@@ -29,8 +29,7 @@ def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) 
     """Raise UserError if the data has problems, else return its warnings; data that a run prepared before is known
     good (and its warnings kept). Writes nothing (`validate`): the cache is filled by the run that uses the data."""
     if data.get("streaming"):
-        stream.check(data, method=method, locate=locate)
-        return []
+        return stream.check(data, method=method, locate=locate, model=model)
     cache_key = cache.key(data, method, seed, model)
     if cache_key and cache.has(cache_key):
         return cache.meta(cache_key)["warnings"]
@@ -49,7 +48,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
     `store`: keep what was prepared in the cache (cache.py) for the next run.
     """
     if data.get("streaming"):
-        return stream.load(data, method=method, seed=seed, locate=locate)
+        return stream.load(data, method=method, seed=seed, locate=locate, model=model)
     cache_key = cache.key(data, method, seed, model)
     hit = cache_key and cache.load(cache_key)
     if hit:

@@ -279,9 +279,40 @@ def detect(columns):
     present = set(columns)
     for name, fmt in _FORMATS.items():
         if present.issuperset(fmt.needs) and not present.intersection(fmt.excludes):
-            plural = "s" if len(fmt.needs) > 1 else ""
-            return name, f"column{plural} {_quoted(fmt.needs)} found"
+            return name, detected_by(name)
     return None
+
+
+def detected_by(name):
+    """Why `detect` picks format `name`: the columns that identify it."""
+    needs = _FORMATS[name].needs
+    return f"column{'s' if len(needs) > 1 else ''} {_quoted(needs)} found"
+
+
+def row_format(row):
+    """The format one row's own columns show, or None: a null or empty value is no column (Parquet and Hub tables
+    give every row every column, null where it has none; CSV an empty cell)."""
+    found = detect([name for name, value in row.items() if value is not None and value != ""])
+    return found and found[0]
+
+
+def foreign(shown, fmt):
+    """Whether a row whose own columns show format `shown` (`row_format`'s name, or None) is of another format than
+    `fmt`. A row that is only an `fmt` row lacking something (a kto row without its `label` shows
+    prompt_completion; an alpaca row with an empty `instruction`, no format) is `fmt`'s: its converter names what
+    is missing."""
+    if shown is None or shown == fmt:
+        return False
+    return not set(_FORMATS[shown].needs).issubset(_FORMATS[fmt].needs + _FORMATS[fmt].optional)
+
+
+def stray_row(other, fmt, path, among):
+    """Why a row of format `other` cannot sit among the `fmt` rows of the source `path` (`among`: which rows those
+    are), and the fixes."""
+    return (f"this row's columns ({_quoted(_FORMATS[other].needs)}) make it {other} data, but {path} holds {fmt} "
+            f"rows ({among}); one source holds one format: move the {other} rows into a file of their own (a "
+            f"`data.train` entry of its own), or set `format: {fmt}` on this source (with `columns: {{old: new}}` to "
+            f"rename) to read every row as {fmt}")
 
 
 def describe_formats():

@@ -1,10 +1,20 @@
 """What reading a source whole and reading it as a stream share: the reports, a source's format
 detection and checks, and weighting sources together (used by __init__.py and stream.py)."""
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from llmtune.data import mix
-from llmtune.data.formats import convert, describe_formats, detect, missing_columns
+from llmtune.data.formats import (
+    convert,
+    describe_formats,
+    detect,
+    detected_by,
+    foreign,
+    missing_columns,
+    row_format,
+    stray_row,
+)
 from llmtune.data.sources import read_source
 from llmtune.errors import UserError
 from llmtune.verbs import METHODS
@@ -86,7 +96,7 @@ def detected(spec, rows, problems, key, method, locate):
         raise UserError(problems)
     try:
         rows = _renamed(rows, spec.get("columns") or {}, path, locate(key + ("columns",)))
-        fmt, reason = _format_of(spec.get("format", "auto"), _columns(rows), path)
+        fmt, reason = _format_of(spec.get("format", "auto"), rows, path)
         accepted = METHODS[method].formats
         if fmt not in accepted:
             raise UserError(
@@ -127,8 +137,10 @@ def renamed(row, renames):
     return out
 
 
-def _format_of(requested, columns, path):
-    """(format, reason) for a source: the one `format:` forces, or the one its columns show."""
+def _format_of(requested, rows, path):
+    """(format, reason) for a source: the one `format:` forces, or the one most of its rows show on their own (a
+    stray row of another format is refused by its location rather than deciding the source's format)."""
+    columns = _columns(rows)
     found = ", ".join(columns)
     if requested != "auto":
         missing = missing_columns(requested, columns)
@@ -136,13 +148,23 @@ def _format_of(requested, columns, path):
             needed = ", ".join(missing)
             raise UserError(f"{path}: format '{requested}' needs column(s) {needed}; columns found: {found}")
         return requested, "forced by format:"
-    detected = detect(columns)
-    if detected is None:
-        raise UserError(
-            f"{path}: columns {found} match no data format; rename them with `columns: {{old: new}}` "
-            f"or set `format:`. Each format needs these columns:\n{describe_formats()}"
-        )
-    return detected
+    shown = [row_format(row) for _, row in rows]
+    counts = Counter(filter(None, shown))
+    if not counts:  # no row is a format on its own: the columns together name one whose rows say what they lack
+        detected = detect(columns)
+        if detected is None:
+            raise UserError(
+                f"{path}: columns {found} match no data format; rename them with `columns: {{old: new}}` "
+                f"or set `format:`. Each format needs these columns:\n{describe_formats()}"
+            )
+        return detected
+    fmt = max(counts, key=counts.get)  # the most rows' format; on a tie, the first row's
+    strays = [(where, name) for (where, _), name in zip(rows, shown) if foreign(name, fmt)]
+    if strays:
+        where, other = strays[0]
+        among = f"{counts[fmt]} of the {len(rows)} rows read, the first at {rows[shown.index(fmt)][0]}"
+        raise UserError(f"{where}: {stray_row(other, fmt, path, among)}")
+    return fmt, detected_by(fmt)
 
 
 def mixed(sources, rng):

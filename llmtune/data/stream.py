@@ -2,9 +2,9 @@
 larger than memory.
 
 Before training only the head of each source is read (``CHECK_ROWS`` rows): enough to
-detect its format and check those rows, which is all `llmtune validate` reads too. Later
-rows are checked and converted as they stream, and a bad one stops the run naming its file
-and line. Several sources are interleaved at random, each giving a share of the rows
+detect its format and check those rows (rows cut away by `data.max_length` are counted, and
+a head with none left is refused), which is all `llmtune validate` reads too. Later rows are
+checked and converted as they stream, and a bad one stops the run naming its file and line. Several sources are interleaved at random, each giving a share of the rows
 proportional to its `weight` (a source that runs out starts again until every source has
 run out once); a seeded buffer of ``SHUFFLE_BUFFER`` rows shuffles them, the same way on
 every pass, so a resumed run skips exactly the rows it trained on. Eval sources are small
@@ -15,11 +15,13 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from llmtune.data.formats import common_kind, convert, describe_kind, to_kind
+from llmtune.data import templates
+from llmtune.data.formats import common_kind, convert, describe_kind, foreign, row_format, stray_row, to_kind
 from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, renamed
 from llmtune.data.prepare import mixed as mixed_whole
 from llmtune.data.sources import sha256_files, stream_records
 from llmtune.errors import UserError
+from llmtune.tokenizer import load_tokenizer
 
 CHECK_ROWS = 1000
 SHUFFLE_BUFFER = 10_000
@@ -31,20 +33,23 @@ class _Stream:
     records: object  # () -> iterator of (where, row) and (problem, None)
     real_files: list  # local paths to hash; empty for a Hub dataset
     spec: dict
-    head: list  # the first rows, converted: they give the dataset's features
+    rows: list  # the head: the first rows, converted; they give the dataset's features
     kind: tuple
+    locations: list  # FILE:LINE of each row of the head
+    cut: str | None = None  # FILE:LINE of the head's first row that trains nothing at max_length (templates.py)
 
 
-def check(data, *, method, locate):
-    """Raise UserError for problems in the heads of the train sources or in the eval sources."""
-    _open_all(data, method, locate)
+def check(data, *, method, locate, model=None) -> list[str]:
+    """Raise UserError for problems in the heads of the train sources or in the eval sources; else their warnings."""
+    return _open_all(data, method, locate, model)[3]
 
 
-def load(data, *, method, seed, locate):
+def load(data, *, method, seed, locate, model=None):
     import datasets
 
-    streams, evals, kind = _open_all(data, method, locate)
-    features = datasets.Dataset.from_list(to_kind(streams[0].head, streams[0].kind, kind)).features
+    streams, evals, kind, warnings = _open_all(data, method, locate, model)
+    sample = next(stream for stream in streams if stream.rows)  # a head may be all cut away at max_length
+    features = datasets.Dataset.from_list(to_kind(sample.rows, sample.kind, kind)).features
     for stream in streams:
         if stream.real_files:  # one pass over the bytes, no parsing: the manifest records what was read
             stream.report.sha256 = sha256_files(stream.real_files)
@@ -55,10 +60,12 @@ def load(data, *, method, seed, locate):
     eval_set = None
     if evals:
         eval_set = datasets.Dataset.from_list(mixed_whole(evals, random.Random(seed)), features=features)
-    return PreparedData(train, eval_set, kind[0], [s.report for s in streams] + [s.report for s in evals], [])
+    return PreparedData(train, eval_set, kind[0], [s.report for s in streams] + [s.report for s in evals], warnings)
 
 
-def _open_all(data, method, locate):
+def _open_all(data, method, locate, model):
+    """The train streams (their heads read and checked), the eval sources, their common kind and the warnings;
+    `model` (the recipe's `model:`) gives the tokenizer that rows cut away by `data.max_length` are counted with."""
     problems = []
     streams = load_sources(data["train"], ("data", "train"), method, locate, problems, load=_open)
     evals = load_sources(data.get("eval") or [], ("data", "eval"), method, locate, problems)
@@ -70,7 +77,14 @@ def _open_all(data, method, locate):
         raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
     for source in evals:
         source.rows = to_kind(source.rows, source.kind, kind)
-    return streams, evals, kind
+    warnings, max_length = [], data.get("max_length")
+    if model is not None and max_length:
+        tokenizer = load_tokenizer(model)
+        checked = sum(len(stream.rows) for stream in streams)
+        warnings = templates.drop_cut(streams, max_length, tokenizer, streamed=True) + \
+            templates.drop_cut(evals, max_length, tokenizer)
+        templates.require_trained(streams, max_length, locate(("data", "max_length")), checked)
+    return streams, evals, kind, warnings
 
 
 def _open(spec, key, method, locate):
@@ -83,7 +97,8 @@ def _open(spec, key, method, locate):
     # Rows and files are unknown until the stream is read: None says "not counted", not zero.
     report = SourceReport(spec["path"], fmt, reason, None, None, None, spec.get("revision"),
                           [shown for shown, _ in files or []])
-    return _Stream(report, records, [real for _, real in files or []], spec, converted, kind)
+    return _Stream(report, records, [real for _, real in files or []], spec, converted, kind,
+                   [where for where, _ in rows])
 
 
 def _mixed(streams, target, seed):
@@ -115,10 +130,16 @@ def _mixed(streams, target, seed):
 def _rows(stream, target):
     """The stream's rows converted to `target`; the first bad row raises with its location."""
     renames, fmt = stream.spec.get("columns") or {}, stream.report.format
+    detected = stream.spec.get("format", "auto") == "auto"
     for where, row in stream.records():
         if row is None:
             raise UserError(f"{where} (found while streaming: fix the row, or drop it, and resume)")
-        converted, kind, problems = convert([(where, renamed(row, renames))], fmt)
+        row = renamed(row, renames)
+        other = row_format(row) if detected else None
+        if foreign(other, fmt):
+            raise UserError(f"{where}: {stray_row(other, fmt, stream.spec['path'], 'the rows before it')} "
+                            "(found while streaming)")
+        converted, kind, problems = convert([(where, row)], fmt)
         if not problems and kind != stream.kind:
             problems = [f"{where}: row is {describe_kind(kind)} but the rows before it are "
                         f"{describe_kind(stream.kind)}; one source must hold one kind of row"]

@@ -73,9 +73,10 @@ def _prompt_tokens(row: dict, tokenizer) -> int:
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
-def drop_cut(sources, max_length: int, tokenizer) -> list[str]:
+def drop_cut(sources, max_length: int, tokenizer, streamed: bool = False) -> list[str]:
     """Drop the rows whose trained part lies beyond `max_length`; return the warnings saying so. Prompt-only rows
-    (ppo, grpo, rloo) are the policy's input, not trained: kept."""
+    (ppo, grpo, rloo) are the policy's input, not trained: kept. `streamed`: the sources' rows are the heads of
+    streams (data/stream.py), checked before training; the rows a stream yields later are not left out."""
     warnings = []
     for source in sources:
         if source.kind[0].endswith("prompt_only"):
@@ -84,19 +85,26 @@ def drop_cut(sources, max_length: int, tokenizer) -> list[str]:
         if all(fits):
             continue
         first = source.locations[fits.index(False)]
-        warnings.append(f"{fits.count(False)} of {len(fits)} rows of {source.report.path} have a prompt of "
-                        f"`data.max_length: {max_length}` tokens or more, so nothing of them would be trained; they "
-                        f"are left out (the first: {first}). Raise `data.max_length` or shorten the prompts")
+        counted = (f"{fits.count(False)} of the first {len(fits)} rows of {source.report.path} (those checked before "
+                   "streaming)" if streamed else f"{fits.count(False)} of {len(fits)} rows of {source.report.path}")
+        outcome = ("they, and rows like them further on, are still streamed and train nothing" if streamed
+                   else "they are left out")
+        warnings.append(f"{counted} have a prompt of `data.max_length: {max_length}` tokens or more, so nothing of "
+                        f"them would be trained; {outcome} (the first: {first}). Raise `data.max_length` or shorten "
+                        "the prompts")
         source.rows = [row for row, fit in zip(source.rows, fits) if fit]
         source.locations = [at for at, fit in zip(source.locations, fits) if fit]
         source.cut = first
     return warnings
 
 
-def require_trained(train, max_length: int, where: str) -> None:
+def require_trained(train, max_length: int, where: str, checked: int | None = None) -> None:
+    """Refuse when `drop_cut` left no training row; `checked`: how many rows the streams' heads held."""
     if not any(source.rows for source in train):
         first = next(source.cut for source in train if source.cut)
-        raise UserError(f"{where}: every row's prompt fills `data.max_length: {max_length}` tokens, so nothing would "
+        rows = "every row's prompt" if checked is None else \
+            f"the prompt of each of the first {checked} rows (those checked before streaming)"
+        raise UserError(f"{where}: {rows} fills `data.max_length: {max_length}` tokens, so nothing would "
                         f"be trained (the first: {first}); raise `data.max_length` or shorten the prompts")
 
 

@@ -181,8 +181,10 @@ def source_stats(resolved, sample_rows: int = 0):
     for key, index, spec in specs:
         # Each source alone, unweighted: its own rows, format and reason.
         alone = {**section, "train": [{**spec, "weight": 1.0}], "eval": None}
+        # A problem of the source (`data.train.0...` here) is located at the source's own key; any other at its key.
         prepared = load_data(alone, method=resolved.method.name, seed=config["seed"], model=config["model"],
-                             locate=lambda path, k=key, i=index: resolved.locate(("data", k, i) + tuple(path[3:])))
+                             locate=lambda path, k=key, i=index: resolved.locate(
+                                 ("data", k, i) + tuple(path[3:]) if tuple(path[:3]) == ("data", "train", 0) else path))
         per_source.append(prepared)
     data = load_data(config["data"], method=resolved.method.name, seed=config["seed"], locate=resolved.locate,
                      model=config["model"])
