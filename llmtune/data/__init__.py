@@ -12,18 +12,21 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 
 import random
 
-from llmtune.data import cache, curate, masking, mix, stream, templates
-from llmtune.data.formats import FORMATS, common_kind, describe_kind, to_dataset, to_kind
-from llmtune.data.prepare import PreparedData, SourceReport, load_sources, mixed
+from llmtune.data import cache, curate, masking, mix, scan, stream, templates
+from llmtune.data.formats import FORMATS, to_dataset, to_kind
+from llmtune.data.prepare import (
+    PreparedData,
+    SourceReport,
+    load_sources,
+    mixable,
+    mixed,
+    require_hold_out,
+    trained_rows,
+)
 from llmtune.errors import UserError
 from llmtune.tokenizer import load_tokenizer
-from llmtune.verbs import METHODS
 
 __all__ = ["FORMATS", "PreparedData", "SourceReport", "check_data", "load_data"]
-
-# Below this many training rows, fine-tuning mostly memorises: worth a warning.
-MIN_TRAIN_ROWS = 16
-
 
 def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) -> list[str]:
     """Raise UserError if the data has problems, else return its warnings; data that a run prepared before is known
@@ -33,6 +36,8 @@ def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) 
     cache_key = cache.key(data, method, seed, model)
     if cache_key and cache.has(cache_key):
         return cache.meta(cache_key)["warnings"]
+    if scan.streamable(data, locate):  # read row by row, not held: memory does not grow with the data
+        return scan.check(data, method=method, seed=seed, locate=locate, model=model)
     return load_data(data, method=method, seed=seed, locate=locate, model=model, store=False).warnings
 
 
@@ -65,10 +70,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
         raise UserError(problems)
 
     every = train + evals
-    kind = common_kind(source.kind for source in every)
-    if kind is None:
-        listed = ", ".join(f"{source.report.path} is {describe_kind(source.kind)}" for source in every)
-        raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
+    kind = mixable(every, locate)
     for source in every:
         source.rows = to_kind(source.rows, source.kind, kind)
     templated, cut = [], []
@@ -95,15 +97,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
         eval_rows = None
     notes = curate.decontaminate(train, eval_rows or [], spec) if spec else []
     train_rows = mixed(train, rng)
-    if not train_rows:
-        raise UserError(f"{locate(('data', 'train'))}: no training rows are left after weighting; raise a `weight:`")
-
-    warnings = templated + cut + notes
-    if len(train_rows) < MIN_TRAIN_ROWS:
-        warnings.append(
-            f"the training set has {len(train_rows)} row(s), fewer than {MIN_TRAIN_ROWS}: "
-            "the model will learn little from it"
-        )
+    warnings = templated + cut + notes + trained_rows(len(train_rows), locate)
 
     prepared = PreparedData(
         train=to_dataset(train_rows),
@@ -129,27 +123,17 @@ def _templated(sources, shape, method, model, tokenizer, locate):
         return []
     if not tokenizer.chat_template:  # the run refuses conversational data without one, with the fix
         return []
-    cut = (METHODS[method].assistant_turns and shape == "conversational_language_modeling"
-           and masking.masking_mode(tokenizer) == masking.RENDERED)
+    cut = templates.cuts_turns(method, shape, tokenizer)
     try:
         effects = masking.check_rows(tokenizer, [(s.rows, s.locations) for s in sources], cut=cut)
     except masking.Undecomposable as err:
-        raise UserError(
-            f"{err}: training only the assistant's tokens needs each turn cut out of the whole rendering. Split such "
-            "conversations into one row per assistant turn, or set `model.chat_template:` to a template with "
-            "{% generation %}...{% endgeneration %} around each assistant message and its end-of-turn token"
-            f" ({locate(('model', 'name'))})") from None
+        raise templates.undecomposable(err, locate) from None
     return effects.warnings(model.get("chat_template") or model["name"])
 
 
 def _hold_out(train, fraction, rng, where):
     """Move a `fraction` of the train sources' rows into an eval set, which is returned."""
-    total = sum(len(source.rows) for source in train)
-    if total < 2:
-        raise UserError(
-            f"{where}: `eval: {fraction}` holds out training rows, but there is only {total}; "
-            "add data or set `eval: 0`"
-        )
+    require_hold_out(sum(len(source.rows) for source in train), fraction, where)
     kept, held = mix.hold_out([list(zip(source.rows, source.locations)) for source in train], fraction, rng)
     for source, pairs in zip(train, kept):
         source.rows, source.locations = [row for row, _ in pairs], [where for _, where in pairs]

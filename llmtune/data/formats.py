@@ -360,27 +360,43 @@ def convert(rows, fmt):
     Returns the converted rows, their kind ``(shape, columns)`` and the problems found,
     each prefixed with its row's location. All rows of one source must share a kind.
     """
-    spec = _FORMATS[fmt]
+    converter = Converter(fmt)
     converted, problems = [], []
-    first = None  # (kind, where) of the first good row
     for where, row in rows:
+        out, bad = converter.row(where, row)
+        problems += bad
+        if out is not None:
+            converted.append(out)
+    return converted, converter.kind, problems
+
+
+class Converter:
+    """`convert` one row at a time, remembering the first good row's kind (a source read as a stream)."""
+
+    def __init__(self, fmt):
+        self.name, self.spec = fmt, _FORMATS[fmt]
+        self.first = None  # (kind, where) of the first good row
+
+    @property
+    def kind(self):
+        return self.first[0] if self.first else None
+
+    def row(self, where, row):
+        """(converted row or None, problems of the row)."""
         bad = []
-        out = spec.convert(row, bad)
+        out = self.spec.convert(row, bad)
         if not bad:
             conversational = any(isinstance(value, list) for value in out.values())
             columns = tuple(column for column in out if column not in ROW_EXTRAS)
-            kind = (("conversational_" if conversational else "") + spec.shape, columns)
-            if first is None:
-                first = (kind, where)
-            elif kind != first[0]:
+            kind = (("conversational_" if conversational else "") + self.spec.shape, columns)
+            if self.first is None:
+                self.first = (kind, where)
+            elif kind != self.first[0]:
                 bad.append(
-                    f"row is {describe_kind(kind)} but {first[1]} is {describe_kind(first[0])}; "
+                    f"row is {describe_kind(kind)} but {self.first[1]} is {describe_kind(self.first[0])}; "
                     "one source must hold one kind of row"
                 )
-        problems += [f"{where}: {problem}" for problem in bad]
-        if not bad:
-            converted.append(out)
-    return converted, first[0] if first else None, problems
+        return (None if bad else out), [f"{where}: {problem}" for problem in bad]
 
 
 # Chat data may mix whole conversations with conversational prompt-completion rows

@@ -289,14 +289,14 @@ def unrendered_tools(tokenizer, messages, tools) -> str | None:
     return None
 
 
-def check_rows(tokenizer, sources, *, cut: bool) -> Effects:
+def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None) -> Effects:
     """Fold system messages where the template has no system role, count what the template does to the rows, and
     with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
 
     `sources` is a list of (rows, locations) pairs; rows are replaced in place. Raises Undecomposable with the
-    FILE:LINE of the first row that cannot be cut.
+    FILE:LINE of the first row that cannot be cut. `effects`: counts to go on with (rows checked a chunk at a time).
     """
-    effects = Effects()
+    effects = Effects() if effects is None else effects
     fold = not has_system_role(tokenizer)
     for rows, locations in sources:
         for n, row in enumerate(rows):

@@ -16,17 +16,27 @@ def weigh(rows, weight, rng):
     return rows * copies + rng.sample(rows, round((weight - copies) * len(rows)))
 
 
+def weighed(count, weight):
+    """How many rows `weigh` gives of `count` rows."""
+    copies = math.floor(weight)
+    return count * copies + round((weight - copies) * count)
+
+
+def held(total, fraction):
+    """How many of `total` rows `hold_out` takes."""
+    return min(total - 1, max(1, round(fraction * total)))
+
+
 def hold_out(row_lists, fraction, rng):
     """Take `fraction` of all rows (at least one, never all) out of the per-source lists.
 
     Returns the rows each source keeps and the held-out rows, in random order.
     """
     flat = [(source, row) for source, rows in enumerate(row_lists) for row in rows]
-    count = min(len(flat) - 1, max(1, round(fraction * len(flat))))
-    held = rng.sample(range(len(flat)), count)
-    skipped = set(held)
+    taken = rng.sample(range(len(flat)), held(len(flat), fraction))
+    skipped = set(taken)
     kept = [[] for _ in row_lists]
     for index, (source, row) in enumerate(flat):
         if index not in skipped:
             kept[source].append(row)
-    return kept, [flat[index][1] for index in held]
+    return kept, [flat[index][1] for index in taken]

@@ -16,8 +16,8 @@ import random
 from dataclasses import dataclass
 
 from llmtune.data import templates
-from llmtune.data.formats import common_kind, convert, describe_kind, foreign, row_format, stray_row, to_kind
-from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, renamed
+from llmtune.data.formats import convert, describe_kind, foreign, row_format, stray_row, to_kind
+from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, mixable, renamed
 from llmtune.data.prepare import mixed as mixed_whole
 from llmtune.data.sources import sha256_files, stream_records
 from llmtune.errors import UserError
@@ -71,10 +71,7 @@ def _open_all(data, method, locate, model):
     evals = load_sources(data.get("eval") or [], ("data", "eval"), method, locate, problems)
     if problems:
         raise UserError(problems)
-    kind = common_kind(source.kind for source in streams + evals)
-    if kind is None:
-        listed = ", ".join(f"{s.report.path} is {describe_kind(s.kind)}" for s in streams + evals)
-        raise UserError(f"{locate(('data', 'train'))}: data sources of different shapes cannot be mixed: {listed}")
+    kind = mixable(streams + evals, locate)
     for source in evals:
         source.rows = to_kind(source.rows, source.kind, kind)
     warnings, max_length = [], data.get("max_length")

@@ -14,6 +14,7 @@ when none is left the run is refused.
 from __future__ import annotations
 
 from llmtune.errors import UserError
+from llmtune.verbs import METHODS
 
 from ..builtin import build_tiny_tokenizer
 from ..paths import named_chat_templates, read_chat_template
@@ -34,31 +35,39 @@ def check_rendering(sources, model: dict, tokenizer, prepare=lambda messages: me
     conversation rendered as training will (`prepare`: e.g. a system message folded, data/masking.py)."""
     if not tokenizer.chat_template:
         return  # no template at all: reported by the run's own check (require_chat_template)
-    tried, problems = set(), []
-    for source in sources:
-        for row, where in zip(source.rows, source.locations):
-            tools = row.get("tools") or None
-            for messages in map(prepare, conversations(row)):
-                roles = tuple(m.get("role") for m in messages)
-                calls = tools is not None or any(m.get("tool_calls") for m in messages)
-                if (roles, calls) in tried:
-                    continue
-                tried.add((roles, calls))
-                try:
-                    tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-                except Exception as err:  # the template is code (jinja2 and its raise_exception): any error is the data's
-                    fix = ("the template has no tool support: use a model (or `model.chat_template:`) whose template "
-                           "renders tools, or leave tool-calling rows out") if calls or "tool" in roles else (
-                        "change such rows (e.g. fold a system message into the first user turn) or set "
-                        "`model.chat_template:` to a template that takes them")
-                    problems.append(f"{where}: the chat template of '{model['name']}' refuses this conversation "
-                                    f"(roles {', '.join(map(str, roles))}): {err}; {fix}")
+    tried = set()
+    problems = [problem for source in sources
+                for problem in refused(zip(source.rows, source.locations), model, tokenizer, prepare, tried)]
     if problems:
         raise UserError(problems)
 
 
-def _prompt_tokens(row: dict, tokenizer) -> int:
-    """Tokens before the first trained one: the prompt, or a conversation's turns before its first assistant turn."""
+def refused(rows, model: dict, tokenizer, prepare, tried: set) -> list[str]:
+    """`check_rendering`'s problems for (row, FILE:LINE) pairs; `tried` holds the role sequences rendered before."""
+    problems = []
+    for row, where in rows:
+        tools = row.get("tools") or None
+        for messages in map(prepare, conversations(row)):
+            roles = tuple(m.get("role") for m in messages)
+            calls = tools is not None or any(m.get("tool_calls") for m in messages)
+            if (roles, calls) in tried:
+                continue
+            tried.add((roles, calls))
+            try:
+                tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            except Exception as err:  # the template is code (jinja2 and its raise_exception): any error is the data's
+                fix = ("the template has no tool support: use a model (or `model.chat_template:`) whose template "
+                       "renders tools, or leave tool-calling rows out") if calls or "tool" in roles else (
+                    "change such rows (e.g. fold a system message into the first user turn) or set "
+                    "`model.chat_template:` to a template that takes them")
+                problems.append(f"{where}: the chat template of '{model['name']}' refuses this conversation "
+                                f"(roles {', '.join(map(str, roles))}): {err}; {fix}")
+    return problems
+
+
+def _prompt(row: dict, tokenizer) -> str | None:
+    """The text before the first trained token: the prompt, or a conversation's turns before its first assistant
+    turn, rendered."""
     if "messages" in row:
         messages = row["messages"]
         first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
@@ -66,11 +75,30 @@ def _prompt_tokens(row: dict, tokenizer) -> int:
     else:
         prompt = row.get("prompt")
     if not prompt:
-        return 0
+        return None
     if isinstance(prompt, list):
         prompt = tokenizer.apply_chat_template(prompt, tools=row.get("tools") or None, tokenize=False,
                                                add_generation_prompt=True)
-    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return prompt
+
+
+def fits(rows, max_length: int, tokenizer) -> list[bool]:
+    """Whether each row's prompt is shorter than `max_length` tokens, so that some of it is trained. One tokenizer
+    call for all the prompts: the fast tokenizers encode a batch in parallel."""
+    prompts = [_prompt(row, tokenizer) for row in rows]
+    texts = [prompt for prompt in prompts if prompt]
+    lengths = iter(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else ())
+    return [not prompt or next(lengths) < max_length for prompt in prompts]
+
+
+def cut_warning(path: str, cut: int, rows: int, first: str, max_length: int, streamed: bool = False) -> str:
+    """What `drop_cut` says of `cut` of a source's `rows` (`first`: where the first is)."""
+    counted = (f"{cut} of the first {rows} rows of {path} (those checked before streaming)" if streamed
+               else f"{cut} of {rows} rows of {path}")
+    outcome = ("they, and rows like them further on, are still streamed and train nothing" if streamed
+               else "they are left out")
+    return (f"{counted} have a prompt of `data.max_length: {max_length}` tokens or more, so nothing of them would "
+            f"be trained; {outcome} (the first: {first}). Raise `data.max_length` or shorten the prompts")
 
 
 def drop_cut(sources, max_length: int, tokenizer, streamed: bool = False) -> list[str]:
@@ -81,21 +109,30 @@ def drop_cut(sources, max_length: int, tokenizer, streamed: bool = False) -> lis
     for source in sources:
         if source.kind[0].endswith("prompt_only"):
             continue
-        fits = [_prompt_tokens(row, tokenizer) < max_length for row in source.rows]
-        if all(fits):
+        fit = fits(source.rows, max_length, tokenizer)
+        if all(fit):
             continue
-        first = source.locations[fits.index(False)]
-        counted = (f"{fits.count(False)} of the first {len(fits)} rows of {source.report.path} (those checked before "
-                   "streaming)" if streamed else f"{fits.count(False)} of {len(fits)} rows of {source.report.path}")
-        outcome = ("they, and rows like them further on, are still streamed and train nothing" if streamed
-                   else "they are left out")
-        warnings.append(f"{counted} have a prompt of `data.max_length: {max_length}` tokens or more, so nothing of "
-                        f"them would be trained; {outcome} (the first: {first}). Raise `data.max_length` or shorten "
-                        "the prompts")
-        source.rows = [row for row, fit in zip(source.rows, fits) if fit]
-        source.locations = [at for at, fit in zip(source.locations, fits) if fit]
+        first = source.locations[fit.index(False)]
+        warnings.append(cut_warning(source.report.path, fit.count(False), len(fit), first, max_length, streamed))
+        source.rows = [row for row, keep in zip(source.rows, fit) if keep]
+        source.locations = [at for at, keep in zip(source.locations, fit) if keep]
         source.cut = first
     return warnings
+
+
+def cuts_turns(method: str, shape: str, tokenizer) -> bool:
+    """Whether every conversation must be cut into turns: assistant-only loss found by rendering (masking.py)."""
+    return (METHODS[method].assistant_turns and shape == "conversational_language_modeling"
+            and masking.masking_mode(tokenizer) == masking.RENDERED)
+
+
+def undecomposable(err: masking.Undecomposable, locate) -> UserError:
+    """The problem of a conversation `masking.check_rows` cannot cut into turns, with the fixes."""
+    return UserError(
+        f"{err}: training only the assistant's tokens needs each turn cut out of the whole rendering. Split such "
+        "conversations into one row per assistant turn, or set `model.chat_template:` to a template with "
+        "{% generation %}...{% endgeneration %} around each assistant message and its end-of-turn token"
+        f" ({locate(('model', 'name'))})")
 
 
 def require_trained(train, max_length: int, where: str, checked: int | None = None) -> None:

@@ -1,0 +1,183 @@
+"""Checking the data of `data:` without holding it: what `llmtune validate` does.
+
+The run (``load_data``) holds every row to train on it; the check reads each source row by row and keeps only
+counts, the first problems of each source (``prepare.MAX_PROBLEMS``) and what the warnings need, so that its
+memory does not grow with the data. It finds exactly the run's problems and warnings:
+
+- each source is read once to detect its format (``prepare.Tally``) and convert its rows, under the format its
+  first rows show (read a second time when most of its rows turn out to be of another, or `columns:` renames);
+- the checks against the chat template and `data.max_length` read the sources once more, ``CHUNK`` rows at a
+  time (the kind the sources are mixed into is known only once every source is read), and are skipped where
+  the run does none (no model, plain text);
+- the eval hold-out and the weights are counted: the hold-out draws the run's random sample of row numbers, so
+  it holds the held-out numbers (not rows).
+
+`data.curate` (duplicates and contamination need every row's text) and Hub datasets are checked the run's way.
+"""
+
+import random
+from dataclasses import dataclass
+from itertools import islice
+
+from llmtune.data import masking, mix, templates
+from llmtune.data.formats import Converter, to_kind
+from llmtune.data.prepare import (
+    Counted,
+    Problems,
+    SourceReport,
+    Tally,
+    load_sources,
+    mixable,
+    renamed,
+    require_hold_out,
+    trained_rows,
+)
+from llmtune.data.sources import stream_records
+from llmtune.errors import UserError
+from llmtune.tokenizer import load_tokenizer
+
+# Rows checked against the chat template at a time: one batched tokenizer call each.
+CHUNK = 1000
+
+
+@dataclass
+class _Scanned:
+    report: SourceReport
+    records: object  # () -> iterator of (where, row) and (problem, None), afresh on each call
+    spec: dict
+    kind: tuple
+    rows: int  # good rows; after the `data.max_length` check, those left
+    cut: str | None = None  # FILE:LINE of the first row that trains nothing at max_length (templates.py)
+
+
+def streamable(data, locate) -> bool:
+    """Whether `check` can read every source of `data` row by row."""
+    if data.get("curate"):
+        return False
+    evals = data.get("eval") if isinstance(data.get("eval"), list) else []
+    specs = [("train", i, spec) for i, spec in enumerate(data["train"])] + [("eval", i, s) for i, s in enumerate(evals)]
+    for section, index, spec in specs:
+        try:
+            if stream_records(spec["path"], name=None, split=None, revision=None,
+                              where=locate(("data", section, index, "path")))[1] is None:
+                return False  # a Hub dataset
+        except UserError:
+            pass  # reported by `check` where the run reports it
+    return True
+
+
+def check(data, *, method, seed, locate, model=None) -> list[str]:
+    """`load_data`'s problems (raised) and warnings for `data` (`streamable`), its rows read but not kept."""
+    problems = []
+    train = load_sources(data["train"], ("data", "train"), method, locate, problems, load=_scan)
+    eval_spec = data.get("eval")
+    evals = load_sources(eval_spec if isinstance(eval_spec, list) else [], ("data", "eval"), method, locate,
+                         problems, load=_scan)
+    if problems:
+        raise UserError(problems)
+    every = train + evals
+    kind = mixable(every, locate)
+    warnings = []
+    if model is not None:
+        warnings = _templated(every, kind, data.get("max_length"), method, model, load_tokenizer(model), locate)
+        if data.get("max_length"):
+            templates.require_trained(train, data["max_length"], locate(("data", "max_length")))
+    counts = [source.rows for source in train]
+    if eval_spec and not evals:  # a fraction of the training rows, drawn as mix.hold_out draws them
+        where = locate(("data", "eval"))
+        require_hold_out(sum(counts), eval_spec, where)
+        taken = (random.Random(seed).sample(range(sum(counts)), mix.held(sum(counts), eval_spec)))
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        counts = [count - sum(start <= n < start + count for n in taken) for start, count in zip(starts, counts)]
+    used = sum(mix.weighed(count, source.spec.get("weight", 1.0)) for source, count in zip(train, counts))
+    return warnings + trained_rows(used, locate)
+
+
+def _scan(spec, key, method, locate):
+    """One pass over a source: its format, kind and good rows counted, its problems raised (`Counted`)."""
+    records, _ = stream_records(spec["path"], name=spec.get("name"), split=spec.get("split", "train"),
+                                revision=spec.get("revision"), where=locate(key + ("path",)))
+    read, tally, converter, converted, good = Problems(), Tally(spec), None, Problems(), 0
+    for where, row in records():
+        if row is None:
+            read.add([where])
+            continue
+        row = tally.add(where, row)
+        if tally.rows == 1:  # convert under the first row's format: most sources hold one
+            forced = spec.get("format", "auto")
+            converter = Converter(forced) if forced != "auto" else \
+                next((Converter(name) for name in tally.counts), None)
+        if converter:
+            out, bad = converter.row(where, row)
+            converted.add(bad)
+            good += out is not None
+    if not tally.rows:  # every file empty or unreadable
+        raise Counted(read.shown, read.total)
+    try:
+        fmt, reason = tally.format(key, method, locate)
+    except UserError as error:  # this source's own problem first, then what reading found
+        raise Counted(error.problems + read.shown, len(error.problems) + read.total) from None
+    if converter is None or converter.name != fmt:
+        converter, converted, good = Converter(fmt), Problems(), 0
+        for _, (out, bad) in _converted(records, spec, converter):
+            converted.add(bad)
+            good += out is not None
+    if read or converted:
+        raise Counted(read.shown + converted.shown, read.total + converted.total)
+    report = SourceReport(spec["path"], fmt, reason, good, 0, None, None, [])
+    return _Scanned(report, records, spec, converter.kind, good)
+
+
+def _converted(records, spec, converter):
+    """(where, (converted row or None, problems)) for each row of a source, read afresh."""
+    renames = spec.get("columns") or {}
+    for where, row in records():
+        if row is not None:
+            yield where, converter.row(where, renamed(row, renames) if renames else row)
+
+
+def _chunks(source, kind):
+    """The source's rows converted to `kind`, with their locations, CHUNK at a time."""
+    rows = ((where, out) for where, (out, _) in _converted(source.records, source.spec,
+                                                           Converter(source.report.format)))
+    while chunk := list(islice(rows, CHUNK)):
+        yield to_kind([row for _, row in chunk], source.kind, kind), [where for where, _ in chunk]
+
+
+def _templated(sources, kind, max_length, method, model, tokenizer, locate):
+    """The run's checks against the chat template (templates.check_rendering, masking.check_rows) and
+    `data.max_length` (templates.drop_cut), a chunk of rows at a time; returns their warnings."""
+    chat = kind[0].startswith("conversational") and bool(tokenizer.chat_template)
+    prepare = (lambda m: m) if not chat or masking.has_system_role(tokenizer) else masking.fold_system
+    cut = chat and templates.cuts_turns(method, kind[0], tokenizer)
+    tried, refused, failure, effects, warnings = set(), [], None, masking.Effects(), []
+    for source in sources:
+        # Rows without a prompt (plain text) and prompts that are not trained fit whatever max_length.
+        measure = max_length and not source.kind[0].endswith("prompt_only") and \
+            {"prompt", "messages"}.intersection(source.kind[1])
+        if not (chat or measure):
+            continue
+        left, dropped, first = 0, 0, None
+        for rows, locations in _chunks(source, kind):
+            if chat:
+                refused += templates.refused(zip(rows, locations), model, tokenizer, prepare, tried)
+                if failure is None and not refused:  # else the run stops before these checks
+                    try:  # folds system messages in place, as the run's check does before max_length counts
+                        masking.check_rows(tokenizer, [(rows, locations)], cut=cut, effects=effects)
+                    except masking.Undecomposable as err:
+                        failure = templates.undecomposable(err, locate)
+                    except UserError as err:
+                        failure = err
+            if measure and failure is None and not refused:
+                fit = templates.fits(rows, max_length, tokenizer)
+                left += sum(fit)
+                dropped += len(fit) - sum(fit)
+                first = first or (locations[fit.index(False)] if not all(fit) else None)
+        if measure and dropped:
+            warnings.append(templates.cut_warning(source.report.path, dropped, left + dropped, first, max_length))
+            source.rows, source.cut = left, first
+    if refused:
+        raise UserError(refused)
+    if failure:
+        raise failure
+    return (effects.warnings(model.get("chat_template") or model["name"]) if chat else []) + warnings
