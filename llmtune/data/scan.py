@@ -15,8 +15,13 @@ memory does not grow with the data. It finds exactly the run's problems and warn
 `data.curate` (duplicates and contamination need every row's text) and Hub datasets are checked the run's way.
 """
 
+import multiprocessing
+import os
 import random
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 
 from llmtune.data import masking, mix, templates
@@ -38,6 +43,8 @@ from llmtune.tokenizer import load_tokenizer
 
 # Rows checked against the chat template at a time: one batched tokenizer call each.
 CHUNK = 1000
+# Processes that render and tokenize prompts for `data.max_length`, at most one per usable core.
+WORKERS = 2
 
 
 @dataclass
@@ -151,33 +158,78 @@ def _templated(sources, kind, max_length, method, model, tokenizer, locate):
     prepare = (lambda m: m) if not chat or masking.has_system_role(tokenizer) else masking.fold_system
     cut = chat and templates.cuts_turns(method, kind[0], tokenizer)
     tried, refused, failure, effects, warnings = set(), [], None, masking.Effects(), []
-    for source in sources:
-        # Rows without a prompt (plain text) and prompts that are not trained fit whatever max_length.
-        measure = max_length and not source.kind[0].endswith("prompt_only") and \
-            {"prompt", "messages"}.intersection(source.kind[1])
-        if not (chat or measure):
-            continue
-        left, dropped, first = 0, 0, None
-        for rows, locations in _chunks(source, kind):
-            if chat:
-                refused += templates.refused(zip(rows, locations), model, tokenizer, prepare, tried)
-                if failure is None and not refused:  # else the run stops before these checks
-                    try:  # folds system messages in place, as the run's check does before max_length counts
-                        masking.check_rows(tokenizer, [(rows, locations)], cut=cut, effects=effects)
-                    except masking.Undecomposable as err:
-                        failure = templates.undecomposable(err, locate)
-                    except UserError as err:
-                        failure = err
-            if measure and failure is None and not refused:
-                fit = templates.fits(rows, max_length, tokenizer)
-                left += sum(fit)
-                dropped += len(fit) - sum(fit)
-                first = first or (locations[fit.index(False)] if not all(fit) else None)
-        if measure and dropped:
-            warnings.append(templates.cut_warning(source.report.path, dropped, left + dropped, first, max_length))
-            source.rows, source.cut = left, first
+    with _Workers(tokenizer, max_length) as workers:
+        for source in sources:
+            # Rows without a prompt (plain text) and prompts that are not trained fit whatever max_length.
+            measure = max_length and not source.kind[0].endswith("prompt_only") and \
+                {"prompt", "messages"}.intersection(source.kind[1])
+            if not (chat or measure):
+                continue
+            counted, pending = [0, 0, None], deque()  # rows that fit, rows that do not, the first of those
+            for rows, locations in _chunks(source, kind):
+                if chat:
+                    refused += templates.refused(zip(rows, locations), model, tokenizer, prepare, tried)
+                    if failure is None and not refused:  # else the run stops before these checks
+                        try:  # folds system messages in place, as the run's check does before max_length counts
+                            masking.check_rows(tokenizer, [(rows, locations)], cut=cut, effects=effects)
+                        except masking.Undecomposable as err:
+                            failure = templates.undecomposable(err, locate)
+                        except UserError as err:
+                            failure = err
+                if measure and failure is None and not refused:
+                    pending.append((workers.fits(rows), locations))
+                    if len(pending) > 2 * workers.count:  # a few chunks in flight: memory stays bounded
+                        _count(counted, *pending.popleft())
+            while pending:
+                _count(counted, *pending.popleft())
+            left, dropped, first = counted
+            if dropped:
+                warnings.append(templates.cut_warning(source.report.path, dropped, left + dropped, first, max_length))
+                source.rows, source.cut = left, first
     if refused:
         raise UserError(refused)
     if failure:
         raise failure
     return (effects.warnings(model.get("chat_template") or model["name"]) if chat else []) + warnings
+
+
+def _count(counted, result, locations):
+    fit = result()
+    counted[0] += sum(fit)
+    counted[1] += len(fit) - sum(fit)
+    if counted[2] is None and not all(fit):
+        counted[2] = locations[fit.index(False)]
+
+
+class _Workers:
+    """`templates.fits` of chunks of rows, in worker processes on the other cores while this one reads on:
+    rendering each prompt and tokenizing it are most of the check's time. `fits(rows)` returns a callable
+    that gives the result."""
+
+    def __init__(self, tokenizer, max_length):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.count = min(WORKERS, len(os.sched_getaffinity(0)))
+        self.pool = None
+
+    def __enter__(self):
+        if self.count > 1 and self.max_length:
+            global _TOKENIZER
+            _TOKENIZER = self.tokenizer  # a forked worker has it: nothing to pickle or load again
+            self.pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("fork"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+    def fits(self, rows):
+        if self.pool:
+            return self.pool.submit(_fits, rows, self.max_length).result
+        return partial(templates.fits, rows, self.max_length, self.tokenizer)
+
+
+_TOKENIZER = None
+
+
+def _fits(rows, max_length):
+    return templates.fits(rows, max_length, _TOKENIZER)
