@@ -59,6 +59,9 @@ CASES = {
     "an eval fraction and weights leave few rows": (
         [[chat(i) for i in range(12)], [chat(i) for i in range(5)]],
         {"eval": 0.25, "train": [{"weight": 0.5}, {"weight": 1.5}]}, "sft", TINY, "row(s), fewer than 16"),
+    "conversations and prompt-completion pairs mixed": (
+        [[{"instruction": "long " * (60 if i % 2 else 1), "output": "4", "system": "Be brief."} for i in range(10)],
+         CHAT_ROWS], {"max_length": 64}, "sft", TINY, "5 of 10 rows"),
     "too few rows to hold out": ([[chat(0)]], {"eval": 0.1}, "sft", None, "there is only 1"),
     "sources of different kinds": ([CHAT_ROWS, [{"text": "plain"}]], {}, "sft", None, "cannot be mixed"),
 }
