@@ -276,11 +276,14 @@ def _quoted(columns):
 
 def detect(columns):
     """The format of rows with these columns and why, or None when none fits."""
+    name = _detected(columns)
+    return name and (name, detected_by(name))
+
+
+def _detected(columns):
     present = set(columns)
-    for name, fmt in _FORMATS.items():
-        if present.issuperset(fmt.needs) and not present.intersection(fmt.excludes):
-            return name, detected_by(name)
-    return None
+    return next((name for name, fmt in _FORMATS.items()
+                 if present.issuperset(fmt.needs) and not present.intersection(fmt.excludes)), None)
 
 
 def detected_by(name):
@@ -292,8 +295,7 @@ def detected_by(name):
 def row_format(row):
     """The format one row's own columns show, or None: a null or empty value is no column (Parquet and Hub tables
     give every row every column, null where it has none; CSV an empty cell)."""
-    found = detect([name for name, value in row.items() if value is not None and value != ""])
-    return found and found[0]
+    return _detected([name for name, value in row.items() if value is not None and value != ""])
 
 
 def foreign(shown, fmt):
