@@ -30,7 +30,8 @@ __all__ = ["FORMATS", "PreparedData", "SourceReport", "check_data", "load_data"]
 
 def check_data(data, *, method, seed, locate=lambda path: "recipe", model=None) -> list[str]:
     """Raise UserError if the data has problems, else return its warnings; data that a run prepared before is known
-    good (and its warnings kept). Writes nothing (`validate`): the cache is filled by the run that uses the data."""
+    good (and its warnings kept). Writes nothing (`validate`): the cache is filled by the run that uses the data.
+    Local sources are read row by row and not held (scan.py); curated data and Hub datasets are loaded whole."""
     if data.get("streaming"):
         return stream.check(data, method=method, locate=locate, model=model)
     cache_key = cache.key(data, method, seed, model)

@@ -4,11 +4,12 @@ The run (``load_data``) holds every row to train on it; the check reads each sou
 counts, the first problems of each source (``prepare.MAX_PROBLEMS``) and what the warnings need, so that its
 memory does not grow with the data. It finds exactly the run's problems and warnings:
 
-- each source is read once to detect its format (``prepare.Tally``) and convert its rows, under the format its
-  first rows show (read a second time when most of its rows turn out to be of another, or `columns:` renames);
-- the checks against the chat template and `data.max_length` read the sources once more, ``CHUNK`` rows at a
-  time (the kind the sources are mixed into is known only once every source is read), and are skipped where
-  the run does none (no model, plain text);
+- each source is read once: its format detected (``prepare.Tally``), its rows converted under the format of its
+  first row and checked against the chat template and `data.max_length` as they are read (``_Checks``, ``CHUNK``
+  rows at a time; prompts rendered and tokenized in worker processes). It is read again when most of its rows
+  turn out to be of another format, and the checks read every source again when the kind the sources are mixed
+  into (known once all are read) is not the kind they were checked as (prompt-completion pairs mixed into
+  conversations);
 - the eval hold-out and the weights are counted: the hold-out draws the run's random sample of row numbers, so
   it holds the held-out numbers (not rows).
 
