@@ -94,6 +94,27 @@ def test_the_check_holds_no_rows(tmp_path):
     assert peak < path.stat().st_size / 4, f"{peak / 2**20:.1f} MiB for a {path.stat().st_size / 2**20:.1f} MiB file"
 
 
+def test_checking_rows_against_the_tokenizer_takes_the_same_memory_for_4x_the_rows(tmp_path, monkeypatch):
+    """Rows go through the chat template and `data.max_length` a chunk at a time, then are let go."""
+    monkeypatch.setattr(scan, "CHUNK", 100)
+    monkeypatch.setattr(scan, "WORKERS", 1)  # all in this process, where tracemalloc sees it
+    warm = {"train": [{"path": str(write_jsonl(tmp_path / "warm.jsonl", CHAT_ROWS))}], "max_length": 512}
+    scan.check(warm, method="sft", seed=0, locate=where, model=TINY)  # imports what checking needs, once
+    peaks = []
+    for rows in (1_500, 6_000):
+        path = write_jsonl(tmp_path / f"{rows}.jsonl", (chat(i, "long " * (i % 150)) for i in range(rows)))
+        data = {"train": [{"path": str(path)}], "max_length": 512}
+        tracemalloc.start()
+        try:
+            warnings = scan.check(data, method="sft", seed=0, locate=where, model=TINY)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        cut = sum(i % 150 >= 100 for i in range(rows))  # the template's tokens and 500+ of "long "
+        assert f"{cut} of {rows} rows" in warnings[0] and f"{path}:101)" in warnings[0]
+    assert peaks[1] < 1.3 * peaks[0], [f"{peak / 2**20:.1f} MiB" for peak in peaks]
+
+
 def test_curated_data_and_hub_datasets_are_checked_whole(tmp_path):
     path = str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS))
     assert not scan.streamable({"train": [{"path": path}], "curate": {"dedupe": "exact"}}, where)
