@@ -254,13 +254,14 @@ class _Checks:
 
 
 class _Workers:
-    """`templates.fits` of chunks of rows, in worker processes on the other cores while this one reads on:
-    rendering each prompt and tokenizing it are most of the check's time. `fits(rows)` returns a callable
-    that gives the result."""
+    """`templates.fits` of chunks of rows in up to `WORKERS` forked processes while this one reads on (rendering
+    each prompt and tokenizing it are most of the check's time); in this process on one core or without fork.
+    `fits(rows)` returns a callable that gives the result."""
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.count = min(WORKERS, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.count = min(WORKERS, cores) if "fork" in multiprocessing.get_all_start_methods() else 1
         self.pool = None
 
     def __enter__(self):
@@ -271,8 +272,10 @@ class _Workers:
         return self
 
     def __exit__(self, *exc):
+        global _TOKENIZER
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+            _TOKENIZER = None
 
     def fits(self, rows):
         if self.pool:
