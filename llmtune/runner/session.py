@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shlex
 import sys
 import traceback
@@ -31,7 +32,7 @@ from ..recipe.check import Resolved
 from ..recipe.preflight import in_cache
 from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
 from ..verbs import config_class
-from . import stopping
+from . import stopping, trackers
 from .card import settings
 from .diagnose import divergence_guard, explain
 from .gate import Gate
@@ -176,6 +177,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
 
     run_dir.start(data, argv, checkpoint)
+    os.environ.update(trackers.environment(args.report_to, run_dir.path))  # read as the trainer is built
     interruption = Interruption().install()  # SIGINT/SIGTERM: checkpoint at the step's end, exit 130
     handler = run_dir.log_handler()
     logging.getLogger().addHandler(handler)
