@@ -40,7 +40,7 @@ from .interrupt import Interrupted, Interruption
 from .metrics import final
 from .preflight import model as check_model
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
-from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
+from .rundir import RunDir, close_progress, metrics_callback, progress_callback, read_metrics
 
 
 class TrainingFailed(Exception):
@@ -189,6 +189,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         logging.getLogger("llmtune").warning(
             f"`{resolved.method.name}` uses {resolved.method.config.split(':')[0]}, which TRL ships as experimental "
             f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
+    trainer = None
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
         if gate:
@@ -206,6 +207,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         log = None if getattr(handler, "failed", False) else run_dir.path / "train.log"
         raise TrainingFailed(log, err, hint or None) from err
     finally:
+        close_progress(trainer)
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()
