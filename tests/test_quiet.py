@@ -1,6 +1,7 @@
 """A successful run's terminal: the effective batch, the progress bar and the summary, at most 8 lines besides the
 bar, in one process and in a 2-process DDP launch; library chatter goes to train.log; an error starts its own line."""
 
+import importlib.util
 import re
 
 import pytest
@@ -45,17 +46,21 @@ def test_a_single_process_run_prints_the_batch_the_bar_and_the_summary(tmp_path)
     result = cli("sft", recipe(tmp_path), "--output-dir", out, cwd=tmp_path)
     assert_quiet(result, out, 1)
     # DeepSpeed, where installed, announces the CPU on import: in train.log, not on the terminal
-    if __import__("importlib").util.find_spec("deepspeed"):
+    if importlib.util.find_spec("deepspeed"):
         assert "DeepSpeed: Setting accelerator to CPU" in (out / "train.log").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_two_process_ddp_run_prints_the_same(tmp_path):
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero2", marks=pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed"))])
+def test_a_two_process_run_prints_the_same(tmp_path, backend):
     out = tmp_path / "out"
-    result = cli("sft", recipe(tmp_path, launch={"num_processes": 2}), "--output-dir", out, cwd=tmp_path)
+    result = cli("sft", recipe(tmp_path, launch={"num_processes": 2, "backend": backend}), "--output-dir", out,
+                 cwd=tmp_path)
     assert_quiet(result, out, 2)
     assert result.stdout.count("run directory:") == 1
+    assert "built successfully" not in result.stdout  # DeepSpeed's shared-memory op, built by each CPU process
 
 
 @pytest.mark.slow
