@@ -4,13 +4,14 @@ back for real (each where its package is installed; the dev extra installs all t
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from llmtune.cli import app
-from llmtune.runner.trackers import environment
+from llmtune.runner.trackers import environment, point, unpoint
 
 from .conftest import cli, make_recipe
 
@@ -96,6 +97,10 @@ def test_the_users_tracker_settings_win(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     chosen = environment(["wandb", "mlflow"], tmp_path)
     assert chosen == {"WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    # set for the run only: a second run in this process does not write into the first one's folder
+    unpoint(point(["tensorboard", "wandb"], tmp_path))
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ and "WANDB_DIR" not in os.environ
+    assert os.environ["WANDB_MODE"] == "online"
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "mlflow", "trackio"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import shlex
 import sys
 import traceback
@@ -177,7 +176,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
 
     run_dir.start(data, argv, checkpoint)
-    os.environ.update(trackers.environment(args.report_to, run_dir.path))  # read as the trainer is built
+    tracked = trackers.point(args.report_to, run_dir.path)  # read as the trainer is built and as it starts
     interruption = Interruption().install()  # SIGINT/SIGTERM: checkpoint at the step's end, exit 130
     handler = run_dir.log_handler()
     logging.getLogger().addHandler(handler)
@@ -208,6 +207,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         raise TrainingFailed(log, err, hint or None) from err
     finally:
         close_progress(trainer)
+        trackers.unpoint(tracked)
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -32,3 +32,16 @@ def environment(report_to: list[str], run_dir: Path) -> dict[str, str]:
             if key not in os.environ:  # the user's own setting wins, e.g. a tracking server
                 chosen[key] = str(value)
     return chosen
+
+
+def point(report_to: list[str], run_dir: Path) -> dict[str, str]:
+    """Set `environment` for this run's trainer; what was set, for `unpoint`."""
+    chosen = environment(report_to, run_dir)
+    os.environ.update(chosen)
+    return chosen
+
+
+def unpoint(chosen: dict[str, str]) -> None:
+    """Take the run's settings away again, so that a later run in this process does not write into this one."""
+    for key in chosen:
+        os.environ.pop(key, None)
