@@ -1,6 +1,6 @@
-"""`train.report_to:` trackers write into the run directory, offline: TensorBoard, W&B and MLflow trained and read
-back for real (each where its package is installed; the dev extra installs all three), a missing one refused by
-`validate` naming its extra, and the user's own tracker settings left as they are."""
+"""`train.report_to:` trackers write into the run directory, offline: TensorBoard, W&B, MLflow and trackio trained
+and read back for real (each where its package is installed; the dev extra installs the first three), a missing one
+refused by `validate` naming its extra, and the user's own tracker settings left as they are."""
 
 import importlib.util
 import json
@@ -15,8 +15,7 @@ from llmtune.runner.trackers import environment, point, unpoint
 
 from .conftest import cli, make_recipe
 
-INSTALLED = [name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"))
-             if importlib.util.find_spec(module)]
+INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow", "trackio") if importlib.util.find_spec(name)]
 SECRET = "wandb_planted_7777_secret"
 
 
@@ -29,7 +28,7 @@ def run(tmp_path_factory) -> Path:
     """Three logged steps on builtin:tiny with every installed tracker, as a user runs it (a subprocess: the
     trackers' settings go into the training process's environment)."""
     if not INSTALLED:
-        pytest.skip("no tracker package is installed (the dev extra installs tensorboard, wandb, mlflow)")
+        pytest.skip("no tracker package is installed (the dev extra installs tensorboard, wandb, mlflow-skinny)")
     folder = tmp_path_factory.mktemp("trackers")
     recipe = make_recipe(folder, data={"max_length": 128},
                          train={"max_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "save_strategy": "no",
@@ -84,6 +83,18 @@ def test_wandb_runs_offline_into_the_run_directory_without_the_key(run):
         assert json.dumps(loss).encode() in data
     leaked = [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
+
+
+@pytest.mark.slow
+@needs("trackio")
+def test_trackio_database_in_the_run_holds_the_logged_losses(run):
+    import sqlite3
+
+    (database,) = (run / "trackio").glob("*.db")  # trackio's local store: no Space unless one is named
+    with sqlite3.connect(database) as db:
+        rows = [json.loads(metrics) for (metrics,) in db.execute("SELECT metrics FROM metrics ORDER BY step")]
+    losses = [(row["train/global_step"], row["train/loss"]) for row in rows if "train/loss" in row]
+    assert losses == logged_losses(run)
 
 
 def test_the_users_tracker_settings_win(monkeypatch, tmp_path):
