@@ -20,7 +20,7 @@ TRACKERS = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
             "aim": ("aim",), "swanlab": ("swanlab",), "trackio": ("trackio",), "codecarbon": ("codecarbon",),
             "azure_ml": ("azureml",), "flyte": ("flytekit",), "dagshub": ("dagshub",)}
-# The trackers pyproject.toml has an extra for, named like the tracker (docs/runs.md, "Trackers").
+# The trackers pyproject.toml has an extra for, named like the tracker (docs/tools.md, "Trackers").
 EXTRAS = ("tensorboard", "wandb", "mlflow", "trackio")
 # Folders the kernel serves, not a disk: nothing written there is kept.
 VIRTUAL = ("/proc", "/sys", "/dev")
