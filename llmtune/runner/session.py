@@ -31,7 +31,7 @@ from ..recipe.check import Resolved
 from ..recipe.preflight import in_cache
 from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
 from ..verbs import config_class
-from . import stopping
+from . import stopping, trackers
 from .card import settings
 from .diagnose import divergence_guard, explain
 from .gate import Gate
@@ -39,7 +39,7 @@ from .interrupt import Interrupted, Interruption
 from .metrics import final
 from .preflight import model as check_model
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
-from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
+from .rundir import RunDir, close_progress, metrics_callback, progress_callback, read_metrics
 
 
 class TrainingFailed(Exception):
@@ -176,6 +176,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
 
     run_dir.start(data, argv, checkpoint)
+    tracked = trackers.point(args.report_to, run_dir.path)  # read as the trainer is built and as it starts
     interruption = Interruption().install()  # SIGINT/SIGTERM: checkpoint at the step's end, exit 130
     handler = run_dir.log_handler()
     logging.getLogger().addHandler(handler)
@@ -187,6 +188,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         logging.getLogger("llmtune").warning(
             f"`{resolved.method.name}` uses {resolved.method.config.split(':')[0]}, which TRL ships as experimental "
             f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
+    trainer = None
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
         if gate:
@@ -204,6 +206,8 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         log = None if getattr(handler, "failed", False) else run_dir.path / "train.log"
         raise TrainingFailed(log, err, hint or None) from err
     finally:
+        close_progress(trainer)
+        trackers.unpoint(tracked)
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()
