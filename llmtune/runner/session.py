@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from ..builtin import model_path
 from ..compat import attn_implementation
 from ..data import load_data
 from ..defaults import picks
@@ -163,6 +164,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     if data is None:
         data = prepare_data(resolved)
     quiet()
+    model_path(config["model"])  # build a builtin now: its tokenizer read back hashes as later runs' (datasets' cache)
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
     gate = Gate(config, tokenizer, data.shape) if (config.get("eval") or {}).get("tasks") else None  # its tasks, loaded now
