@@ -251,7 +251,8 @@ PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chose
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_path_factory, name):
     """As TRL's DPOTrainer tokenizes them through llmtune: what follows the end-of-turn token is at most a newline
-    and the eos the template closes the conversation with (Phi-3), both of which generation stops before."""
+    and the eos the template closes the conversation with (Phi-3), both of which generation stops before; each is
+    the answer as alpaca rows train it, after the prompt inference renders (system prompt included)."""
     from llmtune.methods import dpo
     from llmtune.model import load_model
     from llmtune.runner.session import training_args
@@ -274,6 +275,10 @@ def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_pa
         assert answer in tokenizer.decode(ids[:last]), (key, tokenizer.decode(ids))
         tail = ids[last + 1:]
         assert tokenizer.decode([t for t in tail if t != tokenizer.eos_token_id]).strip() == "", (key, tail)
+        # Exactly the answer as the template renders it after the prompt, Mistral-Nemo's with the system prompt too.
+        trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(answer)
+        assert tokenizer.decode(row[key]) == trained, (key, tokenizer.decode(row[key]))
+    assert_context_is_the_inference_prompt(tokenizer, row["prompt_ids"], PREFERENCE[0]["prompt"], name)
 
 
 ANSWER = ("Say hi", "hi!")
@@ -342,9 +347,25 @@ def test_alpaca_rows_train_the_output_and_its_end_of_turn_token(tmp_path, tmp_pa
            **({"system": SYSTEM["content"]} if system else {})}
     view, data = view_of(tmp_path, family_model(tmp_path_factory, name), [row])
     trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(SINGLE[1]["content"])
-    if name == "mistral_nemo" and system:
-        # Nemo puts the system prompt in the last user turn only, so the prompt alone renders it and the whole
-        # conversation does not: TRL starts the completion where they part, inside the user turn (both warned).
-        trained = f"{SINGLE[0]['content']}[/INST]{trained}"
-        assert any("drops the system prompt" in w for w in data.warnings), data.warnings
-    assert trained_runs(view.tokenizer, view.tokenize([r for r, _ in view.rows(data.train)])[0]) == [trained]
+    tokens = view.tokenize([r for r, _ in view.rows(data.train)])[0]
+    assert trained_runs(view.tokenizer, tokens) == [trained]
+    first = next(i for i, label in enumerate(tokens["labels"]) if label != -100)
+    assert_context_is_the_inference_prompt(view.tokenizer, tokens["input_ids"][:first],
+                                           ([SYSTEM] if system else []) + SINGLE[:1], name)
+    if name == "mistral_nemo" and system:  # what the template does is still said
+        assert any("renders the prompt differently before the answer than alone (1 prompt row(s)): "
+                   "'Answer briefly.\\n\\nWhat is the capital of ' alone" in w for w in data.warnings), data.warnings
+        assert not any("drops the system prompt" in w for w in data.warnings), data.warnings
+
+
+def assert_context_is_the_inference_prompt(tokenizer, context, prompt, name):
+    """`context` (the tokens before the trained ones) is what `llmtune generate` feeds the model for `prompt` (Mistral-Nemo's
+    system prompt included). DeepSeek-R1-Distill's generation prompt ends `<think>\n`, which its template leaves
+    out of a finished turn: the answer trains after the context that turn renders with (docs/templates.md)."""
+    from llmtune.tools.infer import prompt_ids
+
+    inference = prompt_ids(tokenizer, prompt)[0].tolist()
+    if name == "deepseek_r1_distill":
+        assert inference[:len(context)] == context and tokenizer.decode(inference[len(context):]) == "<think>\n"
+    else:
+        assert context == inference, (tokenizer.decode(context), tokenizer.decode(inference))

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..compat import sft_dataset_preparer
 from ..data import curate, load_data, stream
 from ..data.formats import to_dataset
-from ..data.masking import fold_system, has_system_role, renders_masks, tokenize
+from ..data.masking import fold_system, has_system_role, inference_prompts, renders_masks, tokenize
 from ..logs import quiet
 from ..runner.session import training_args
 from ..tokenizer import end_of_turn_token, load_tokenizer, require_chat_template
@@ -97,6 +97,7 @@ class TrainingView:
 
     def rows(self, dataset):
         """Rows in the shape SFT tokenizes, each with a label for the sample header."""
+        dataset = inference_prompts(dataset, self.tokenizer)  # as the run hands them to TRL (methods/__init__.py)
         if "preference" in self.shape and "label" not in dataset.column_names:
             from trl.data_utils import maybe_extract_prompt
 
