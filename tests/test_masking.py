@@ -10,7 +10,7 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.tools.inspect import TrainingView, inspect
 
 from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
-from .families import FAMILIES, family_model, template_text
+from .families import FAMILIES, build_model, build_tokenizer, family_model, template_text
 
 RECIPE = """\
 method: {method}
@@ -248,26 +248,32 @@ PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chose
                "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
 
 
+def built_trainer(tmp_path, method, rows, model):
+    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized)."""
+    from importlib import import_module
+
+    from llmtune.model import load_model
+    from llmtune.runner.session import training_args
+
+    resolved = resolve(make_recipe(tmp_path, method, data=write_jsonl(tmp_path / "rows.jsonl", rows),
+                                   model={"name": str(model)}))
+    data = load_data(resolved.config["data"], method=method, seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    runner = import_module(resolved.method.runner)
+    args = training_args(resolved, tmp_path / "scratch", runner.defaults(resolved.config, data))
+    return runner.build_trainer(args=args, model=load_model(resolved.config),
+                                tokenizer=load_tokenizer(resolved.config["model"]), data=data, peft_config=None,
+                                callbacks=[])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_path_factory, name):
     """As TRL's DPOTrainer tokenizes them through llmtune: what follows the end-of-turn token is at most a newline
     and the eos the template closes the conversation with (Phi-3), both of which generation stops before; each is
     the answer as alpaca rows train it, after the prompt inference renders (system prompt included)."""
-    from llmtune.methods import dpo
-    from llmtune.model import load_model
-    from llmtune.runner.session import training_args
-
     family = FAMILIES[name]
-    path = make_recipe(tmp_path, "dpo", data=write_jsonl(tmp_path / "pref.jsonl", PREFERENCE),
-                       model={"name": str(family_model(tmp_path_factory, name))})
-    resolved = resolve(path)
-    data = load_data(resolved.config["data"], method="dpo", seed=0, locate=resolved.locate,
-                     model=resolved.config["model"])
-    tokenizer = load_tokenizer(resolved.config["model"])
-    args = training_args(resolved, tmp_path / "scratch", dpo.defaults(resolved.config, data))
-    trainer = dpo.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=data,
-                                peft_config=None, callbacks=[])
-    row = trainer.train_dataset[0]
+    trainer = built_trainer(tmp_path, "dpo", PREFERENCE, family_model(tmp_path_factory, name))
+    tokenizer, row = trainer.processing_class, trainer.train_dataset[0]
     end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     for key, answer in (("chosen_ids", "hi!"), ("rejected_ids", "go away")):
         ids = row[key]
@@ -279,6 +285,43 @@ def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_pa
         trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(answer)
         assert tokenizer.decode(row[key]) == trained, (key, tokenizer.decode(row[key]))
     assert_context_is_the_inference_prompt(tokenizer, row["prompt_ids"], PREFERENCE[0]["prompt"], name)
+
+
+@pytest.fixture(scope="module")
+def nemo_adding_bos(tmp_path_factory):
+    """Mistral-Nemo's fixture with a tokenizer that puts <s> before any text it encodes, as the published one does."""
+    from tokenizers import processors
+
+    family = FAMILIES["mistral_nemo"]
+    folder, tokenizer = tmp_path_factory.mktemp("nemo-bos"), build_tokenizer(family)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    build_model(family, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+ALPACA_SYSTEM = {"instruction": "Say hi", "output": "hi!", "system": SYSTEM["content"]}
+# Where each trainer keeps the context and the trained tokens of a row it has tokenized.
+TOKENIZED = {"sft": lambda r: ([t for t, label in zip(r["input_ids"], r["labels"]) if label == -100],
+                               [label for label in r["labels"] if label != -100]),
+             "dpo": lambda r: (r["prompt_ids"], r["chosen_ids"]),
+             "orpo": lambda r: (r["prompt_input_ids"], [t for t in r["chosen_labels"] if t != -100]),
+             "kto": lambda r: (r["prompt_ids"], r["completion_ids"])}
+
+
+@pytest.mark.parametrize("method", TOKENIZED)
+def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(tmp_path, nemo_adding_bos, method):
+    """With a system prompt (which Nemo's template puts in the last user turn only), every prompt + answer method
+    trains exactly the answer and its </s> after the prompt as `llmtune generate` renders it, with one <s>, though
+    the tokenizer adds <s> to text as well."""
+    rows = [ALPACA_SYSTEM] * 2 if method == "sft" else PREFERENCE
+    trainer = built_trainer(tmp_path, method, rows, nemo_adding_bos)
+    tokenizer = trainer.processing_class
+    context, trained = TOKENIZED[method](trainer.train_dataset[0])
+    assert tokenizer.decode(trained) == "hi!</s>"
+    assert context.count(tokenizer.bos_token_id) == 1
+    assert_context_is_the_inference_prompt(tokenizer, context, PREFERENCE[0]["prompt"], "mistral_nemo")
 
 
 ANSWER = ("Say hi", "hi!")
