@@ -324,6 +324,31 @@ def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(
     assert_context_is_the_inference_prompt(tokenizer, context, PREFERENCE[0]["prompt"], "mistral_nemo")
 
 
+@pytest.mark.parametrize("template, inference, prompt_ends, completion", [
+    # The system prompt in the last user turn only: the context is the prompt as inference renders it.
+    (FAMILIES["mistral_nemo"].template, True, "[INST]S.\n\nU?[/INST]", "A.{eos}"),
+    # The generation prompt opens a reasoning block a finished turn leaves out or closes: TRL's cut is kept.
+    ("deepseek_r1_distill", False, "U?<｜Assistant｜>", "A.<｜end▁of▁sentence｜>"),
+    ("nemotron_3_nano", False, "<|im_start|>assistant\n<think>", "</think>A.<|im_end|>\n"),
+])
+def test_prompt_rows_as_text(template, inference, prompt_ends, completion):
+    """The text a prompt + answer row goes to TRL as where a template renders the prompt differently before the answer
+    (data/masking.py `as_text`); only such a dataset is converted."""
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.data.masking import as_text
+    from llmtune.paths import read_chat_template
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template if "{" in template else read_chat_template(template)
+    row = {"prompt": [{"role": "system", "content": "S."}, {"role": "user", "content": "U?"}],
+           "completion": [{"role": "assistant", "content": "A."}]}
+    text, took_inference = as_text(tokenizer, row)
+    assert took_inference == inference
+    assert text["prompt"].endswith(prompt_ends) and text["completion"] == completion.format(eos=tokenizer.eos_token)
+    context = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert text["prompt"] == context if inference else context.startswith(text["prompt"])
+
+
 ANSWER = ("Say hi", "hi!")
 # What the generation prompt leaves to the model before the answer: Qwen3's empty reasoning block.
 GENERATED = {"qwen3": "<think>\n\n</think>\n\n"}

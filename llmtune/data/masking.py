@@ -187,12 +187,14 @@ def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
     rendered generation prompt (True) rather than the start TRL's conversational cut would keep.
 
     TRL renders the prompt with the generation prompt and the whole conversation, and starts the completion where
-    the two part. Where they part before the answer begins (Mistral-Nemo puts the system prompt in the last user
-    turn only, so the prompt alone renders it and the whole conversation does not), that cut would train the
-    prompt's text: the context is then the prompt as inference renders it, and each answer the template's rendering
-    from where it puts the answer's text. Elsewhere the text is cut where TRL cuts it (DeepSeek-R1-Distill's
-    generation prompt ends `<think>\n`, which a finished turn leaves out: TRL's cut, at the answer, is kept). `bos`
-    (`_bos_text`) is taken off the prompt: the tokenizer adds it.
+    the two part. Where they part inside the prompt's messages, before its generation prompt (Mistral-Nemo puts the
+    system prompt in the last user turn only, so the prompt alone renders it and the whole conversation does not),
+    that cut would train the prompt's text: the context is then the prompt as inference renders it, and each answer
+    the template's rendering from where it puts the answer's text. Where they part inside the generation prompt,
+    the assistant turn opens as the template renders a finished one, and the text is cut where TRL cuts it
+    (DeepSeek-R1-Distill's generation prompt ends `<think>\n`, which a finished turn leaves out; Nemotron 3's
+    `<think>\n` is `<think></think>` there: the turn trains from that closing tag). `bos` (`_bos_text`) is taken off
+    the prompt: the tokenizer adds it.
     """
     from trl.data_utils import maybe_extract_prompt
 
@@ -202,13 +204,13 @@ def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
     context = render(tokenizer, prompt, generation_prompt=True, tools=tools)
     wholes = {key: render(tokenizer, prompt + row[key], tools=tools) for key in keys}
     cut = min(_common_prefix(context, whole) for whole in wholes.values())
-    inference = False
-    if cut < len(context):
+    # The generation prompt begins where the prompt rendered without it parts from the prompt rendered with it.
+    inference = cut < len(context) and cut < _common_prefix(context, render(tokenizer, prompt, tools=tools))
+    if inference:
         try:
             start = _answer_start(tokenizer, prompt, next(iter(wholes.values())), tools, len(prompt))
-        except Undecomposable:
-            start = cut
-        inference = cut < start
+        except Undecomposable:  # the answer is not where the prompt ends either: TRL's cut, as for any template
+            inference = False
     text = {key: whole[start:] if inference else whole[cut:] for key, whole in wholes.items()}
     text["prompt"] = context if inference else context[:cut]
     if bos and text["prompt"].startswith(bos):
