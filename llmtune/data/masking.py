@@ -219,17 +219,23 @@ def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
 
 
 def inference_prompts(dataset, tokenizer):
-    """`dataset` as text rows (`as_text`) when the template renders some row's prompt differently before its answer
-    than inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself
-    (TRL renders it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change."""
+    """`dataset` as text rows (`as_text`) when the template renders a row's prompt differently before its answer than
+    inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself (TRL renders
+    it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change."""
     import datasets
     from trl.data_utils import is_conversational
 
     if not isinstance(dataset, datasets.Dataset) or not len(dataset) or not is_conversational(dataset[0]) \
             or not set(ANSWER_COLUMNS) & set(dataset.column_names):
         return dataset
+    # Whether a template renders a prompt differently depends on the roles and their order (templates.py checks
+    # rows the same way): one row of each sequence of roles decides, not a rendering of every row.
+    shapes = {}
+    for row in dataset:
+        shapes.setdefault(tuple(tuple(m["role"] for m in row[k]) if isinstance(row.get(k), list) else None
+                                for k in ("prompt", *ANSWER_COLUMNS)) + (bool(row.get("tools")),), row)
     bos = _bos_text(tokenizer)
-    if not any(as_text(tokenizer, row, bos)[1] for row in dataset):
+    if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()):
         return dataset
     return dataset.map(lambda row: as_text(tokenizer, row, bos)[0], remove_columns=dataset.column_names)
 
