@@ -310,6 +310,7 @@ TOKENIZED = {"sft": lambda r: ([t for t, label in zip(r["input_ids"], r["labels"
              "kto": lambda r: (r["prompt_ids"], r["completion_ids"])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", TOKENIZED)
 def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(tmp_path, nemo_adding_bos, method):
     """With a system prompt (which Nemo's template puts in the last user turn only), every prompt + answer method
