@@ -350,6 +350,22 @@ def test_prompt_rows_as_text(template, inference, prompt_ends, completion):
     assert text["prompt"] == context if inference else context.startswith(text["prompt"])
 
 
+@pytest.mark.slow
+def test_a_mistral_nemo_run_on_alpaca_rows_with_a_system_prompt(tmp_path, tmp_path_factory):
+    """The run trains (loss falls) on the text rows, without TRL's "not a prefix" warning; llmtune's says what the
+    template does, once, in the terminal and train.log."""
+    rows = [{**ALPACA_SYSTEM, "instruction": f"Question {i}?"} for i in range(8)]
+    result = cli("sft", recipe(tmp_path, family_model(tmp_path_factory, "mistral_nemo"), rows),
+                 "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    for text in (result.stderr, (tmp_path / "run" / "train.log").read_text()):
+        assert "not a prefix" not in text
+        assert text.count("renders the prompt differently before the answer than alone (8 prompt row(s))") == 1
+
+
 ANSWER = ("Say hi", "hi!")
 # What the generation prompt leaves to the model before the answer: Qwen3's empty reasoning block.
 GENERATED = {"qwen3": "<think>\n\n</think>\n\n"}
