@@ -183,8 +183,8 @@ def _bos_text(tokenizer) -> str:
 
 
 def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
-    """A conversational prompt + answer(s) row as text rows TRL tokenizes the same way, and whether its prompt is the
-    rendered generation prompt (True) rather than the start TRL's conversational cut would keep.
+    """A conversational prompt + answer(s) row (its prompt explicit) as text TRL tokenizes the same way, and whether
+    its prompt is the rendered generation prompt (True) rather than the start TRL's conversational cut would keep.
 
     TRL renders the prompt with the generation prompt and the whole conversation, and starts the completion where
     the two part. Where they part inside the prompt's messages, before its generation prompt (Mistral-Nemo puts the
@@ -196,9 +196,6 @@ def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
     `<think>\n` is `<think></think>` there: the turn trains from that closing tag). `bos` (`_bos_text`) is taken off
     the prompt: the tokenizer adds it.
     """
-    from trl.data_utils import maybe_extract_prompt
-
-    row = maybe_extract_prompt(row)
     prompt, tools = row["prompt"], row.get("tools")
     keys = [key for key in ANSWER_COLUMNS if isinstance(row.get(key), list)]
     context = render(tokenizer, prompt, generation_prompt=True, tools=tools)
@@ -223,21 +220,24 @@ def inference_prompts(dataset, tokenizer):
     inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself (TRL renders
     it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change."""
     import datasets
-    from trl.data_utils import is_conversational
+    from trl.data_utils import is_conversational, maybe_extract_prompt
 
     if not isinstance(dataset, datasets.Dataset) or not len(dataset) or not is_conversational(dataset[0]) \
             or not set(ANSWER_COLUMNS) & set(dataset.column_names):
         return dataset
+    rows = dataset
+    if "prompt" not in rows.column_names:  # preference rows with the prompt in chosen/rejected: as TRL splits them
+        rows = rows.map(maybe_extract_prompt)
     # Whether a template renders a prompt differently depends on the roles and their order (templates.py checks
     # rows the same way): one row of each sequence of roles decides, not a rendering of every row.
     shapes = {}
-    for row in dataset:
+    for row in rows:
         shapes.setdefault(tuple(tuple(m["role"] for m in row[k]) if isinstance(row.get(k), list) else None
                                 for k in ("prompt", *ANSWER_COLUMNS)) + (bool(row.get("tools")),), row)
     bos = _bos_text(tokenizer)
     if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()):
         return dataset
-    return dataset.map(lambda row: as_text(tokenizer, row, bos)[0], remove_columns=dataset.column_names)
+    return rows.map(lambda row: as_text(tokenizer, row, bos)[0], remove_columns=rows.column_names)
 
 
 def tokenize(tokenizer, messages, tools=None) -> dict:

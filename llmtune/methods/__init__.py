@@ -11,7 +11,6 @@ def shared_defaults(config: dict, data) -> dict:
     return out
 
 
-
 def trl_datasets(data, tokenizer) -> tuple:
     """The train and eval sets to hand TRL: prompt + answer rows whose prompt the chat template renders differently
     before the answer than for inference (Mistral-Nemo's system prompt) as text, so the context trained is the
