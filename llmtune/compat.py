@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .logs import LIBRARIES
+
 # The versions every shim below was checked against, per library (oldest, newest).
 CHECKED = {
     "trl": ("1.16.0", "1.16.0"),
@@ -19,6 +21,7 @@ CHECKED = {
     "accelerate": ("1.15.0", "1.16.0"),
     "datasets": ("5.2.0", "5.2.0"),
     "lm_eval": ("0.4.13", "0.4.13"),
+    "deepspeed": ("0.19.8", "0.19.8"),
 }
 
 
@@ -39,6 +42,39 @@ def shim(library: str, uses: str, remove_when: str):
         return thing
 
     return register
+
+
+@shim("deepspeed", "deepspeed.comm.torch.build_shm_op (looked up as a module global when the backend starts)",
+      "DeepSpeed says 'built successfully' through its logger rather than print()")
+def quiet_shm_build() -> None:
+    """Keep DeepSpeed's CPU shared-memory op build off the terminal.
+
+    On a machine without GPUs each launched process builds (or loads) that op and prints
+    `DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully` on stdout: a print(), out of reach
+    of its logger. Its output goes to llmtune's library log instead: train.log when open, which it is not yet
+    when the backend starts, so today the line is dropped. Checked against deepspeed 0.19.8.
+    """
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    comm = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is torch
+
+    build = comm.build_shm_op
+    if getattr(build, "llmtune_quiet", False):
+        return
+
+    def quiet_build():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            module = build()
+        for line in out.getvalue().splitlines():
+            logging.getLogger(LIBRARIES).info(line)
+        return module
+
+    quiet_build.llmtune_quiet = True
+    comm.build_shm_op = quiet_build
 
 
 @shim("accelerate", "AcceleratorState.__init__, PartialState._shared_state",

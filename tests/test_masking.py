@@ -10,7 +10,7 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.tools.inspect import TrainingView, inspect
 
 from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
-from .families import FAMILIES, family_model, template_text
+from .families import FAMILIES, build_model, build_tokenizer, family_model, template_text
 
 RECIPE = """\
 method: {method}
@@ -248,25 +248,32 @@ PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chose
                "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_path_factory, name):
-    """As TRL's DPOTrainer tokenizes them through llmtune: what follows the end-of-turn token is at most a newline
-    and the eos the template closes the conversation with (Phi-3), both of which generation stops before."""
-    from llmtune.methods import dpo
+def built_trainer(tmp_path, method, rows, model):
+    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized)."""
+    from importlib import import_module
+
     from llmtune.model import load_model
     from llmtune.runner.session import training_args
 
-    family = FAMILIES[name]
-    path = make_recipe(tmp_path, "dpo", data=write_jsonl(tmp_path / "pref.jsonl", PREFERENCE),
-                       model={"name": str(family_model(tmp_path_factory, name))})
-    resolved = resolve(path)
-    data = load_data(resolved.config["data"], method="dpo", seed=0, locate=resolved.locate,
+    resolved = resolve(make_recipe(tmp_path, method, data=write_jsonl(tmp_path / "rows.jsonl", rows),
+                                   model={"name": str(model)}))
+    data = load_data(resolved.config["data"], method=method, seed=0, locate=resolved.locate,
                      model=resolved.config["model"])
-    tokenizer = load_tokenizer(resolved.config["model"])
-    args = training_args(resolved, tmp_path / "scratch", dpo.defaults(resolved.config, data))
-    trainer = dpo.build_trainer(args=args, model=load_model(resolved.config), tokenizer=tokenizer, data=data,
-                                peft_config=None, callbacks=[])
-    row = trainer.train_dataset[0]
+    runner = import_module(resolved.method.runner)
+    args = training_args(resolved, tmp_path / "scratch", runner.defaults(resolved.config, data))
+    return runner.build_trainer(args=args, model=load_model(resolved.config),
+                                tokenizer=load_tokenizer(resolved.config["model"]), data=data, peft_config=None,
+                                callbacks=[])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_path_factory, name):
+    """As TRL's DPOTrainer tokenizes them through llmtune: what follows the end-of-turn token is at most a newline
+    and the eos the template closes the conversation with (Phi-3), both of which generation stops before; each is
+    the answer as alpaca rows train it, after the prompt inference renders (system prompt included)."""
+    family = FAMILIES[name]
+    trainer = built_trainer(tmp_path, "dpo", PREFERENCE, family_model(tmp_path_factory, name))
+    tokenizer, row = trainer.processing_class, trainer.train_dataset[0]
     end = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     for key, answer in (("chosen_ids", "hi!"), ("rejected_ids", "go away")):
         ids = row[key]
@@ -274,6 +281,89 @@ def test_dpo_chosen_and_rejected_end_with_the_end_of_turn_token(tmp_path, tmp_pa
         assert answer in tokenizer.decode(ids[:last]), (key, tokenizer.decode(ids))
         tail = ids[last + 1:]
         assert tokenizer.decode([t for t in tail if t != tokenizer.eos_token_id]).strip() == "", (key, tail)
+        # Exactly the answer as the template renders it after the prompt, Mistral-Nemo's with the system prompt too.
+        trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(answer)
+        assert tokenizer.decode(row[key]) == trained, (key, tokenizer.decode(row[key]))
+    assert_context_is_the_inference_prompt(tokenizer, row["prompt_ids"], PREFERENCE[0]["prompt"], name)
+
+
+@pytest.fixture(scope="module")
+def nemo_adding_bos(tmp_path_factory):
+    """Mistral-Nemo's fixture with a tokenizer that puts <s> before any text it encodes, as the published one does."""
+    from tokenizers import processors
+
+    family = FAMILIES["mistral_nemo"]
+    folder, tokenizer = tmp_path_factory.mktemp("nemo-bos"), build_tokenizer(family)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    build_model(family, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+ALPACA_SYSTEM = {"instruction": "Say hi", "output": "hi!", "system": SYSTEM["content"]}
+# Where each trainer keeps the context and the trained tokens of a row it has tokenized.
+TOKENIZED = {"sft": lambda r: ([t for t, label in zip(r["input_ids"], r["labels"]) if label == -100],
+                               [label for label in r["labels"] if label != -100]),
+             "dpo": lambda r: (r["prompt_ids"], r["chosen_ids"]),
+             "orpo": lambda r: (r["prompt_input_ids"], [t for t in r["chosen_labels"] if t != -100]),
+             "kto": lambda r: (r["prompt_ids"], r["completion_ids"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", TOKENIZED)
+def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(tmp_path, nemo_adding_bos, method):
+    """With a system prompt (which Nemo's template puts in the last user turn only), every prompt + answer method
+    trains exactly the answer and its </s> after the prompt as `llmtune generate` renders it, with one <s>, though
+    the tokenizer adds <s> to text as well."""
+    rows = [ALPACA_SYSTEM] * 2 if method == "sft" else PREFERENCE
+    trainer = built_trainer(tmp_path, method, rows, nemo_adding_bos)
+    tokenizer = trainer.processing_class
+    context, trained = TOKENIZED[method](trainer.train_dataset[0])
+    assert tokenizer.decode(trained) == "hi!</s>"
+    assert context.count(tokenizer.bos_token_id) == 1
+    assert_context_is_the_inference_prompt(tokenizer, context, PREFERENCE[0]["prompt"], "mistral_nemo")
+
+
+@pytest.mark.parametrize("template, inference, prompt_ends, completion", [
+    # The system prompt in the last user turn only: the context is the prompt as inference renders it.
+    (FAMILIES["mistral_nemo"].template, True, "[INST]S.\n\nU?[/INST]", "A.{eos}"),
+    # The generation prompt opens a reasoning block a finished turn leaves out or closes: TRL's cut is kept.
+    ("deepseek_r1_distill", False, "U?<｜Assistant｜>", "A.<｜end▁of▁sentence｜>"),
+    ("nemotron_3_nano", False, "<|im_start|>assistant\n<think>", "</think>A.<|im_end|>\n"),
+])
+def test_prompt_rows_as_text(template, inference, prompt_ends, completion):
+    """The text a prompt + answer row goes to TRL as where a template renders the prompt differently before the answer
+    (data/masking.py `as_text`); only such a dataset is converted."""
+    from llmtune.builtin import build_tiny_tokenizer
+    from llmtune.data.masking import as_text
+    from llmtune.paths import read_chat_template
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template if "{" in template else read_chat_template(template)
+    row = {"prompt": [{"role": "system", "content": "S."}, {"role": "user", "content": "U?"}],
+           "completion": [{"role": "assistant", "content": "A."}]}
+    text, took_inference = as_text(tokenizer, row)
+    assert took_inference == inference
+    assert text["prompt"].endswith(prompt_ends) and text["completion"] == completion.format(eos=tokenizer.eos_token)
+    context = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert text["prompt"] == context if inference else context.startswith(text["prompt"])
+
+
+@pytest.mark.slow
+def test_a_mistral_nemo_run_on_alpaca_rows_with_a_system_prompt(tmp_path, tmp_path_factory):
+    """The run trains (loss falls) on the text rows, without TRL's "not a prefix" warning; llmtune's says what the
+    template does, once, in the terminal and train.log."""
+    rows = [{**ALPACA_SYSTEM, "instruction": f"Question {i}?"} for i in range(8)]
+    result = cli("sft", recipe(tmp_path, family_model(tmp_path_factory, "mistral_nemo"), rows),
+                 "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    for text in (result.stderr, (tmp_path / "run" / "train.log").read_text()):
+        assert "not a prefix" not in text
+        assert text.count("renders the prompt differently before the answer than alone (8 prompt row(s))") == 1
 
 
 ANSWER = ("Say hi", "hi!")
@@ -342,9 +432,25 @@ def test_alpaca_rows_train_the_output_and_its_end_of_turn_token(tmp_path, tmp_pa
            **({"system": SYSTEM["content"]} if system else {})}
     view, data = view_of(tmp_path, family_model(tmp_path_factory, name), [row])
     trained = ALPACA_TRAINS.get(name, "{}" + family.end_of_turn).format(SINGLE[1]["content"])
-    if name == "mistral_nemo" and system:
-        # Nemo puts the system prompt in the last user turn only, so the prompt alone renders it and the whole
-        # conversation does not: TRL starts the completion where they part, inside the user turn (both warned).
-        trained = f"{SINGLE[0]['content']}[/INST]{trained}"
-        assert any("drops the system prompt" in w for w in data.warnings), data.warnings
-    assert trained_runs(view.tokenizer, view.tokenize([r for r, _ in view.rows(data.train)])[0]) == [trained]
+    tokens = view.tokenize([r for r, _ in view.rows(data.train)])[0]
+    assert trained_runs(view.tokenizer, tokens) == [trained]
+    first = next(i for i, label in enumerate(tokens["labels"]) if label != -100)
+    assert_context_is_the_inference_prompt(view.tokenizer, tokens["input_ids"][:first],
+                                           ([SYSTEM] if system else []) + SINGLE[:1], name)
+    if name == "mistral_nemo" and system:  # what the template does is still said
+        assert any("renders the prompt differently before the answer than alone (1 prompt row(s)): "
+                   "'Answer briefly.\\n\\nWhat is the capital of ' alone" in w for w in data.warnings), data.warnings
+        assert not any("drops the system prompt" in w for w in data.warnings), data.warnings
+
+
+def assert_context_is_the_inference_prompt(tokenizer, context, prompt, name):
+    """`context` (the tokens before the trained ones) is what `llmtune generate` feeds the model for `prompt` (Mistral-Nemo's
+    system prompt included). DeepSeek-R1-Distill's generation prompt ends `<think>\n`, which its template leaves
+    out of a finished turn: the answer trains after the context that turn renders with (docs/templates.md)."""
+    from llmtune.tools.infer import prompt_ids
+
+    inference = prompt_ids(tokenizer, prompt)[0].tolist()
+    if name == "deepseek_r1_distill":
+        assert inference[:len(context)] == context and tokenizer.decode(inference[len(context):]) == "<think>\n"
+    else:
+        assert context == inference, (tokenizer.decode(context), tokenizer.decode(inference))

@@ -171,6 +171,75 @@ def assistant_turns(tokenizer, messages, tools=None) -> tuple[str, list[Turn]]:
     return full, turns
 
 
+# The answer columns of prompt + answer rows (prompt-completion, preference, KTO).
+ANSWER_COLUMNS = ("completion", "chosen", "rejected")
+
+
+def _bos_text(tokenizer) -> str:
+    """What the tokenizer puts before any text it encodes (a BOS), as text; TRL's text path adds it itself."""
+    ids = tokenizer(SENTINEL)["input_ids"]
+    plain = tokenizer(SENTINEL, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:ids.index(plain[0])]) if plain and plain[0] in ids else ""
+
+
+def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
+    """A conversational prompt + answer(s) row (its prompt explicit) as text TRL tokenizes the same way, and whether
+    its prompt is the rendered generation prompt (True) rather than the start TRL's conversational cut would keep.
+
+    TRL renders the prompt with the generation prompt and the whole conversation, and starts the completion where
+    the two part. Where they part inside the prompt's messages, before its generation prompt (Mistral-Nemo puts the
+    system prompt in the last user turn only, so the prompt alone renders it and the whole conversation does not),
+    that cut would train the prompt's text: the context is then the prompt as inference renders it, and each answer
+    the template's rendering from where it puts the answer's text. Where they part inside the generation prompt,
+    the assistant turn opens as the template renders a finished one, and the text is cut where TRL cuts it
+    (DeepSeek-R1-Distill's generation prompt ends `<think>\n`, which a finished turn leaves out; Nemotron 3's
+    `<think>\n` is `<think></think>` there: the turn trains from that closing tag). `bos` (`_bos_text`) is taken off
+    the prompt: the tokenizer adds it.
+    """
+    prompt, tools = row["prompt"], row.get("tools")
+    keys = [key for key in ANSWER_COLUMNS if isinstance(row.get(key), list)]
+    context = render(tokenizer, prompt, generation_prompt=True, tools=tools)
+    wholes = {key: render(tokenizer, prompt + row[key], tools=tools) for key in keys}
+    cut = min(_common_prefix(context, whole) for whole in wholes.values())
+    # The generation prompt begins where the prompt rendered without it parts from the prompt rendered with it.
+    inference = cut < len(context) and cut < _common_prefix(context, render(tokenizer, prompt, tools=tools))
+    if inference:
+        try:
+            start = _answer_start(tokenizer, prompt, next(iter(wholes.values())), tools, len(prompt))
+        except Undecomposable:  # the answer is not where the prompt ends either: TRL's cut, as for any template
+            inference = False
+    text = {key: whole[start:] if inference else whole[cut:] for key, whole in wholes.items()}
+    text["prompt"] = context if inference else context[:cut]
+    if bos and text["prompt"].startswith(bos):
+        text["prompt"] = text["prompt"][len(bos):]
+    return {**{k: v for k, v in row.items() if k not in ("tools", "messages")}, **text}, inference
+
+
+def inference_prompts(dataset, tokenizer):
+    """`dataset` as text rows (`as_text`) when the template renders a row's prompt differently before its answer than
+    inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself (TRL renders
+    it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change."""
+    import datasets
+    from trl.data_utils import is_conversational, maybe_extract_prompt
+
+    if not isinstance(dataset, datasets.Dataset) or not len(dataset) or not is_conversational(dataset[0]) \
+            or not set(ANSWER_COLUMNS) & set(dataset.column_names):
+        return dataset
+    rows = dataset
+    if "prompt" not in rows.column_names:  # preference rows with the prompt in chosen/rejected: as TRL splits them
+        rows = rows.map(maybe_extract_prompt)
+    # Whether a template renders a prompt differently depends on the roles and their order (templates.py checks
+    # rows the same way): one row of each sequence of roles decides, not a rendering of every row.
+    shapes = {}
+    for row in rows:
+        shapes.setdefault(tuple(tuple(m["role"] for m in row[k]) if isinstance(row.get(k), list) else None
+                                for k in ("prompt", *ANSWER_COLUMNS)) + (bool(row.get("tools")),), row)
+    bos = _bos_text(tokenizer)
+    if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()):
+        return dataset
+    return rows.map(lambda row: as_text(tokenizer, row, bos)[0], remove_columns=rows.column_names)
+
+
 def tokenize(tokenizer, messages, tools=None) -> dict:
     """`input_ids` of the whole conversation and `assistant_masks` (1 = trained), as TRL's SFTTrainer takes them."""
     full, turns = assistant_turns(tokenizer, messages, tools)
@@ -196,14 +265,27 @@ class Effects:
     earlier: int = 0  # earlier turns render differently once later turns follow
     earlier_example: str = ""
     folded: int = 0  # rows whose system message went into the first user turn
+    inference: int = 0  # prompt + answer rows trained after their generation prompt (`as_text`)
+    inference_example: str = ""
 
-    def look(self, tokenizer, messages, tools=None) -> None:
-        """Count what the template does to one conversation (rendered as training renders it)."""
+    def look(self, tokenizer, messages, tools=None, prompt=None) -> None:
+        """Count what the template does to one conversation (rendered as training renders it); `prompt`: the messages
+        of a prompt + answer row before its answer."""
         self.rows += 1
+        whole = render(tokenizer, messages, tools=tools)
+        if prompt is not None:
+            text, inference = as_text(tokenizer, {"prompt": prompt, "completion": messages[len(prompt):],
+                                                  "tools": tools})
+            if inference:  # trained after the prompt as inference renders it: no other context to report
+                at = _common_prefix(text["prompt"], whole)
+                self.inference += 1
+                self.inference_example = self.inference_example or (
+                    f"{text['prompt'][at:at + 40]!r} alone, {whole[at:at + 40]!r} before the answer")
+                return
         system = next((m["content"].strip() for m in messages if m["role"] == "system"), None)
         if system:
             self.system_rows += 1
-            if system not in render(tokenizer, messages, tools=tools):
+            if system not in whole:
                 self.system_dropped += 1
         try:
             _, turns = assistant_turns(tokenizer, messages, tools)
@@ -238,6 +320,10 @@ class Effects:
             out.append(f"the chat template of {name} drops the system prompt from {self.system_dropped} of "
                        f"{self.system_rows} row(s) with one (as rendered for training): those rows train without "
                        "it, while inference may use it")
+        if self.inference:
+            out.append(f"the chat template of {name} renders the prompt differently before the answer than alone "
+                       f"({self.inference} prompt row(s)): {self.inference_example} (e.g. a system prompt in the last "
+                       "user turn only); those rows train the answer after the prompt as inference renders it")
         if self.context_differs:
             out.append(f"the chat template of {name} renders a finished assistant turn after a different context "
                        f"than its generation prompt ({self.context_differs} turn(s)): {self.context_example}; the "
@@ -315,7 +401,7 @@ def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None)
                                 f"support: {unrendered}, so the calls would not be trained as written; use a model "
                                 "(or `model.chat_template:`) whose template renders tools, or leave such rows out")
             if effects.rows < EFFECT_ROWS:
-                effects.look(tokenizer, messages, row.get("tools"))
+                effects.look(tokenizer, messages, row.get("tools"), None if "messages" in row else row["prompt"])
             if cut:
                 try:
                     assistant_turns(tokenizer, messages, row.get("tools"))

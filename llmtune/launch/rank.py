@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..compat import dataset_fingerprint, fsdp_on_cpu
+from ..compat import dataset_fingerprint, fsdp_on_cpu, quiet_shm_build
 from ..ranks import launched, local_rank, rank
 
 # Where llmtune's launcher wrote the accelerate (and DeepSpeed) config; rank 0 copies it into the run.
@@ -60,6 +60,7 @@ def training_args() -> dict:
     if not launched() or torch.cuda.is_available():
         return {}
     if deepspeed_stage() is not None:
+        quiet_shm_build()
         return {"ddp_backend": "gloo"}
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         fsdp_on_cpu()

@@ -6,7 +6,7 @@ contract: the verb table marks it experimental, and llmtune shows that in `--hel
 and the manifest.
 """
 
-from . import shared_defaults
+from . import shared_defaults, trl_datasets
 
 
 def defaults(config: dict, data) -> dict:
@@ -17,5 +17,6 @@ def defaults(config: dict, data) -> dict:
 def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks):
     from trl.experimental.orpo import ORPOTrainer
 
-    return ORPOTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+    train, evals = trl_datasets(data, tokenizer)
+    return ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -25,6 +25,7 @@ import logging
 from ..compat import RefLogpsHook
 from ..files import atomic_path
 from ..paths import cache_dir
+from . import trl_datasets
 
 log = logging.getLogger("llmtune")
 
@@ -73,8 +74,9 @@ def build_trainer(trl_trainer, ref_settings, *, args, model, tokenizer, data, pe
     """`trl_trainer` (DPOTrainer, KTOTrainer) with its reference set up and its log-probs cached;
     `ref_settings` names the fields of its config that change the reference log-probs."""
     cached = type(f"Cached{trl_trainer.__name__}", (RefLogpsCache, trl_trainer), {"ref_settings": ref_settings})
+    train, evals = trl_datasets(data, tokenizer)
     return cached(model=model, ref_model=reference(model, ref_model, peft_config, args), args=args,
-                  train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                  train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
                   peft_config=peft_config, callbacks=callbacks)
 
 

@@ -2,6 +2,7 @@
 
 from ..data import masking
 from ..defaults import attention
+from . import trl_datasets
 
 # Attention kernels that run packed rows as separate sequences (varlen), so packing saves work
 # instead of adding cross-row attention that is then masked away.
@@ -48,7 +49,7 @@ def defaults(config: dict, data) -> dict:
 def build_trainer(*, args, model, tokenizer, data, peft_config, callbacks):
     from trl import SFTTrainer
 
-    train, evals = data.train, data.eval
+    train, evals = trl_datasets(data, tokenizer)
     if masking.renders_masks(args, data.shape, tokenizer):
         # A template TRL cannot mark assistant turns in: hand it rows already tokenized with their masks.
         train, evals = (None if d is None else masking.pretokenized(d, tokenizer) for d in (train, evals))

@@ -20,6 +20,8 @@ TRACKERS = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"),
             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
             "aim": ("aim",), "swanlab": ("swanlab",), "trackio": ("trackio",), "codecarbon": ("codecarbon",),
             "azure_ml": ("azureml",), "flyte": ("flytekit",), "dagshub": ("dagshub",)}
+# The trackers pyproject.toml has an extra for, named like the tracker (docs/tools.md, "Trackers").
+EXTRAS = ("tensorboard", "wandb", "mlflow", "trackio")
 # Folders the kernel serves, not a disk: nothing written there is kept.
 VIRTUAL = ("/proc", "/sys", "/dev")
 NAME_MAX, PATH_MAX = 255, 4096
@@ -76,8 +78,9 @@ def _train_values(check, train: dict) -> None:
     for name in [trackers] if isinstance(trackers, str) else trackers or []:
         modules = TRACKERS.get(name)
         if modules and not any(importlib.util.find_spec(m) for m in modules):
+            install = f"'llmtune-recipes[{name}]'" if name in EXTRAS else modules[0]
             check.error(("train", "report_to"), f"`train.report_to: {name}` needs the {modules[0]} package, which "
-                        f"is not installed; `pip install {modules[0]}`, or remove it from `report_to`")
+                        f"is not installed; `pip install {install}`, or remove it from `report_to`")
 
 
 def _output_dir(check, config: dict) -> None:

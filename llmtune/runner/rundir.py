@@ -252,6 +252,16 @@ def progress_callback(method: str):
     return Bar
 
 
+def close_progress(trainer) -> None:
+    """End the progress bar's line, so that an error printed after a failed step starts on a line of its own."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks if trainer else ():
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+
+
 def summarize(run_dir: Path, metrics: dict, stream=None) -> None:
     manifest = read_manifest(run_dir)
     shown = judged.summary(manifest.get("method", ""), metrics)

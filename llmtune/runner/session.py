@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from ..builtin import model_path
 from ..compat import attn_implementation
 from ..data import load_data
 from ..defaults import picks
@@ -31,7 +32,7 @@ from ..recipe.check import Resolved
 from ..recipe.preflight import in_cache
 from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
 from ..verbs import config_class
-from . import stopping
+from . import stopping, trackers
 from .card import settings
 from .diagnose import divergence_guard, explain
 from .gate import Gate
@@ -39,7 +40,7 @@ from .interrupt import Interrupted, Interruption
 from .metrics import final
 from .preflight import model as check_model
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
-from .rundir import RunDir, metrics_callback, progress_callback, read_metrics
+from .rundir import RunDir, close_progress, metrics_callback, progress_callback, read_metrics
 
 
 class TrainingFailed(Exception):
@@ -163,6 +164,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
     if data is None:
         data = prepare_data(resolved)
     quiet()
+    model_path(config["model"])  # build a builtin now: its tokenizer read back hashes as later runs' (datasets' cache)
     tokenizer = load_tokenizer(config["model"])
     require_chat_template(resolved, data.shape, tokenizer)
     gate = Gate(config, tokenizer, data.shape) if (config.get("eval") or {}).get("tasks") else None  # its tasks, loaded now
@@ -176,6 +178,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
               f"--resume {resume}: no complete checkpoint in {run_dir.path} yet; starting a new run", file=sys.stderr)
 
     run_dir.start(data, argv, checkpoint)
+    tracked = trackers.point(args.report_to, run_dir.path)  # read as the trainer is built and as it starts
     interruption = Interruption().install()  # SIGINT/SIGTERM: checkpoint at the step's end, exit 130
     handler = run_dir.log_handler()
     logging.getLogger().addHandler(handler)
@@ -187,6 +190,7 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         logging.getLogger("llmtune").warning(
             f"`{resolved.method.name}` uses {resolved.method.config.split(':')[0]}, which TRL ships as experimental "
             f"(no stability contract): it may change or go in another TRL release; this run used trl=={version('trl')}")
+    trainer = None
     try:
         trainer = build_trainer(resolved, method, args, tokenizer, data, run_dir)
         if gate:
@@ -204,6 +208,8 @@ def train(resolved: Resolved, argv: list[str], output_dir: str | None = None, ov
         log = None if getattr(handler, "failed", False) else run_dir.path / "train.log"
         raise TrainingFailed(log, err, hint or None) from err
     finally:
+        close_progress(trainer)
+        trackers.unpoint(tracked)
         interruption.uninstall()
         logging.getLogger().removeHandler(handler)
         handler.close()

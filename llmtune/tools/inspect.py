@@ -15,7 +15,7 @@ from pathlib import Path
 from ..compat import sft_dataset_preparer
 from ..data import curate, load_data, stream
 from ..data.formats import to_dataset
-from ..data.masking import fold_system, has_system_role, renders_masks, tokenize
+from ..data.masking import fold_system, has_system_role, inference_prompts, renders_masks, tokenize
 from ..logs import quiet
 from ..runner.session import training_args
 from ..tokenizer import end_of_turn_token, load_tokenizer, require_chat_template
@@ -69,6 +69,9 @@ class TrainingView:
             args.completion_only_loss if args.completion_only_loss is not None
             else "prompt" in shape or "preference" in shape)
         self.stop_token = self._stop_token()
+        # Causal-LM methods train a completion cut from its prompt, and get rows as methods/__init__.py hands them to
+        # TRL; a reward model scores the whole conversation.
+        self.inference_prompts = resolved.method.head == "CausalLM"
 
     def _template(self, args) -> Template:
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -97,6 +100,8 @@ class TrainingView:
 
     def rows(self, dataset):
         """Rows in the shape SFT tokenizes, each with a label for the sample header."""
+        if self.inference_prompts:
+            dataset = inference_prompts(dataset, self.tokenizer)
         if "preference" in self.shape and "label" not in dataset.column_names:
             from trl.data_utils import maybe_extract_prompt
 
