@@ -28,7 +28,7 @@ def run(tmp_path_factory) -> Path:
     """Three logged steps on builtin:tiny with every installed tracker, as a user runs it (a subprocess: the
     trackers' settings go into the training process's environment)."""
     if not INSTALLED:
-        pytest.skip("no tracker package is installed (the dev extra installs tensorboard, wandb, mlflow-skinny)")
+        pytest.skip("no tracker package is installed (the dev extra installs tensorboard, wandb, mlflow-skinny, trackio)")
     folder = tmp_path_factory.mktemp("trackers")
     recipe = make_recipe(folder, data={"max_length": 128},
                          train={"max_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "save_strategy": "no",
