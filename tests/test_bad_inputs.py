@@ -443,6 +443,23 @@ def data_outcome(case, folder: Path) -> str:
     return "refused at the row"
 
 
+@pytest.fixture
+def one_model(monkeypatch):
+    """The data sweeps spoil data files only: the model's shape, built on the meta device by every `validate` and
+    pre-flight (most of a case's time), is the same in every case, so it is built once per model and adapter."""
+    from llmtune.runner import preflight
+
+    shapes, build = {}, preflight.model_shape
+
+    def shape(config, head="CausalLM"):
+        key = json.dumps([config["model"], config.get("adapter"), head], sort_keys=True, default=str)
+        if key not in shapes:
+            shapes[key] = build(config, head)
+        return shapes[key]
+
+    monkeypatch.setattr(preflight, "model_shape", shape)
+
+
 def sweep(cases, folder: Path) -> dict:
     counts: dict = {}
     for case in cases:
@@ -454,7 +471,7 @@ def sweep(cases, folder: Path) -> dict:
     return counts
 
 
-def test_fuzzed_data_files_are_accepted_or_refused_at_their_file_and_row(tmp_path, monkeypatch):
+def test_fuzzed_data_files_are_accepted_or_refused_at_their_file_and_row(tmp_path, monkeypatch, one_model):
     monkeypatch.chdir(tmp_path)
     counts = sweep([c for c in DATA_CASES if c[0] in FAST_DATA], tmp_path)
     assert len(counts) == 3, counts  # the sample has each outcome
@@ -462,7 +479,7 @@ def test_fuzzed_data_files_are_accepted_or_refused_at_their_file_and_row(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(ROWS))
-def test_fuzzed_data_files_of_every_format_and_container(fmt, tmp_path, monkeypatch):
+def test_fuzzed_data_files_of_every_format_and_container(fmt, tmp_path, monkeypatch, one_model):
     monkeypatch.chdir(tmp_path)
     sweep([c for c in DATA_CASES if c[0].startswith(fmt + ".") and c[0] not in FAST_DATA], tmp_path)
 
