@@ -248,15 +248,16 @@ PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chose
                "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
 
 
-def built_trainer(tmp_path, method, rows, model):
-    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized)."""
+def built_trainer(tmp_path, method, rows, model, data=None, **sections):
+    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized); `data` and
+    `sections` are merged into the recipe (make_recipe)."""
     from importlib import import_module
 
     from llmtune.model import load_model
     from llmtune.runner.session import training_args
 
-    resolved = resolve(make_recipe(tmp_path, method, data=write_jsonl(tmp_path / "rows.jsonl", rows),
-                                   model={"name": str(model)}))
+    data = {"train": [{"path": write_jsonl(tmp_path / "rows.jsonl", rows)}], **(data or {})}
+    resolved = resolve(make_recipe(tmp_path, method, data=data, model={"name": str(model)}, **sections))
     data = load_data(resolved.config["data"], method=method, seed=0, locate=resolved.locate,
                      model=resolved.config["model"])
     runner = import_module(resolved.method.runner)
@@ -323,6 +324,28 @@ def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(
     assert tokenizer.decode(trained) == "hi!</s>"
     assert context.count(tokenizer.bos_token_id) == 1
     assert_context_is_the_inference_prompt(tokenizer, context, PREFERENCE[0]["prompt"], "mistral_nemo")
+
+
+@pytest.mark.slow
+def test_a_streamed_mistral_nemo_sft_trains_the_answer_after_the_inference_prompt(tmp_path, nemo_adding_bos):
+    """`data.streaming`: the stream's rows go to TRL as text too, decided by its first rows, so each row trains
+    exactly what the same rows train when read whole."""
+    rows = [{**ALPACA_SYSTEM, "instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(12)]
+    (tmp_path / "stream").mkdir(), (tmp_path / "whole").mkdir()
+    streamed = built_trainer(tmp_path / "stream", "sft", rows, nemo_adding_bos,
+                             data={"streaming": True}, train={"max_steps": 2})
+    tokenizer = streamed.processing_class
+    trained = {}
+    for row in streamed.train_dataset:
+        context, answer = TOKENIZED["sft"](row)
+        trained[tokenizer.decode(answer)] = context
+    assert sorted(trained) == sorted(f"Answer {i}.</s>" for i in range(12))
+    whole = built_trainer(tmp_path / "whole", "sft", rows, nemo_adding_bos).train_dataset
+    assert {tokenizer.decode(TOKENIZED["sft"](row)[1]): TOKENIZED["sft"](row)[0] for row in whole} == trained
+    context = trained["Answer 0.</s>"]
+    assert context.count(tokenizer.bos_token_id) == 1
+    assert_context_is_the_inference_prompt(tokenizer, context, [SYSTEM, {"role": "user", "content": "Question 0?"}],
+                                           "mistral_nemo")
 
 
 @pytest.mark.parametrize("template, inference, prompt_ends, completion", [

@@ -29,6 +29,8 @@ Pure functions over a tokenizer and messages: nothing here loads a model or read
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 
 from llmtune.errors import UserError
 
@@ -39,6 +41,8 @@ RENDERED = "rendered"  # derived here, by rendering prefixes
 
 # Rows whose renderings are compared for `Effects`: enough to count a pattern, cheap on large data.
 EFFECT_ROWS = 1000
+# Rows of a stream whose roles decide whether it goes to TRL as text (`inference_prompts`), as its head is checked.
+HEAD_ROWS = 1000
 
 
 class Undecomposable(ValueError):
@@ -218,26 +222,39 @@ def as_text(tokenizer, row: dict, bos: str = "") -> tuple[dict, bool]:
 def inference_prompts(dataset, tokenizer):
     """`dataset` as text rows (`as_text`) when the template renders a row's prompt differently before its answer than
     inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself (TRL renders
-    it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change."""
+    it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change. A stream
+    (`data.streaming`) is decided by its first `HEAD_ROWS` rows and converted as it is read."""
     import datasets
     from trl.data_utils import is_conversational, maybe_extract_prompt
 
-    if not isinstance(dataset, datasets.Dataset) or not len(dataset) or not is_conversational(dataset[0]) \
-            or not set(ANSWER_COLUMNS) & set(dataset.column_names):
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    if not streamed and not isinstance(dataset, datasets.Dataset):
+        return dataset
+    head = list(islice(dataset, HEAD_ROWS)) if streamed else dataset
+    if not len(head) or not is_conversational(head[0]) or not set(ANSWER_COLUMNS) & set(head[0]):
         return dataset
     rows = dataset
-    if "prompt" not in rows.column_names:  # preference rows with the prompt in chosen/rejected: as TRL splits them
+    if "prompt" not in head[0]:  # preference rows with the prompt in chosen/rejected: as TRL splits them
         rows = rows.map(maybe_extract_prompt)
+        head = [maybe_extract_prompt(row) for row in head] if streamed else rows
     # Whether a template renders a prompt differently depends on the roles and their order (templates.py checks
     # rows the same way): one row of each sequence of roles decides, not a rendering of every row.
     shapes = {}
-    for row in rows:
+    for row in head:
         shapes.setdefault(tuple(tuple(m["role"] for m in row[k]) if isinstance(row.get(k), list) else None
                                 for k in ("prompt", *ANSWER_COLUMNS)) + (bool(row.get("tools")),), row)
     bos = _bos_text(tokenizer)
     if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()):
         return dataset
-    return rows.map(lambda row: as_text(tokenizer, row, bos)[0], remove_columns=rows.column_names)
+    text = partial(_text_row, tokenizer, bos)
+    if streamed:  # a stream's columns are not known after a map: the text rows' are given
+        return rows.map(text, remove_columns=list(head[0]),
+                        features=datasets.Dataset.from_list([text(head[0])]).features)
+    return rows.map(text, remove_columns=rows.column_names)
+
+
+def _text_row(tokenizer, bos, row):
+    return as_text(tokenizer, row, bos)[0]
 
 
 def tokenize(tokenizer, messages, tools=None) -> dict:
