@@ -76,6 +76,28 @@ def _plain(value):
     return str(value) if isinstance(value, Path) else value
 
 
+def built_trainer(tmp_path, method, rows, model, data=None, **sections):
+    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized); `data` and
+    `sections` are merged into the recipe (make_recipe)."""
+    from importlib import import_module
+
+    from llmtune.data import load_data
+    from llmtune.model import load_model
+    from llmtune.recipe.check import resolve
+    from llmtune.runner.session import training_args
+    from llmtune.tokenizer import load_tokenizer
+
+    data = {"train": [{"path": write_jsonl(tmp_path / "rows.jsonl", rows)}], **(data or {})}
+    resolved = resolve(make_recipe(tmp_path, method, data=data, model={"name": str(model)}, **sections))
+    data = load_data(resolved.config["data"], method=method, seed=0, locate=resolved.locate,
+                     model=resolved.config["model"])
+    runner = import_module(resolved.method.runner)
+    args = training_args(resolved, tmp_path / "scratch", runner.defaults(resolved.config, data))
+    return runner.build_trainer(args=args, model=load_model(resolved.config),
+                                tokenizer=load_tokenizer(resolved.config["model"]), data=data, peft_config=None,
+                                callbacks=[])
+
+
 def make_recipe(folder: Path, method: str = "sft", data=CHAT, *, name: str = "r", text: str = "",
                 **sections) -> Path:
     """Write `folder/NAME.yaml` and return its path: `method` on builtin:tiny in float32, trained on `data`.

@@ -9,7 +9,7 @@ from llmtune.recipe.check import resolve
 from llmtune.tokenizer import load_tokenizer
 from llmtune.tools.inspect import TrainingView, inspect
 
-from .conftest import RECIPES, cli, make_recipe, write_jsonl, write_recipe
+from .conftest import RECIPES, built_trainer, cli, make_recipe, write_jsonl, write_recipe
 from .families import FAMILIES, build_model, build_tokenizer, family_model, template_text
 
 RECIPE = """\
@@ -246,25 +246,6 @@ def test_reasoning_content_belongs_to_assistant_turns(tmp_path):
 
 PREFERENCE = [{"prompt": [SYSTEM, {"role": "user", "content": "Say hi"}], "chosen": [{"role": "assistant", "content": "hi!"}],
                "rejected": [{"role": "assistant", "content": "go away"}]}] * 2
-
-
-def built_trainer(tmp_path, method, rows, model, data=None, **sections):
-    """The TRL trainer `llmtune METHOD` builds for `rows` on `model` (its train_dataset is tokenized); `data` and
-    `sections` are merged into the recipe (make_recipe)."""
-    from importlib import import_module
-
-    from llmtune.model import load_model
-    from llmtune.runner.session import training_args
-
-    data = {"train": [{"path": write_jsonl(tmp_path / "rows.jsonl", rows)}], **(data or {})}
-    resolved = resolve(make_recipe(tmp_path, method, data=data, model={"name": str(model)}, **sections))
-    data = load_data(resolved.config["data"], method=method, seed=0, locate=resolved.locate,
-                     model=resolved.config["model"])
-    runner = import_module(resolved.method.runner)
-    args = training_args(resolved, tmp_path / "scratch", runner.defaults(resolved.config, data))
-    return runner.build_trainer(args=args, model=load_model(resolved.config),
-                                tokenizer=load_tokenizer(resolved.config["model"]), data=data, peft_config=None,
-                                callbacks=[])
 
 
 @pytest.mark.parametrize("name", FAMILIES)

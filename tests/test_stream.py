@@ -15,7 +15,7 @@ from llmtune.recipe.check import resolve
 from llmtune.runner.session import TrainingFailed
 from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, cli, make_recipe, write_jsonl
+from .conftest import RECIPES, built_trainer, cli, make_recipe, write_jsonl
 
 CHAT = RECIPES / "data" / "chat.jsonl"
 def recipe(tmp_path, data=CHAT, method="sft", eval_=None, name="r"):
@@ -213,6 +213,18 @@ def test_a_stream_whose_checked_rows_are_all_cut_at_max_length_is_refused_before
 
 
 @pytest.mark.slow
+def test_the_trainer_drops_the_rows_cut_at_max_length_as_they_stream(tmp_path):
+    """What the warning says of streamed rows whose prompt fills `data.max_length`: none reaches a batch (TRL's
+    SFT trainer drops fully masked rows from the stream), and every other row does."""
+    rows = chat_rows()
+    cut = [{"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"}]}] * 5
+    trainer = built_trainer(tmp_path, "sft", rows + cut, "builtin:tiny", data={"streaming": True, "max_length": 128},
+                            train={"max_steps": 2})
+    streamed = list(trainer.train_dataset)
+    assert len(streamed) == len(rows) and all(any(label != -100 for label in row["labels"]) for row in streamed)
+
+
+@pytest.mark.slow
 def test_rows_cut_at_max_length_are_counted_by_validate_plan_and_the_stream_run(tmp_path):
     rows = chat_rows()
     for i in (3, 10, 17):
@@ -220,8 +232,8 @@ def test_rows_cut_at_max_length_are_counted_by_validate_plan_and_the_stream_run(
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     path = recipe(tmp_path, data=data)
     warning = (f"warning: 3 of the first {len(rows)} rows of {data} (those checked before streaming) have a prompt of "
-               "`data.max_length: 128` tokens or more, so nothing of them would be trained; they, and rows like them "
-               f"further on, are still streamed and train nothing (the first: {data}:4). Raise `data.max_length` or "
+               "`data.max_length: 128` tokens or more, so nothing of them would be trained; the trainer drops them, and "
+               f"rows like them further on, as they stream (the first: {data}:4). Raise `data.max_length` or "
                "shorten the prompts")
     validated = cli("validate", path)
     assert validated.returncode == 0 and warning in validated.stderr.splitlines(), validated.stderr

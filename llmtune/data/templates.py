@@ -95,7 +95,7 @@ def cut_warning(path: str, cut: int, rows: int, first: str, max_length: int, str
     """What `drop_cut` says of `cut` of a source's `rows` (`first`: where the first is)."""
     counted = (f"{cut} of the first {rows} rows of {path} (those checked before streaming)" if streamed
                else f"{cut} of {rows} rows of {path}")
-    outcome = ("they, and rows like them further on, are still streamed and train nothing" if streamed
+    outcome = ("the trainer drops them, and rows like them further on, as they stream" if streamed
                else "they are left out")
     return (f"{counted} have a prompt of `data.max_length: {max_length}` tokens or more, so nothing of them would "
             f"be trained; {outcome} (the first: {first}). Raise `data.max_length` or shorten the prompts")
