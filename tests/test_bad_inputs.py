@@ -118,6 +118,12 @@ CASES = {
                                                            "alternate.jinja")],
                              "d.jsonl:7: the chat template of 'builtin:tiny' refuses this conversation (roles "
                              "user, user, assistant): Conversation roles must alternate"),
+    "streamed-template-refuses-row": ("d.jsonl", jsonl(json.dumps({"messages": [{"role": "user", "content": "s"},
+                                                                              *json.loads(CHAT)["messages"]]})),
+                                      ["data.streaming=true", "model.chat_template=" + str(
+                                          Path(__file__).parent / "data" / "bad" / "data" / "alternate.jinja")],
+                                      "d.jsonl:7: the chat template of 'builtin:tiny' refuses this conversation "
+                                      "(roles user, user, assistant): Conversation roles must alternate"),
     "csv-unbalanced-quote": ("d.csv", "text\n" + "\n".join(f"row {i}" if i != 100 else '"row 100'
                                                            for i in range(400)) + "\n", [],
                              "d.csv:102: a quoted field runs from line 102 to 401"),

@@ -15,7 +15,7 @@ from llmtune.recipe.check import resolve
 from llmtune.runner.session import TrainingFailed
 from llmtune.runner.session import train as run
 
-from .conftest import RECIPES, built_trainer, cli, make_recipe, write_jsonl
+from .conftest import RECIPES, ROOT, built_trainer, cli, make_recipe, write_jsonl
 
 CHAT = RECIPES / "data" / "chat.jsonl"
 def recipe(tmp_path, data=CHAT, method="sft", eval_=None, name="r"):
@@ -192,6 +192,33 @@ def test_a_stray_row_of_another_format_is_refused_as_without_streaming(tmp_path)
     forced = {"path": str(write_jsonl(tmp_path / "pc.jsonl", pairs)), "format": "prompt_completion"}
     streamed = list(load_data({**data, "train": [forced]}, method="sft", seed=0).train)
     assert len(streamed) == CHECK_ROWS + 1 and {"prompt": "c", "completion": "d"} in streamed
+
+
+def test_rows_after_the_head_go_through_the_chat_template_checks_of_the_head(tmp_path, tmp_path_factory):
+    """As whole data's rows: a system message is folded where the template has no system role (Gemma 2), and a
+    role sequence the template refuses stops the run at its row."""
+    from .families import family_model
+
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    system = {"messages": [{"role": "system", "content": "Be brief."}, *chat["messages"]]}
+    rows = [chat] * CHECK_ROWS + [system]
+    gemma = {"name": str(family_model(tmp_path_factory, "gemma2")), "trust_remote_code": False}
+    data = {"train": [{"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}], "streaming": True}
+    streamed = list(load_data(data, method="sft", seed=0, model=gemma).train)
+    assert len(streamed) == len(rows) and all(row["messages"][0]["role"] == "user" for row in streamed)
+    assert sum(row["messages"][0]["content"].startswith("Be brief.\n\n") for row in streamed) == 1
+    # A template that refuses two user turns in a row: the row after the head stops the stream, named.
+    alternate = {"name": "builtin:tiny", "trust_remote_code": False,
+                 "chat_template": str(ROOT / "tests" / "data" / "bad" / "data" / "alternate.jinja")}
+    rows[-1] = {"messages": [{"role": "user", "content": "s"}, *chat["messages"]]}
+    data["train"] = [{"path": str(write_jsonl(tmp_path / "late.jsonl", rows))}]
+    train = load_data(data, method="sft", seed=0, model=alternate).train
+    with pytest.raises(UserError) as refused:
+        list(train)
+    assert refused.value.problems[0].startswith(
+        f"{tmp_path}/late.jsonl:{CHECK_ROWS + 1}: the chat template of 'builtin:tiny' refuses this conversation (roles "
+        "user, user, assistant): Conversation roles must alternate")
+    assert refused.value.problems[0].endswith("(found while streaming)")
 
 
 LONG = "word " * 300  # over 128 tokens with builtin:tiny's byte tokenizer

@@ -12,7 +12,7 @@ Nothing heavy is imported here: ``datasets`` is imported only once the data is b
 
 import random
 
-from llmtune.data import cache, curate, masking, mix, scan, stream, templates
+from llmtune.data import cache, curate, mix, scan, stream, templates
 from llmtune.data.formats import FORMATS, to_dataset, to_kind
 from llmtune.data.prepare import (
     PreparedData,
@@ -77,10 +77,7 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
     templated, cut = [], []
     if model is not None:
         tokenizer = load_tokenizer(model)
-        if kind[0].startswith("conversational") and tokenizer.chat_template:
-            system = masking.has_system_role(tokenizer)  # else training folds it into the first user turn
-            templates.check_rendering(every, model, tokenizer, (lambda m: m) if system else masking.fold_system)
-        templated = _templated(every, kind[0], method, model, tokenizer, locate)
+        templated = templates.check_template(every, kind[0], method, model, tokenizer, locate)
         if data.get("max_length"):
             cut = templates.drop_cut(every, data["max_length"], tokenizer)
             templates.require_trained(train, data["max_length"], locate(("data", "max_length")))
@@ -115,21 +112,6 @@ def load_data(data, *, method, seed, locate=lambda path: "recipe", model=None, s
         if stored:
             prepared.train, prepared.eval = stored[0], stored[1]
     return prepared
-
-
-def _templated(sources, shape, method, model, tokenizer, locate):
-    """Conversations as the model's chat template renders them (data/masking.py): system messages folded where it
-    has no system role, rows SFT cannot cut into turns refused; returns warnings on what it does to the rows."""
-    if not shape.startswith("conversational"):
-        return []
-    if not tokenizer.chat_template:  # the run refuses conversational data without one, with the fix
-        return []
-    cut = templates.cuts_turns(method, shape, tokenizer)
-    try:
-        effects = masking.check_rows(tokenizer, [(s.rows, s.locations) for s in sources], cut=cut)
-    except masking.Undecomposable as err:
-        raise templates.undecomposable(err, locate) from None
-    return effects.warnings(model.get("chat_template") or model["name"])
 
 
 def _hold_out(train, fraction, rng, where):

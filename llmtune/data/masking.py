@@ -392,6 +392,16 @@ def unrendered_tools(tokenizer, messages, tools) -> str | None:
     return None
 
 
+def has_system(row: dict) -> bool:
+    """Whether a conversation of the row opens with a system message."""
+    return any(isinstance(row.get(c), list) and row[c] and row[c][0]["role"] == "system" for c in CONVERSATION_COLUMNS)
+
+
+def folded(row: dict) -> dict:
+    """The row with the leading system message of each of its conversations folded into the first user turn."""
+    return {k: fold_system(v) if k in CONVERSATION_COLUMNS and isinstance(v, list) else v for k, v in row.items()}
+
+
 def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None) -> Effects:
     """Fold system messages where the template has no system role, count what the template does to the rows, and
     with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
@@ -403,11 +413,9 @@ def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None)
     fold = not has_system_role(tokenizer)
     for rows, locations in sources:
         for n, row in enumerate(rows):
-            if fold and any(isinstance(row.get(c), list) and row[c] and row[c][0]["role"] == "system"
-                            for c in CONVERSATION_COLUMNS):
+            if fold and has_system(row):
                 effects.folded += 1
-                rows[n] = row = {k: fold_system(v) if k in CONVERSATION_COLUMNS and isinstance(v, list) else v
-                                 for k, v in row.items()}
+                rows[n] = row = folded(row)
             messages = _conversation(row)
             if messages is None:
                 continue

@@ -3,8 +3,10 @@ larger than memory.
 
 Before training only the head of each source is read (``CHECK_ROWS`` rows): enough to
 detect its format and check those rows (rows cut away by `data.max_length` are counted, and
-a head with none left is refused), which is all `llmtune validate` reads too. Later rows are
-checked and converted as they stream, and a bad one stops the run naming its file and line. Several sources are interleaved at random, each giving a share of the rows
+a head with none left is refused; conversations are checked against the chat template as
+whole data is), which is all `llmtune validate` reads too. Later rows are checked and converted
+as they stream (system messages folded, role sequences the template refuses), and a bad one
+stops the run naming its file and line. Several sources are interleaved at random, each giving a share of the rows
 proportional to its `weight` (a source that runs out starts again until every source has
 run out once); a seeded buffer of ``SHUFFLE_BUFFER`` rows shuffles them, the same way on
 every pass, so a resumed run skips exactly the rows it trained on. Eval sources are small
@@ -15,7 +17,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from llmtune.data import templates
+from llmtune.data import masking, templates
 from llmtune.data.formats import convert, describe_kind, foreign, row_format, stray_row, to_kind
 from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, mixable, renamed
 from llmtune.data.prepare import mixed as mixed_whole
@@ -37,6 +39,7 @@ class _Stream:
     kind: tuple
     locations: list  # FILE:LINE of each row of the head
     cut: str | None = None  # FILE:LINE of the head's first row that trains nothing at max_length (templates.py)
+    template: tuple | None = None  # (model, tokenizer, its system role?, role sequences tried): `_templated`
 
 
 def check(data, *, method, locate, model=None) -> list[str]:
@@ -75,10 +78,15 @@ def _open_all(data, method, locate, model):
     for source in evals:
         source.rows = to_kind(source.rows, source.kind, kind)
     warnings, max_length = [], data.get("max_length")
+    if model is not None:
+        tokenizer, tried = load_tokenizer(model), set()
+        warnings = templates.check_template(streams + evals, kind[0], method, model, tokenizer, locate, tried)
+        if kind[0].startswith("conversational") and tokenizer.chat_template:
+            for stream in streams:  # the rows after the head go through the same checks as they are read
+                stream.template = (model, tokenizer, masking.has_system_role(tokenizer), tried)
     if model is not None and max_length:
-        tokenizer = load_tokenizer(model)
         checked = sum(len(stream.rows) for stream in streams)
-        warnings = templates.drop_cut(streams, max_length, tokenizer, streamed=True) + \
+        warnings += templates.drop_cut(streams, max_length, tokenizer, streamed=True) + \
             templates.drop_cut(evals, max_length, tokenizer)
         templates.require_trained(streams, max_length, locate(("data", "max_length")), checked)
     return streams, evals, kind, warnings
@@ -142,7 +150,19 @@ def _rows(stream, target):
                         f"{describe_kind(stream.kind)}; one source must hold one kind of row"]
         if problems:
             raise UserError([f"{problem} (found while streaming)" for problem in problems])
-        yield to_kind(converted, kind, target)[0]
+        row = to_kind(converted, kind, target)[0]
+        yield _templated(row, where, stream.template) if stream.template else row
+
+
+def _templated(row, where, template):
+    """A row after the head as the head's rows are checked (templates.check_template): a role sequence the template
+    refuses stops the run at the row; a system message is folded where the template has no system role."""
+    model, tokenizer, system, tried = template
+    problems = templates.refused([(row, where)], model, tokenizer, (lambda m: m) if system else masking.fold_system,
+                                 tried)
+    if problems:
+        raise UserError([f"{problem} (found while streaming)" for problem in problems])
+    return row if system or not masking.has_system(row) else masking.folded(row)
 
 
 def head(dataset, rows: int):

@@ -30,12 +30,28 @@ def conversations(row: dict) -> list[list[dict]]:
     return [prompt + answer for answer in answers] or [prompt]
 
 
-def check_rendering(sources, model: dict, tokenizer, prepare=lambda messages: messages) -> None:
+def check_template(sources, shape: str, method: str, model: dict, tokenizer, locate, tried: set | None = None):
+    """The checks of conversations against the chat template, before the model loads: the role sequences the
+    template refuses (`check_rendering`, a system message folded where it has no system role) and, where
+    assistant-only loss renders each turn, the conversations that cannot be cut into turns (masking.check_rows,
+    which folds the rows in place). Returns the warnings on what the template does to the rows. `tried`: the role
+    sequences rendered, for checking more rows later (a stream's)."""
+    if not shape.startswith("conversational") or not tokenizer.chat_template:
+        return []  # no template at all: reported by the run's own check (require_chat_template)
+    system = masking.has_system_role(tokenizer)
+    check_rendering(sources, model, tokenizer, (lambda m: m) if system else masking.fold_system, tried)
+    try:
+        effects = masking.check_rows(tokenizer, [(s.rows, s.locations) for s in sources],
+                                     cut=cuts_turns(method, shape, tokenizer))
+    except masking.Undecomposable as err:
+        raise undecomposable(err, locate) from None
+    return effects.warnings(model.get("chat_template") or model["name"])
+
+
+def check_rendering(sources, model: dict, tokenizer, prepare=lambda messages: messages, tried=None) -> None:
     """Raise a UserError naming FILE:LINE of the first row of each role sequence the template refuses, each
     conversation rendered as training will (`prepare`: e.g. a system message folded, data/masking.py)."""
-    if not tokenizer.chat_template:
-        return  # no template at all: reported by the run's own check (require_chat_template)
-    tried = set()
+    tried = set() if tried is None else tried
     problems = [problem for source in sources
                 for problem in refused(zip(source.rows, source.locations), model, tokenizer, prepare, tried)]
     if problems:
