@@ -6,6 +6,7 @@ and the same end-of-turn token.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,32 @@ def load_tokenizer(model: dict):
     if tokenizer.pad_token is None:  # batching needs one; the EOS token is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def byte_bound(tokenizer):
+    """A test that a text passes only if it has no more tokens than UTF-8 bytes (so that a short text needs no
+    tokenizing to be known short), or None where the tokenizer gives no such bound. A byte-level BPE (Llama 3,
+    Qwen, GPT-2, Phi-4) turns each byte into a symbol and merges symbols, so each token stands for one byte or
+    more; a Unicode normalizer (Qwen's NFC) leaves ASCII as it is but may lengthen other text. Sentencepiece-style
+    pipelines (Gemma, Mistral, Llama 2: a space becomes '▁', a prefix is added) and others give no bound."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or backend.pre_tokenizer is None:
+        return None
+    steps = _parts(backend.pre_tokenizer, "pretokenizers")
+    if not any(step["type"] == "ByteLevel" for step in steps) or any(
+            step["type"] not in ("ByteLevel", "Split", "Digits") or step.get("add_prefix_space") for step in steps):
+        return None
+    if backend.normalizer is None:
+        return lambda text: True
+    if all(step["type"] in ("NFC", "NFD", "NFKC", "NFKD") for step in _parts(backend.normalizer, "normalizers")):
+        return str.isascii
+    return None
+
+
+def _parts(component, key: str) -> list[dict]:
+    """The steps of a tokenizers pre-tokenizer or normalizer, a Sequence or one, as their JSON."""
+    state = json.loads(component.__getstate__())
+    return state.get(key, [state]) if state.get("type") == "Sequence" else [state]
 
 
 def end_of_turn_token(tokenizer, chat_template: str | None = None) -> tuple[int, str] | None:

@@ -119,3 +119,94 @@ def test_curated_data_and_hub_datasets_are_checked_whole(tmp_path):
     path = str(write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS))
     assert not scan.streamable({"train": [{"path": path}], "curate": {"dedupe": "exact"}}, where)
     assert not scan.streamable({"train": [{"path": path}, {"path": "someone/dataset"}]}, where)
+
+
+# Texts a tokenizer may make more tokens of than it has bytes: spaces, non-ASCII, decomposing (U+0958) characters,
+# special tokens written in the text, emoji.
+AWKWARD = ["", " ", "  a  b ", "caf\u00e9 \u0958\u0959 \u00c5", "<|im_start|>user\n<|im_end|>", "\U0001f600 \u4f60\u597d",
+           "The capital of France is Paris.", "\t\n\r", "\u0301\u0301x"]
+
+
+def sentencepiece_style():
+    """A Gemma/Mistral-like pipeline: a space becomes '\u2581', one is put in front, unknown characters are
+    spelled in bytes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"a": 256, "b": 257}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    core.pre_tokenizer = pre_tokenizers.Split("\u2581", "merged_with_next")
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def nfc_byte_level():
+    """A Qwen-like pipeline: NFC, then byte-level."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel(
+        add_prefix_space=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2_5", "gemma2", "mistral", "phi3"])
+def test_a_byte_level_tokenizer_makes_no_more_tokens_of_a_text_than_it_has_bytes(family):
+    from llmtune.tokenizer import byte_bound
+
+    from .families import FAMILIES, build_tokenizer
+
+    tokenizer = build_tokenizer(FAMILIES[family])
+    bound = byte_bound(tokenizer)
+    assert bound is not None
+    for text in AWKWARD + [tokenizer.apply_chat_template(CHAT_ROWS[0]["messages"], tokenize=False)]:
+        assert bound(text) and tokens(tokenizer, text) <= len(text.encode())
+
+
+def test_no_byte_bound_where_a_tokenizer_can_make_more_tokens_than_bytes():
+    from llmtune.tokenizer import byte_bound
+
+    spaced = sentencepiece_style()
+    assert byte_bound(spaced) is None
+    assert tokens(spaced, " ") == 6  # '\u2581\u2581': 3 byte tokens each, from a text of 1 byte
+    nfc = nfc_byte_level()
+    bound = byte_bound(nfc)
+    assert bound("plain ASCII 123") and not bound("\u0958")
+    assert tokens(nfc, "\u0958") == 6 > len("\u0958".encode())  # NFC decomposes it: 2 characters of 3 bytes
+
+
+@pytest.mark.parametrize("make", [sentencepiece_style, nfc_byte_level, "qwen2_5"])
+def test_rows_fit_max_length_as_their_prompts_tokenized_one_by_one_say(make):
+    """`templates.fits` skips tokenizing prompts the byte bound shows short, and renders conversations without
+    tools in one call: the same answers as rendering and tokenizing each prompt."""
+    from llmtune.data import templates
+
+    from .families import FAMILIES, build_tokenizer, template_text
+
+    tokenizer = build_tokenizer(FAMILIES[make]) if isinstance(make, str) else make()
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = template_text(FAMILIES["qwen2_5"])
+    tool = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}}]
+    rows = []
+    for n, text in enumerate(AWKWARD * 3):
+        user = {"role": "user", "content": text * n}
+        rows += [{"messages": [user, {"role": "assistant", "content": "ok"}]},
+                 {"messages": [user, {"role": "assistant", "content": "ok"}], "tools": tool},
+                 {"prompt": text * n, "completion": "ok"}, {"prompt": [user], "completion": [user]}]
+    for max_length in (8, 40, 120, 400):
+        expected = []
+        for row in rows:
+            prompt = row.get("prompt", row.get("messages", [])[:1])
+            if isinstance(prompt, list):
+                prompt = tokenizer.apply_chat_template(prompt, tools=row.get("tools"), tokenize=False,
+                                                       add_generation_prompt=True)
+            expected.append(not prompt or tokens(tokenizer, prompt) < max_length)
+        assert templates.fits(rows, max_length, tokenizer) == expected
+        assert 0 < sum(expected) < len(rows) or max_length == 400

@@ -18,6 +18,7 @@ from llmtune.verbs import METHODS
 
 from ..builtin import build_tiny_tokenizer
 from ..paths import named_chat_templates, read_chat_template
+from ..tokenizer import byte_bound
 from . import masking
 
 
@@ -81,30 +82,42 @@ def refused(rows, model: dict, tokenizer, prepare, tried: set) -> list[str]:
     return problems
 
 
-def _prompt(row: dict, tokenizer) -> str | None:
-    """The text before the first trained token: the prompt, or a conversation's turns before its first assistant
-    turn, rendered."""
-    if "messages" in row:
-        messages = row["messages"]
-        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
-        prompt = messages[:first]
-    else:
-        prompt = row.get("prompt")
-    if not prompt:
-        return None
-    if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tools=row.get("tools") or None, tokenize=False,
-                                               add_generation_prompt=True)
-    return prompt
+def _prompt(row: dict):
+    """What comes before the first trained token: the prompt, or a conversation's turns before its first
+    assistant turn (a list of messages, still to render)."""
+    if "messages" not in row:
+        return row.get("prompt")
+    messages = row["messages"]
+    return messages[:next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))]
+
+
+def _prompts(rows, tokenizer) -> list[str | None]:
+    """Each row's prompt as text; the conversations without tools rendered in one call, which costs less per
+    conversation than a call each."""
+    prompts = [_prompt(row) or None for row in rows]
+    plain = [i for i, (row, prompt) in enumerate(zip(rows, prompts)) if isinstance(prompt, list) and not row.get("tools")]
+    if plain:
+        rendered = tokenizer.apply_chat_template([prompts[i] for i in plain], tokenize=False, add_generation_prompt=True)
+        for i, text in zip(plain, rendered):
+            prompts[i] = text
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        if isinstance(prompt, list):
+            prompts[i] = tokenizer.apply_chat_template(prompt, tools=row["tools"], tokenize=False,
+                                                       add_generation_prompt=True)
+    return prompts
 
 
 def fits(rows, max_length: int, tokenizer) -> list[bool]:
-    """Whether each row's prompt is shorter than `max_length` tokens, so that some of it is trained. One tokenizer
-    call for all the prompts: the fast tokenizers encode a batch in parallel."""
-    prompts = [_prompt(row, tokenizer) for row in rows]
-    texts = [prompt for prompt in prompts if prompt]
+    """Whether each row's prompt is shorter than `max_length` tokens, so that some of it is trained. A prompt of
+    fewer UTF-8 bytes than `max_length` is, where the tokenizer has no more tokens than bytes (`byte_bound`); the
+    others are tokenized in one call: the fast tokenizers encode a batch in parallel."""
+    bound = byte_bound(tokenizer)
+    prompts = _prompts(rows, tokenizer)
+    known = [not prompt or (bound is not None and len(prompt.encode(errors="surrogatepass")) < max_length
+                            and bound(prompt)) for prompt in prompts]
+    texts = [prompt for prompt, short in zip(prompts, known) if not short]
     lengths = iter(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else ())
-    return [not prompt or next(lengths) < max_length for prompt in prompts]
+    return [short or next(lengths) < max_length for short in known]
 
 
 def cut_warning(path: str, cut: int, rows: int, first: str, max_length: int, streamed: bool = False) -> str:
