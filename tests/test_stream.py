@@ -221,6 +221,39 @@ def test_rows_after_the_head_go_through_the_chat_template_checks_of_the_head(tmp
     assert refused.value.problems[0].endswith("(found while streaming)")
 
 
+@pytest.mark.parametrize("case", ["tool calls", "uncuttable"])
+def test_tool_calls_and_uncuttable_conversations_after_the_head_stop_the_stream_at_their_row(tmp_path,
+                                                                                             tmp_path_factory, case):
+    """Whole data's other row checks, past the head: tool calls the template does not render (Llama 3's), and a
+    conversation it cannot cut into turns where assistant-only loss renders each turn (here a template that
+    rewrites earlier answers; the head's conversations have one turn each)."""
+    from .families import family_model
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    if case == "tool calls":
+        model = {"name": str(family_model(tmp_path_factory, "llama3")), "trust_remote_code": False}
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+        late = [chat[0], call, {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+        problem = "a tool-calling row, but the model's chat template has no tool support: it drops the tool calls " \
+            "of messages[1] ('get_weather' not rendered)"
+    else:
+        template = tmp_path / "rewrites.jinja"
+        template.write_text("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}(earlier)"
+                            "{% else %}{{ m.role }}: {{ m.content }}{% endif %}\n{% endfor %}")
+        model = {"name": "builtin:tiny", "trust_remote_code": False, "chat_template": str(template)}
+        late = chat + chat
+        problem = "the chat template renders assistant turn 1 differently once later turns follow"
+    data = {"train": [{"path": str(write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}] * CHECK_ROWS +
+                                               [{"messages": late}]))}], "streaming": True}
+    train = load_data(data, method="sft", seed=0, model=model).train
+    with pytest.raises(UserError) as refused:
+        list(train)
+    [message] = refused.value.problems
+    assert message.startswith(f"{tmp_path}/d.jsonl:{CHECK_ROWS + 1}: {problem}"), message
+    assert message.endswith("(found while streaming)")
+
+
 LONG = "word " * 300  # over 128 tokens with builtin:tiny's byte tokenizer
 
 

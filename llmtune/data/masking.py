@@ -402,15 +402,16 @@ def folded(row: dict) -> dict:
     return {k: fold_system(v) if k in CONVERSATION_COLUMNS and isinstance(v, list) else v for k, v in row.items()}
 
 
-def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None) -> Effects:
+def check_rows(tokenizer, sources, *, cut: bool, effects: Effects | None = None, fold: bool | None = None) -> Effects:
     """Fold system messages where the template has no system role, count what the template does to the rows, and
     with `cut` (assistant-only loss by rendering, `RENDERED`) require every conversation to be cut into turns.
 
     `sources` is a list of (rows, locations) pairs; rows are replaced in place. Raises Undecomposable with the
     FILE:LINE of the first row that cannot be cut. `effects`: counts to go on with (rows checked a chunk at a time).
+    `fold`: whether the template lacks a system role, where the caller knows it (a stream checks a row at a time).
     """
     effects = Effects() if effects is None else effects
-    fold = not has_system_role(tokenizer)
+    fold = not has_system_role(tokenizer) if fold is None else fold
     for rows, locations in sources:
         for n, row in enumerate(rows):
             if fold and has_system(row):

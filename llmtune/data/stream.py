@@ -5,7 +5,8 @@ Before training only the head of each source is read (``CHECK_ROWS`` rows): enou
 detect its format and check those rows (rows cut away by `data.max_length` are counted, and
 a head with none left is refused; conversations are checked against the chat template as
 whole data is), which is all `llmtune validate` reads too. Later rows are checked and converted
-as they stream (system messages folded, role sequences the template refuses), and a bad one
+as they stream (system messages folded; role sequences the template refuses, tool calls it does not render,
+conversations that cannot be cut into turns), and a bad one
 stops the run naming its file and line. Several sources are interleaved at random, each giving a share of the rows
 proportional to its `weight` (a source that runs out starts again until every source has
 run out once); a seeded buffer of ``SHUFFLE_BUFFER`` rows shuffles them, the same way on
@@ -39,7 +40,7 @@ class _Stream:
     kind: tuple
     locations: list  # FILE:LINE of each row of the head
     cut: str | None = None  # FILE:LINE of the head's first row that trains nothing at max_length (templates.py)
-    template: tuple | None = None  # (model, tokenizer, its system role?, role sequences tried): `_templated`
+    template: tuple | None = None  # (model, tokenizer, its system role?, cut into turns?, tried, locate): `_templated`
 
 
 def check(data, *, method, locate, model=None) -> list[str]:
@@ -83,7 +84,8 @@ def _open_all(data, method, locate, model):
         warnings = templates.check_template(streams + evals, kind[0], method, model, tokenizer, locate, tried)
         if kind[0].startswith("conversational") and tokenizer.chat_template:
             for stream in streams:  # the rows after the head go through the same checks as they are read
-                stream.template = (model, tokenizer, masking.has_system_role(tokenizer), tried)
+                stream.template = (model, tokenizer, masking.has_system_role(tokenizer),
+                                   templates.cuts_turns(method, kind[0], tokenizer), tried, locate)
     if model is not None and max_length:
         checked = sum(len(stream.rows) for stream in streams)
         warnings += templates.drop_cut(streams, max_length, tokenizer, streamed=True) + \
@@ -156,13 +158,24 @@ def _rows(stream, target):
 
 def _templated(row, where, template):
     """A row after the head as the head's rows are checked (templates.check_template): a role sequence the template
-    refuses stops the run at the row; a system message is folded where the template has no system role."""
-    model, tokenizer, system, tried = template
+    refuses, tool calls it does not render and (where turns are cut out of the rendering) a conversation it cannot
+    cut stop the run at the row; a system message is folded where the template has no system role."""
+    model, tokenizer, system, cut, tried, locate = template
     problems = templates.refused([(row, where)], model, tokenizer, (lambda m: m) if system else masking.fold_system,
                                  tried)
+    rows = [row]
+    if not problems:
+        try:
+            # What the template does to rows was counted on the head: no more looking (Effects.look renders).
+            masking.check_rows(tokenizer, [(rows, [where])], cut=cut, fold=not system,
+                               effects=masking.Effects(rows=masking.EFFECT_ROWS))
+        except masking.Undecomposable as err:
+            problems = templates.undecomposable(err, locate).problems
+        except UserError as err:
+            problems = err.problems
     if problems:
         raise UserError([f"{problem} (found while streaming)" for problem in problems])
-    return row if system or not masking.has_system(row) else masking.folded(row)
+    return rows[0]
 
 
 def head(dataset, rows: int):
