@@ -192,6 +192,31 @@ def test_a_failing_rank_stops_the_launch_quickly_and_shows_its_error_once(tmp_pa
     assert "ChildFailedError" not in result.stderr
 
 
+@pytest.mark.distributed
+def test_a_bad_row_reached_while_streaming_stops_a_two_process_run_with_its_line_once(tmp_path):
+    """The head (the first 1,000 rows) passes the checks; a row after it stops the launch once it is read: its
+    FILE:LINE and what to do, once, no traceback on the terminal, the manifest says failed, no rank left hanging."""
+    from llmtune.data.stream import CHECK_ROWS
+
+    good = [json.loads(line) for line in CHAT.read_text().splitlines()]
+    rows = [good[n % len(good)] for n in range(CHECK_ROWS + 50)]
+    rows[CHECK_ROWS + 20] = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = make_recipe(tmp_path, "sft", {"train": [{"path": data}], "max_length": 128, "streaming": True},
+                       adapter=LORA, train=TRAIN)
+    out = tmp_path / "out"
+    assert cli("validate", path).returncode == 0  # what it reads, the head, is good
+    result = cli("sft", path, "--num-processes", "2", "--output-dir", out, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    problem = f"{data}:{CHECK_ROWS + 21}: unknown role 'robot' in messages[1]"
+    assert f"error: training failed: {problem}" in result.stderr and result.stderr.count(problem) == 1
+    assert "(found while streaming)" in result.stderr and "Traceback" not in result.stderr
+    assert "Fix the row, or leave it out, and run again with `--overwrite` (no checkpoint had been completed)." \
+        in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+
+
 def test_launch_print_writes_the_config_it_names(tmp_path):
     result = cli("launch", recipe(tmp_path), "--backend", "zero3", "--num-processes", "2", "--print", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

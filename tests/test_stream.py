@@ -254,6 +254,25 @@ def test_tool_calls_and_uncuttable_conversations_after_the_head_stop_the_stream_
     assert message.endswith("(found while streaming)")
 
 
+def test_a_bad_row_reached_while_streaming_is_explained_with_what_to_run_next(tmp_path):
+    """No checkpoint yet: the directory holds a failed run, so running again needs `--overwrite`; after one: resume
+    from it, forced, since the fixed file's hash is not the one the checkpoint recorded (test_reliability.py)."""
+    from llmtune.runner.diagnose import explain
+    from llmtune.runner.session import TrainingFailed
+
+    err = UserError(f"d.jsonl:{CHECK_ROWS + 1}: unknown role 'robot' (found while streaming)")
+    assert str(TrainingFailed(None, err)) == str(err)  # the message, without the class name
+    assert explain(err, tmp_path, None, None) == \
+        "Fix the row, or leave it out, and run again with `--overwrite` (no checkpoint had been completed)."
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert explain(err, tmp_path, None, None) == (
+        f"Fix the row, or leave it out, and continue from the last complete checkpoint, {tmp_path / 'checkpoint-4'}, "
+        "with the same command plus `--resume auto --resume-force` (the edited file's hash differs from the recorded "
+        "one).")
+
+
 LONG = "word " * 300  # over 128 tokens with builtin:tiny's byte tokenizer
 
 

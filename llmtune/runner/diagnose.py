@@ -1,5 +1,5 @@
-"""Failures users can fix themselves, out of disk or out of memory or a diverged loss,
-explained with what to try.
+"""Failures users can fix themselves, out of disk or out of memory, a diverged loss or a bad
+row reached while streaming, explained with what to try.
 
 Each writer reports a full disk its own way: Python as `OSError(ENOSPC)`, safetensors as
 "os error 28", `torch.save` only as a failed stream write; all of them are recognised.
@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .. import memory
+from ..errors import UserError
 from .resume import complete_checkpoints
 
 _DISK_FULL = re.compile(r"No space left on device|os error 28|Disk quota exceeded|iostream error|"
@@ -74,7 +75,8 @@ def _kept(run_dir: Path) -> str:
 
 
 def explain(err: BaseException, run_dir: Path, resolved, args) -> str | None:
-    """What happened and what to try, for a disk or memory failure; None for anything else."""
+    """What happened and what to try, for a disk or memory failure, a diverged loss or a streamed bad row; None for
+    anything else."""
     if disk_full(err):
         try:
             free = f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free"
@@ -85,6 +87,12 @@ def explain(err: BaseException, run_dir: Path, resolved, args) -> str | None:
                 f"less often. {_kept(run_dir)}")
     if out_of_memory(err):
         return f"{_memory_advice(resolved, args)}\n{_kept(run_dir)}"
+    if isinstance(err, UserError):  # a bad row reached while streaming (data/stream.py): the message names it
+        found = complete_checkpoints(run_dir)
+        if not found:
+            return "Fix the row, or leave it out, and run again with `--overwrite` (no checkpoint had been completed)."
+        return (f"Fix the row, or leave it out, and continue from the last complete checkpoint, {found[0]}, with the "
+                "same command plus `--resume auto --resume-force` (the edited file's hash differs from the recorded one).")
     if isinstance(err, Diverged):
         return ("Lower `train.learning_rate` (or raise `train.warmup_steps`); check for rows cut to nothing by "
                 "`data.max_length` (`llmtune plan` counts rows over it; preference methods need room for the "

@@ -49,7 +49,8 @@ class TrainingFailed(Exception):
     def __init__(self, log: Path | None, cause: BaseException, hint: str | None = None):
         self.log = log  # None: train.log could not be written (full disk), so the caller shows the traceback
         self.hint = hint  # what to try, for failures users can fix (disk full, out of memory)
-        super().__init__(f"{type(cause).__name__}: {cause}")
+        # A UserError (a bad row reached while streaming) is the user's to fix: its message, not a class name.
+        super().__init__(str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}")
 
 
 def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
