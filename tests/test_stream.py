@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from llmtune.cli import app
 from llmtune.data import load_data
 from llmtune.data.stream import CHECK_ROWS
-from llmtune.errors import UserError
+from llmtune.errors import StreamedRowError, UserError
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import TrainingFailed
 from llmtune.runner.session import train as run
@@ -260,8 +260,9 @@ def test_a_bad_row_reached_while_streaming_is_explained_with_what_to_run_next(tm
     from llmtune.runner.diagnose import explain
     from llmtune.runner.session import TrainingFailed
 
-    err = UserError(f"d.jsonl:{CHECK_ROWS + 1}: unknown role 'robot' (found while streaming)")
-    assert str(TrainingFailed(None, err)) == str(err)  # the message, without the class name
+    err = StreamedRowError(f"d.jsonl:{CHECK_ROWS + 1}: unknown role 'robot'")
+    assert str(TrainingFailed(None, err)) == f"d.jsonl:{CHECK_ROWS + 1}: unknown role 'robot' (found while streaming)"
+    assert explain(UserError("reward_funcs: cannot import module 'r'"), tmp_path, None, None) is None  # not a row
     assert explain(err, tmp_path, None, None) == \
         "Fix the row, or leave it out, and run again with `--overwrite` (no checkpoint had been completed)."
     for step in (2, 4):

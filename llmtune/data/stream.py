@@ -23,7 +23,7 @@ from llmtune.data.formats import convert, describe_kind, foreign, row_format, st
 from llmtune.data.prepare import PreparedData, SourceReport, detected, load_sources, mixable, renamed
 from llmtune.data.prepare import mixed as mixed_whole
 from llmtune.data.sources import sha256_files, stream_records
-from llmtune.errors import UserError
+from llmtune.errors import StreamedRowError, UserError
 from llmtune.tokenizer import load_tokenizer
 
 CHECK_ROWS = 1000
@@ -140,18 +140,17 @@ def _rows(stream, target):
     detected = stream.spec.get("format", "auto") == "auto"
     for where, row in stream.records():
         if row is None:
-            raise UserError(f"{where} (found while streaming: fix the row, or drop it, and resume)")
+            raise StreamedRowError(where)
         row = renamed(row, renames)
         other = row_format(row) if detected else None
         if foreign(other, fmt):
-            raise UserError(f"{where}: {stray_row(other, fmt, stream.spec['path'], 'the rows before it')} "
-                            "(found while streaming)")
+            raise StreamedRowError(f"{where}: {stray_row(other, fmt, stream.spec['path'], 'the rows before it')}")
         converted, kind, problems = convert([(where, row)], fmt)
         if not problems and kind != stream.kind:
             problems = [f"{where}: row is {describe_kind(kind)} but the rows before it are "
                         f"{describe_kind(stream.kind)}; one source must hold one kind of row"]
         if problems:
-            raise UserError([f"{problem} (found while streaming)" for problem in problems])
+            raise StreamedRowError(problems)
         row = to_kind(converted, kind, target)[0]
         yield _templated(row, where, stream.template) if stream.template else row
 
@@ -174,7 +173,7 @@ def _templated(row, where, template):
         except UserError as err:
             problems = err.problems
     if problems:
-        raise UserError([f"{problem} (found while streaming)" for problem in problems])
+        raise StreamedRowError(problems)
     return rows[0]
 
 

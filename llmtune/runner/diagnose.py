@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .. import memory
-from ..errors import UserError
+from ..errors import StreamedRowError
 from .resume import complete_checkpoints
 
 _DISK_FULL = re.compile(r"No space left on device|os error 28|Disk quota exceeded|iostream error|"
@@ -87,7 +87,7 @@ def explain(err: BaseException, run_dir: Path, resolved, args) -> str | None:
                 f"less often. {_kept(run_dir)}")
     if out_of_memory(err):
         return f"{_memory_advice(resolved, args)}\n{_kept(run_dir)}"
-    if isinstance(err, UserError):  # a bad row reached while streaming (data/stream.py): the message names it
+    if isinstance(err, StreamedRowError):  # the message names the row
         found = complete_checkpoints(run_dir)
         if not found:
             return "Fix the row, or leave it out, and run again with `--overwrite` (no checkpoint had been completed)."
