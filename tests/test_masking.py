@@ -329,6 +329,32 @@ def test_a_streamed_mistral_nemo_sft_trains_the_answer_after_the_inference_promp
                                            "mistral_nemo")
 
 
+@pytest.mark.slow
+def test_a_streamed_mistral_nemo_row_with_a_system_prompt_after_the_head_trains_its_answer(tmp_path, nemo_adding_bos,
+                                                                                           monkeypatch):
+    """The stream's head shows no system prompt (Mistral-Nemo renders it only in the prompt inference sees), later
+    rows have one: those rows, too, train exactly their answer after the inference prompt."""
+    from llmtune.data import masking, stream
+
+    monkeypatch.setattr(masking, "HEAD_ROWS", 4)
+    monkeypatch.setattr(stream, "SHUFFLE_BUFFER", 1)  # the rows in file order: the head is the first 4
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(4)] + \
+        [{**ALPACA_SYSTEM, "instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(4, 12)]
+    streamed = built_trainer(tmp_path, "sft", rows, nemo_adding_bos, data={"streaming": True},
+                             train={"max_steps": 2})
+    tokenizer = streamed.processing_class
+    trained = {}
+    for row in streamed.train_dataset:
+        context, answer = TOKENIZED["sft"](row)
+        trained[tokenizer.decode(answer)] = context
+    assert sorted(trained) == sorted(f"Answer {i}.</s>" for i in range(12))
+    for i, prompt in ((0, []), (7, [SYSTEM])):
+        assert trained[f"Answer {i}.</s>"].count(tokenizer.bos_token_id) == 1
+        assert_context_is_the_inference_prompt(tokenizer, trained[f"Answer {i}.</s>"],
+                                               prompt + [{"role": "user", "content": f"Question {i}?"}],
+                                               "mistral_nemo")
+
+
 @pytest.mark.parametrize("template, inference, prompt_ends, completion", [
     # The system prompt in the last user turn only: the context is the prompt as inference renders it.
     (FAMILIES["mistral_nemo"].template, True, "[INST]S.\n\nU?[/INST]", "A.{eos}"),

@@ -223,7 +223,8 @@ def inference_prompts(dataset, tokenizer):
     """`dataset` as text rows (`as_text`) when the template renders a row's prompt differently before its answer than
     inference does, so that TRL trains the answer after the prompt inference uses; else `dataset` itself (TRL renders
     it, as always). Rows that do not need it get TRL's own cut, so their tokens do not change. A stream
-    (`data.streaming`) is decided by its first `HEAD_ROWS` rows and converted as it is read."""
+    (`data.streaming`) is decided by its first `HEAD_ROWS` rows and by prompts they may not show (`_probes`), and
+    converted as it is read."""
     import datasets
     from trl.data_utils import is_conversational, maybe_extract_prompt
 
@@ -244,13 +245,36 @@ def inference_prompts(dataset, tokenizer):
         shapes.setdefault(tuple(tuple(m["role"] for m in row[k]) if isinstance(row.get(k), list) else None
                                 for k in ("prompt", *ANSWER_COLUMNS)) + (bool(row.get("tools")),), row)
     bos = _bos_text(tokenizer)
-    if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()):
+    if not any(as_text(tokenizer, row, bos)[1] for row in shapes.values()) and \
+            not (streamed and any(_needs_text(tokenizer, row, bos) for row in _probes(head[0]))):
         return dataset
     text = partial(_text_row, tokenizer, bos)
     if streamed:  # a stream's columns are not known after a map: the text rows' are given
         return rows.map(text, remove_columns=list(head[0]),
                         features=datasets.Dataset.from_list([text(head[0])]).features)
     return rows.map(text, remove_columns=rows.column_names)
+
+
+# Prompts a stream's later rows may have that its head did not show (a system prompt: Mistral-Nemo's case).
+_PROBED_PROMPTS = (("system", "user"), ("user", "assistant", "user"), ("system", "user", "assistant", "user"))
+
+
+def _probes(row: dict) -> list[dict]:
+    """Rows like `row` with each of the prompts above: a stream's rows cannot turn into text after its first ones, so
+    where the template needs text for any of them, the whole stream goes as text (the tokens of rows that need no
+    text do not change)."""
+    answers = {key: [{"role": "assistant", "content": "a"}] for key in ANSWER_COLUMNS if isinstance(row.get(key), list)}
+    return [{**row, "prompt": [{"role": role, "content": role[0]} for role in roles], **answers}
+            for roles in _PROBED_PROMPTS]
+
+
+def _needs_text(tokenizer, row: dict, bos: str) -> bool:
+    from jinja2 import TemplateError
+
+    try:
+        return as_text(tokenizer, row, bos)[1]
+    except TemplateError:  # a prompt the template refuses (Gemma's system message): such rows are refused, not trained
+        return False
 
 
 def _text_row(tokenizer, bos, row):
