@@ -307,6 +307,11 @@ def test_mistral_nemo_trains_the_answer_after_the_inference_prompt_with_one_bos(
     assert_context_is_the_inference_prompt(tokenizer, context, PREFERENCE[0]["prompt"], "mistral_nemo")
 
 
+def trained_answers(dataset, tokenizer) -> dict:
+    """Each SFT row's trained tokens, decoded: the token ids of its context."""
+    return {tokenizer.decode(TOKENIZED["sft"](row)[1]): TOKENIZED["sft"](row)[0] for row in dataset}
+
+
 @pytest.mark.slow
 def test_a_streamed_mistral_nemo_sft_trains_the_answer_after_the_inference_prompt(tmp_path, nemo_adding_bos):
     """`data.streaming`: the stream's rows go to TRL as text too, decided by its first rows, so each row trains
@@ -316,13 +321,10 @@ def test_a_streamed_mistral_nemo_sft_trains_the_answer_after_the_inference_promp
     streamed = built_trainer(tmp_path / "stream", "sft", rows, nemo_adding_bos,
                              data={"streaming": True}, train={"max_steps": 2})
     tokenizer = streamed.processing_class
-    trained = {}
-    for row in streamed.train_dataset:
-        context, answer = TOKENIZED["sft"](row)
-        trained[tokenizer.decode(answer)] = context
+    trained = trained_answers(streamed.train_dataset, tokenizer)
     assert sorted(trained) == sorted(f"Answer {i}.</s>" for i in range(12))
-    whole = built_trainer(tmp_path / "whole", "sft", rows, nemo_adding_bos).train_dataset
-    assert {tokenizer.decode(TOKENIZED["sft"](row)[1]): TOKENIZED["sft"](row)[0] for row in whole} == trained
+    assert trained_answers(built_trainer(tmp_path / "whole", "sft", rows, nemo_adding_bos).train_dataset,
+                           tokenizer) == trained
     context = trained["Answer 0.</s>"]
     assert context.count(tokenizer.bos_token_id) == 1
     assert_context_is_the_inference_prompt(tokenizer, context, [SYSTEM, {"role": "user", "content": "Question 0?"}],
@@ -343,10 +345,7 @@ def test_a_streamed_mistral_nemo_row_with_a_system_prompt_after_the_head_trains_
     streamed = built_trainer(tmp_path, "sft", rows, nemo_adding_bos, data={"streaming": True},
                              train={"max_steps": 2})
     tokenizer = streamed.processing_class
-    trained = {}
-    for row in streamed.train_dataset:
-        context, answer = TOKENIZED["sft"](row)
-        trained[tokenizer.decode(answer)] = context
+    trained = trained_answers(streamed.train_dataset, tokenizer)
     assert sorted(trained) == sorted(f"Answer {i}.</s>" for i in range(12))
     for i, prompt in ((0, []), (7, [SYSTEM])):
         assert trained[f"Answer {i}.</s>"].count(tokenizer.bos_token_id) == 1
