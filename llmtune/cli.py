@@ -129,7 +129,25 @@ def _exit_codes():
     except KeyboardInterrupt as err:
         if ranks.is_main_process():
             typer.echo(f"interrupted{': ' if str(err) else ''}{err}", err=True)
+        global _interrupted
+        _interrupted = True
         raise typer.Exit(130)
+
+
+_interrupted = False
+
+
+def _exit_130_if_interrupted() -> None:
+    """Registered first, so it runs after every other exit handler. A KeyboardInterrupt raised inside code that an
+    extension ran through `PyRun_String` (some imports do) makes `python -m` kill itself with SIGINT at exit,
+    status -2 instead of 130, even once llmtune caught it: an interrupted command ends here, with 130."""
+    if _interrupted:
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(130)
 
 
 def _dry_run(resolved) -> None:
@@ -666,6 +684,9 @@ def main() -> None:
     # the Hub at load time, and a crash offline ("not available in the local cache"). llmtune stays offline unless
     # asked; USE_HUB_KERNELS=YES in the environment opts in.
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    import atexit
+
+    atexit.register(_exit_130_if_interrupted)
     from .logs import quiet_loggers
 
     quiet_loggers()

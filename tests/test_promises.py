@@ -60,6 +60,30 @@ def test_sigterm_before_training_starts_exits_130_and_leaves_no_run(tmp_path):
     assert not out.exists()
 
 
+def test_an_interrupt_raised_inside_an_extensions_pyrun_string_still_exits_130(tmp_path):
+    """What made the test above flaky (1 run in ~20 under load): a signal landing while an extension ran Python
+    code through PyRun_String left CPython's 'unhandled KeyboardInterrupt' flag set, so `python -m llmtune` killed
+    itself with SIGINT at exit (status -2) after printing 'interrupted'. Here the interrupt lands there on purpose."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "__main__.py").write_text(
+        "import ctypes, sys\n"
+        "import llmtune.recipe.check as check\n"
+        "from llmtune import cli\n"
+        "def resolve(*args, **kwargs):\n"
+        "    ctypes.pythonapi.PyRun_String.restype = ctypes.py_object\n"
+        "    names = ctypes.py_object({})\n"
+        "    ctypes.pythonapi.PyRun_String(b'raise KeyboardInterrupt', 257, names, names)\n"
+        "check.resolve = resolve\n"
+        "sys.argv = ['llmtune', 'sft', sys.argv[1]]\n"
+        "cli.main()\n")
+    recipe = sft_recipe(tmp_path, tmp_path / "chat.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "probe", str(recipe)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "interrupted"
+
+
 def test_resuming_a_checkpoint_already_at_max_steps_is_refused_and_a_higher_one_trains_on(tmp_path):
     shutil.copytree(RECIPES / "data", tmp_path / "data")
     recipe = sft_recipe(tmp_path, "data/chat.jsonl")
