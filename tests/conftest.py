@@ -4,6 +4,7 @@ launches (`distributed`, counted as slow too)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,30 @@ def make_recipe(folder: Path, method: str = "sft", data=CHAT, *, name: str = "r"
     recipe = dict(sorted(recipe.items(), key=lambda item: _ORDER.get(item[0], 2)))
     body = yaml.safe_dump(_plain(recipe), sort_keys=False, default_flow_style=None, width=1000)
     return write_recipe(folder / f"{name}.yaml", body + text)
+
+
+# A successful run's terminal (test_quiet.py, test_launch.py).
+BAR = re.compile(r"^\s*\d+%\|")  # one redraw of the progress bar: "  33%|███▎      | 1/3 [...]"
+CHATTER = ("Setting accelerator to CPU", "Skipping publisher trust check", "trust_remote_code", "find_unused_parameters",
+           "Retrying in")
+
+
+def terminal_lines(result) -> list[str]:
+    """What the run printed on stdout and stderr, line by line, without the bar's redraws (joined by \\r)."""
+    lines = []
+    for line in (result.stdout + result.stderr).split("\n"):
+        kept = [part for part in line.split("\r") if part.strip() and not BAR.match(part)]
+        lines.extend(kept)
+    return lines
+
+
+def assert_quiet(result, out, processes):
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = terminal_lines(result)
+    assert len(lines) <= 8, lines
+    assert f"effective batch: 4 per device x 1 accumulation x {processes} process(es) = {4 * processes} " \
+           "per optimizer step" in lines
+    assert f"run directory: {out}" in lines
+    assert any(line.startswith("train_loss ") for line in lines), lines
+    assert not [line for line in lines if any(chatter in line for chatter in CHATTER)], lines
+    assert "100%|" in result.stderr  # the bar was there, and ran to the end
