@@ -330,6 +330,8 @@ def test_missing_file_is_an_error_at_its_recipe_line(tmp_path):
     found = "; a relative path in a recipe is relative to the recipe's folder"
     assert problems("data/chat.jsonl") == [f"recipe.yaml@data.train.0.path: data file 'data/chat.jsonl' not found{found}"]
     assert problems("./data") == [f"recipe.yaml@data.train.0.path: data file './data' not found{found}"]
+    assert problems("/dev/null") == [
+        "recipe.yaml@data.train.0.path: cannot read '/dev/null': it is neither a file nor a folder"]
     assert problems(f"{tmp_path}/*.jsonl") == [
         f"recipe.yaml@data.train.0.path: no .jsonl, .json, .csv, .parquet files match '{tmp_path}/*.jsonl'"
     ]

@@ -132,6 +132,16 @@ def test_a_missing_path_is_reported_as_a_path_with_its_line(project):
         assert f": {key}: {value}: {what} (relative to {project});" in message, message
 
 
+def test_a_path_of_the_wrong_kind_is_named_as_such(project):
+    (project / "runs" / "policy").rmdir()
+    (project / "runs" / "policy").write_text("")  # a file where a model folder goes
+    (project / "ds.json").unlink()
+    (project / "ds.json").mkdir()  # a folder where a file goes
+    where = {p.split(": ")[1]: p for p in load(project / "r.yaml").missing}
+    assert f"model.name: runs/policy: not a folder (relative to {project});" in where["model.name"]
+    assert f"launch.deepspeed_config: ds.json: not a file (relative to {project});" in where["launch.deepspeed_config"]
+
+
 def test_a_run_folder_not_made_yet_is_a_path_not_a_hub_id(tmp_path):
     """`runs/x` beside the recipe's own runs is a run that does not exist yet, even before `runs/` exists."""
     recipe = write_recipe(tmp_path / "g.yaml", f"method: sft\nmodel:\n  name: runs/x\ndata:\n  train:\n"

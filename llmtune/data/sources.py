@@ -116,6 +116,8 @@ def _local_files(path, where):
         if not matches:
             raise UserError(f"{where}: no {_EXTENSION_LIST} files match '{path}'")
         return [(m, m) for m in matches]
+    if os.path.exists(real):  # a device, a pipe, a socket: nothing to read rows from
+        raise UserError(f"{where}: cannot read '{path}': it is neither a file nor a folder")
     if path.startswith((".", "/", "~")) or _supported(path):
         raise UserError(f"{where}: data file '{path}' not found; a relative path in a recipe is relative to the "
                         "recipe's folder")

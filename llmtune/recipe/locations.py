@@ -109,7 +109,7 @@ def _resolve(kind: str, value: str, base: Path, runs: Path | None):
         if value.startswith(BUILTIN_PREFIX) or (is_repo_id(value, base) and path.parent != runs):
             return value
         return str(path) if path.is_dir() else (
-            "no such folder", "give a model folder, a finished run directory (train it first: a reward model "
+            _not_a_folder(path), "give a model folder, a finished run directory (train it first: a reward model "
             "with `llmtune reward RECIPE`), or a Hub id such as `Qwen/Qwen2.5-0.5B`")
     if kind == "data":
         if is_repo_id(value, base) and not path.exists():
@@ -130,5 +130,9 @@ def _resolve(kind: str, value: str, base: Path, runs: Path | None):
         beside = base / f"{module}.py"
         return f"{beside.absolute()}:{function}" if "." not in module and beside.is_file() else value
     if kind == "folder":
-        return str(path) if path.is_dir() else ("no such folder", "fix the path")
-    return str(path) if path.is_file() else ("no such file", "fix the path")
+        return str(path) if path.is_dir() else (_not_a_folder(path), "fix the path")
+    return str(path) if path.is_file() else ("not a file" if path.exists() else "no such file", "fix the path")
+
+
+def _not_a_folder(path: Path) -> str:
+    return "not a folder" if path.exists() else "no such folder"
