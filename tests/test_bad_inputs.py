@@ -63,6 +63,10 @@ CASES = {
     "epochs-negative": ("d.jsonl", jsonl(), ["train.max_steps=-1", "train.num_train_epochs=-1"],
                         "`train.num_train_epochs` must be > 0"),
     "max-steps-0": ("d.jsonl", jsonl(), ["train.max_steps=0"], "`train.max_steps` must be > 0"),
+    "optim-unknown": ("d.jsonl", jsonl(), ["train.optim=adamw_nope"],
+                      "`train.optim`: did you mean 'adamw_torch'? expected one of: 'adamw_torch', "),
+    "scheduler-typo": ("d.jsonl", jsonl(), ["train.lr_scheduler_type=cosin"],
+                       "`train.lr_scheduler_type`: did you mean 'cosine'? expected one of: 'linear', 'cosine',"),
     "seed-negative": ("d.jsonl", jsonl(), ["seed=-1"], "`seed` must be in [0, 2**32)"),
     "seed-huge": ("d.jsonl", jsonl(), ["seed=4294967296"], "`seed` must be in [0, 2**32)"),
     "weight-nan": ("d.jsonl", jsonl(), ["data.train.0.weight=.nan"], "`weight` must be a number in (0, 1000]"),
@@ -162,7 +166,8 @@ def test_each_bad_input_is_refused_by_validate_and_the_run_alike(name, tmp_path,
 # The fuzzer: each key of the good recipe set to each value of a list of troublemakers.
 FUZZ_KEYS = ["train.learning_rate", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
              "train.num_train_epochs", "train.max_steps", "seed", "adapter.r", "adapter.alpha", "adapter.dropout",
-             "data.max_length", "data.train.0.weight", "data.eval", "model.dtype", "output_dir"]
+             "data.max_length", "data.train.0.weight", "data.eval", "model.dtype", "output_dir", "train.optim",
+             "train.save_strategy"]
 FUZZ_VALUES = ["0", "-1", ".nan", ".inf", "-.inf", "1e400", "abc", "''", "[]", "{}", "null", "true", "0.5",
                "99999999999999999999"]
 FUZZ = list(itertools.product(FUZZ_KEYS, FUZZ_VALUES))

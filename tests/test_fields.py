@@ -138,6 +138,41 @@ DEMO_PACKAGE = {
     "llmtune_demo/aaa_decoy.py": """
         TEXT = "class Hidden(object): pass"
     """,
+    # Enum-typed fields: a strict enum (through an imported base) gives choices; a lenient `_missing_` and
+    # `auto()` values do not.
+    "llmtune_demo/enums.py": """
+        from dataclasses import dataclass
+        from enum import Enum, auto
+        from typing import Optional, Union
+
+        class Explicit(str, Enum):
+            @classmethod
+            def _missing_(cls, value):
+                "Refuse with a better message."
+                raise ValueError(f"{value} is not valid")
+
+        class Colour(Explicit):
+            RED = "red"
+            BLUE = "blue"
+
+        class Lenient(str, Enum):
+            A = "a"
+
+            @classmethod
+            def _missing_(cls, value):
+                return cls.A
+
+        class Counted(Enum):
+            ONE = auto()
+
+        @dataclass
+        class Painted:
+            colour: Union[Colour, str] = "red"
+            maybe: Optional[Colour] = None
+            lenient: Lenient | str = "a"
+            counted: Counted | str = "x"
+            colours: list[Colour] | None = None
+    """,
     "llmtune_demo/hidden.py": """
         from dataclasses import dataclass
 
@@ -179,6 +214,16 @@ def test_demo_base_of_the_same_name(demo):
     assert f.field_names("llmtune_demo.shadow:ChildConfig")[-1] == "extra"
 
 
+def test_demo_enum_fields_take_a_strict_enums_values_only(demo):
+    painted = f.dataclass_fields("llmtune_demo.enums:Painted")
+    assert painted["colour"].choices == painted["maybe"].choices == ("red", "blue")
+    assert f.check_value(painted["colour"], "blue") is None and f.check_value(painted["maybe"], None) is None
+    assert f.check_value(painted["colour"], "bleu") == "did you mean 'blue'? expected one of: 'red', 'blue'"
+    assert f.check_value(painted["colour"], "green") == "expected one of: 'red', 'blue'"
+    for lenient in ("lenient", "counted", "colours"):  # _missing_ may accept it; auto(); a list of them
+        assert painted[lenient].choices is None, lenient
+
+
 def test_demo_unexported_class_is_found_by_scanning(demo):
     assert f.dataclass_fields("llmtune_demo:Hidden")["x"].default == 3
 
@@ -218,6 +263,20 @@ def test_choices():
     loss_type = f.dataclass_fields("trl:SFTConfig")["loss_type"]
     assert f.check_value(loss_type, "dft") is None
     assert f.check_value(loss_type, "bad") == "expected one of: 'nll', 'dft', 'chunked_nll'"
+
+
+def test_enum_fields_of_the_trainer_configs_take_the_enums_values():
+    """`optim: OptimizerNames | str` and the like: the config class refuses any other text, so validate does."""
+    import transformers.trainer_utils as utils
+    from transformers.training_args import OptimizerNames
+
+    for target in ("trl:SFTConfig", "trl:DPOConfig", "trl:GRPOConfig"):
+        known = f.dataclass_fields(target)
+        for name, enum in (("optim", OptimizerNames), ("lr_scheduler_type", utils.SchedulerType),
+                           ("eval_strategy", utils.IntervalStrategy), ("save_strategy", utils.SaveStrategy),
+                           ("logging_strategy", utils.IntervalStrategy), ("hub_strategy", utils.HubStrategy)):
+            assert known[name].choices == tuple(member.value for member in enum), (target, name)
+    assert f.check_value(known["lr_scheduler_type"], "cosin").startswith("did you mean 'cosine'? expected one of: ")
 
 
 def test_uninterpretable_annotation_accepts_anything():

@@ -11,11 +11,12 @@ Standard library only.
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class _Marker:
@@ -77,7 +78,8 @@ def check_value(info: FieldInfo, value) -> str | None:
     if not _fits(_annotation_node(info.annotation), value):
         return f"expected {info.annotation}, got {_describe(value)}"
     if info.choices is not None and value is not None and value not in info.choices:
-        return "expected one of: " + ", ".join(map(repr, info.choices))
+        close = difflib.get_close_matches(str(value), list(map(str, info.choices)), n=1, cutoff=0.6)
+        return (f"did you mean {close[0]!r}? " if close else "") + "expected one of: " + ", ".join(map(repr, info.choices))
     return None
 
 
@@ -282,9 +284,73 @@ def _class_fields(module: str, cls: ast.ClassDef, chain: tuple = ()) -> dict[str
                     continue
                 if info is None:
                     fields.pop(name, None)  # redeclared init=False: no longer a constructor argument
-                else:
-                    fields[name] = info  # an override keeps the inherited position, as in dataclasses
+                    continue
+                if info.choices is None:
+                    info = replace(info, choices=_enum_choices(module, info.annotation))
+                fields[name] = info  # an override keeps the inherited position, as in dataclasses
     return fields
+
+
+# --- enums: `optim: OptimizerNames | str` takes the enum's values only -----------
+
+_ENUM_BASES = {"Enum", "StrEnum", "IntEnum"}
+
+
+def _enum_choices(module: str, annotation: str) -> tuple | None:
+    """The values of the enum that a field's annotation names at its top level (`OptimizerNames | str`): the
+    config class turns the text into that enum, refusing any other value. None where it names no strict enum."""
+    for node in _union_members(_annotation_node(annotation)):
+        name = _tail(node)
+        found = _find_class(module, name) if name and name not in _PLAIN_CHECKS else None
+        values = _enum_values(*found) if found else None
+        if values:
+            return values
+    return None
+
+
+def _union_members(node) -> list:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _union_members(node.left) + _union_members(node.right)
+    if isinstance(node, ast.Subscript) and _tail(node.value) in ("Union", "Optional"):
+        return node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+    return [node]
+
+
+def _enum_values(module: str, cls: ast.ClassDef) -> tuple | None:
+    """A strict enum's member values in definition order; None for a class that is no enum, a member that is no
+    literal, or a `_missing_` hook (in the class or an enum base) that might accept other values."""
+    if not _strict_enum(module, cls):
+        return None
+    values = []
+    for stmt in cls.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name) \
+                and not stmt.targets[0].id.startswith("_"):
+            value = _literal(stmt.value)
+            if value is COMPLEX:  # auto(), a computed value
+                return None
+            values.append(value)
+    return tuple(values)
+
+
+def _strict_enum(module: str, cls: ast.ClassDef, seen=frozenset()) -> bool:
+    """Whether `cls` is an Enum (by its bases, followed through imports) whose `_missing_` hooks only raise."""
+    if (module, cls.name) in seen:
+        return False
+    for stmt in cls.body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name == "_missing_" and not all(
+                isinstance(s, ast.Raise) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+                for s in stmt.body):
+            return False
+    enum = False
+    for base in cls.bases:
+        name = _tail(base)
+        if name in _ENUM_BASES:
+            enum = True
+        elif isinstance(base, ast.Name):
+            found = _find_class(module, name, skip=cls)
+            if found and _strict_enum(*found, seen | {(module, cls.name)}):
+                enum = True
+    return enum
 
 
 _CLASSVAR = re.compile(r"(typing\.)?ClassVar\b")
