@@ -85,7 +85,7 @@ def built_trainer(tmp_path, method, rows, model, data=None, **sections):
     from llmtune.data import load_data
     from llmtune.model import load_model
     from llmtune.recipe.check import resolve
-    from llmtune.runner.session import training_args
+    from llmtune.runner.trainer_args import training_args
     from llmtune.tokenizer import load_tokenizer
 
     data = {"train": [{"path": write_jsonl(tmp_path / "rows.jsonl", rows)}], **(data or {})}

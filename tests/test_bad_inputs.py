@@ -65,6 +65,9 @@ CASES = {
     "max-steps-0": ("d.jsonl", jsonl(), ["train.max_steps=0"], "`train.max_steps` must be > 0"),
     "optim-unknown": ("d.jsonl", jsonl(), ["train.optim=adamw_nope"],
                       "`train.optim`: did you mean 'adamw_torch'? expected one of: 'adamw_torch', "),
+    "best-model-strategies": ("d.jsonl", jsonl(), ["train.load_best_model_at_end=true", "train.save_strategy=epoch"],
+                              "SFTConfig rejected the `train:` settings: --load_best_model_at_end requires the save "
+                              "and eval strategy to match"),  # the config class's own cross-field check
     "scheduler-typo": ("d.jsonl", jsonl(), ["train.lr_scheduler_type=cosin"],
                        "`train.lr_scheduler_type`: did you mean 'cosine'? expected one of: 'linear', 'cosine',"),
     "seed-negative": ("d.jsonl", jsonl(), ["seed=-1"], "`seed` must be in [0, 2**32)"),

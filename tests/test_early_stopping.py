@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from llmtune.errors import UserError
 from llmtune.recipe.check import resolve
 from llmtune.runner.session import train as run
-from llmtune.runner.session import training_args
+from llmtune.runner.trainer_args import training_args
 
 from .conftest import make_recipe, write_jsonl
 

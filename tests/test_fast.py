@@ -17,7 +17,7 @@ from llmtune.methods import sft
 from llmtune.recipe.check import resolve
 from llmtune.runner.resume import fingerprint
 from llmtune.runner.session import train as run
-from llmtune.runner.session import training_args
+from llmtune.runner.trainer_args import training_args
 from llmtune.tools.plan import plan
 
 from .conftest import RECIPES, make_recipe

@@ -52,7 +52,7 @@ def test_marked_tokens_are_the_labels_sft_trains(tmp_path, row, marked):
     from llmtune.data import load_data
     from llmtune.methods import sft
     from llmtune.model import load_model
-    from llmtune.runner.session import training_args
+    from llmtune.runner.trainer_args import training_args
     from llmtune.tokenizer import load_tokenizer
 
     resolved = resolve(recipe(tmp_path, rows=[row] * 16))

@@ -99,7 +99,7 @@ def test_sft_trainer_gets_the_rendered_masks_as_labels(tmp_path, tmp_path_factor
     """The pre-tokenized rows handed to TRL's SFTTrainer become exactly these labels (inspect shows the same)."""
     from llmtune.methods import sft
     from llmtune.model import load_model
-    from llmtune.runner.session import training_args
+    from llmtune.runner.trainer_args import training_args
 
     model = family_model(tmp_path_factory, "llama3_1")
     resolved = resolve(recipe(tmp_path, model, [{"messages": [SYSTEM] + MULTI}]))

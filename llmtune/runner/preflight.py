@@ -3,8 +3,8 @@
 `check`: the model exists (a folder, the builtin, or a Hub id, cached when offline), the adapter fits it
 (built on the meta device from its config, no weights, as `llmtune plan` does), flash attention has a GPU,
 the reward model exists and the reward functions import, a teacher shares the student's tokenizer, the
-`eval:` tasks load, the method's trainer would take the settings (its runner module's `refusals`), and the
-launch rules for this machine hold.
+`eval:` tasks load, the method's trainer would take the settings (its runner module's `refusals`; its TRL config
+class built as the run builds it), and the launch rules for this machine hold.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from ..files import BUILTIN_PREFIX, adapter_run, not_on_hub
 from ..launch.launcher import gpu_count, preflight, settle
 from ..memory import model_shape
 from ..methods.rewards import load_reward_functions
+from ..ranks import launched
 from ..recipe.schema import ADAPTERS
 from ..tokenizer import load_tokenizer
 from . import gate
+from .trainer_args import training_args
 
 
 def check(resolved, node_rank: int = 0, extra_args=()) -> list[str]:
@@ -56,6 +58,8 @@ def model(resolved) -> None:
             raise UserError([f"{resolved.locate(('eval',))}: {problem}" for problem in err.problems]) from None
     for key, message in getattr(importlib.import_module(resolved.method.runner), "refusals", lambda c: [])(config):
         raise UserError(f"{resolved.locate(key)}: {message}")
+    if not launched():  # a launch's ranks: the command that launched them checked it
+        _trainer_settings(resolved)
     adapter = config.get("adapter")
     # Prompt-learning adapters (prefix, prompt, p_tuning) add virtual tokens rather than wrap named modules; a
     # prompt initialised from text needs the real embeddings, which the meta device does not have.
@@ -74,6 +78,25 @@ def model(resolved) -> None:
         key = ("adapter", "target_modules") if "arget modules" in str(err) else ("adapter",)
         raise UserError(f"{resolved.locate(key)}: the `adapter:` does not fit '{name}': "
                         f"{str(err).splitlines()[0]}") from None
+
+
+def _trainer_settings(resolved) -> None:
+    """The method's TRL config class takes the `train:` settings over llmtune's defaults, as the run builds it: its
+    own cross-field checks (`load_best_model_at_end` with unlike save and eval strategies, ...) refuse here, with
+    the run's message. The data enters the defaults only by whether an eval set is held out (`eval_strategy`)."""
+    from types import SimpleNamespace
+
+
+    held_out = SimpleNamespace(shape=None, eval=True if resolved.config["data"].get("eval") else None, warnings=[])
+    defaults = importlib.import_module(resolved.method.runner).defaults(resolved.config, held_out)
+    environment = dict(os.environ)  # the config class sets ACCELERATE_* variables a launch's ranks must not inherit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            training_args(resolved, Path(".llmtune-preflight"), defaults)  # creates nothing
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 # One question to the Hub, answered or given up on within this many seconds (no retries): exists or not.

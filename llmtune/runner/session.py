@@ -20,18 +20,14 @@ from pathlib import Path
 from ..builtin import model_path
 from ..compat import attn_implementation
 from ..data import load_data
-from ..defaults import picks
 from ..errors import UserError
 from ..launch.launcher import child_args, gpu_count, launch_command, preflight, settle, spawn, write_config
 from ..launch.rank import report_callback
-from ..launch.rank import training_args as launched_args
 from ..logs import quiet
 from ..model import convert_adapter, frozen_config, load_model, loraplus_optimizer, peft_config, save_initial_adapter
 from ..ranks import is_main_process, launched
 from ..recipe.check import Resolved
-from ..recipe.preflight import in_cache
 from ..tokenizer import load_tokenizer, require_chat_template, stop_at_end_of_turn
-from ..verbs import config_class
 from . import stopping, trackers
 from .card import settings
 from .diagnose import divergence_guard, explain
@@ -41,6 +37,7 @@ from .metrics import final
 from .preflight import model as check_model
 from .resume import checkpoint_to_resume, fingerprint, make_resumable, refuse_nothing_left, save_final
 from .rundir import RunDir, close_progress, metrics_callback, progress_callback, read_metrics
+from .trainer_args import training_args
 
 
 class TrainingFailed(Exception):
@@ -51,35 +48,6 @@ class TrainingFailed(Exception):
         self.hint = hint  # what to try, for failures users can fix (disk full, out of memory)
         # A UserError (a bad row reached while streaming) is the user's to fix: its message, not a class name.
         super().__init__(str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}")
-
-
-def training_args(resolved: Resolved, run_dir: Path, defaults: dict, data=None):
-    """The method's TRL config: llmtune's defaults, under what the recipe's `train:` says.
-
-    `data` (the prepared data) sizes the tokenizing workers; without it, TRL tokenizes in one process.
-    """
-    import torch
-
-    config = resolved.config
-    args = {
-        "output_dir": str(run_dir),
-        "seed": config["seed"],
-        "report_to": "none",  # no telemetry or trackers unless the recipe names one
-        "disable_tqdm": False,  # transformers ties the bar to its log level, which quiet() lowers
-        # Mixed precision only where the hardware has it; TRL would turn bf16 on regardless.
-        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        **launched_args(),  # a launch on a machine without GPUs: CPU processes over gloo
-        **picks(resolved, data),  # picked for this machine: tokenizing workers, Liger kernels
-        **defaults,
-        **({"gradient_checkpointing": False} if in_cache(config) else {}),  # see recipe/preflight.py
-        **stopping.settings(config, resolved.method),
-        **config["train"],
-    }
-    try:
-        return config_class(resolved.method.config)(**args)
-    except (ValueError, TypeError) as err:  # TRL's own cross-field checks
-        raise UserError(f"{resolved.locate(('train',))}: {resolved.method.config.split(':')[1]} rejected the "
-                        f"`train:` settings: {err}") from None
 
 
 @dataclass(frozen=True)

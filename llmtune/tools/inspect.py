@@ -17,7 +17,7 @@ from ..data import curate, load_data, stream
 from ..data.formats import to_dataset
 from ..data.masking import fold_system, has_system_role, inference_prompts, renders_masks, tokenize
 from ..logs import quiet
-from ..runner.session import training_args
+from ..runner.trainer_args import training_args
 from ..tokenizer import end_of_turn_token, load_tokenizer, require_chat_template
 
 # Token lengths are measured on at most this many rows per source (a seeded random sample).

@@ -26,7 +26,7 @@ from ..memory import (
     teacher_bytes,
 )
 from ..model import frozen_config
-from ..runner.session import training_args
+from ..runner.trainer_args import training_args
 from ..secret import redact
 from .inspect import percentiles, sampled, source_stats
 
