@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ARTIFACTS = ("adapter_config.json", "config.json")  # a final model: the run finished
+RUN_LOCK = ".llmtune.lock"  # in a run directory while a run holds it (runner/lock.py)
 BUILTIN_PREFIX = "builtin:"
 # The Hub's own rule (huggingface_hub.utils.validate_repo_id), with the namespace required.
 _REPO_ID = re.compile(r"\b[\w.-]+\b/\b[\w.-]{1,96}\b")
@@ -66,6 +67,21 @@ def read_manifest(folder: Path) -> dict:
         return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def someone_elses(path: Path, lock_counts: bool = True) -> str | None:
+    """Why llmtune never writes into `path`, not even with --overwrite: a folder holding files it did not write (no
+    llmtune manifest), which --overwrite would delete. None for a missing or empty folder, or a run directory: a
+    run's lock counts (a run starting there writes its manifest after its first files) unless `lock_counts` is off."""
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if RUN_LOCK in entries and lock_counts:
+        return None
+    entries = [name for name in entries if name != RUN_LOCK]
+    if not entries or read_manifest(path).get("llmtune"):
+        return None
+    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    return (f"'{path}' is not empty ({listed}) and is not an llmtune run directory (no manifest.json), so llmtune "
+            "will not write into it, even with --overwrite; choose a new or empty folder")
 
 
 def adapter_run(model: dict) -> dict | None:

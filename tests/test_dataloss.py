@@ -90,10 +90,13 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run_directory_and_deletes_noth
     result = cli("sft", recipe, "--output-dir", out, "--overwrite")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
+    refusal = (f"'{out}' is not empty (checkpoint-best, config.json, model.safetensors) and is not an llmtune run "
+               "directory (no manifest.json), so llmtune will not write into it, even with --overwrite; choose a new "
+               "or empty folder")
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
-        f"error: {out}: output directory is not empty (checkpoint-best, config.json, model.safetensors) and is "
-        "not an llmtune run directory (no manifest.json), so llmtune will not write into it, even with "
-        "--overwrite; pass --output-dir DIR (a new or empty folder)"]
+        f"error: output directory {refusal}"]
+    checked = cli("validate", recipe, "--set", f"output_dir={out}")  # validate refuses it too, at the `--set`
+    assert checked.returncode == 2 and checked.stderr == f"error: --set output_dir={out}: `output_dir` {refusal}\n"
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(planted)
     assert all((out / name).read_text() == text for name, text in planted.items())
 

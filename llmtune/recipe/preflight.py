@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from ..files import someone_elses
 from .schema import ADAPTERS
 
 # `train.report_to` names and the modules transformers imports for them.
@@ -109,7 +110,7 @@ def output_dir_problem(path: Path) -> str | None:
         return f"'{existing}' (in '{path}') is a file, not a folder; choose another `output_dir`"
     if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
         return f"'{path}' cannot be written: '{existing}' is read-only; choose a writable folder"
-    return None
+    return someone_elses(path)
 
 
 def _read_only(folder: Path) -> bool:

@@ -16,8 +16,9 @@ import socket
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import RUN_LOCK
 
-NAME = ".llmtune.lock"
+NAME = RUN_LOCK
 
 
 def _alive(pid: int) -> bool:

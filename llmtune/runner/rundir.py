@@ -22,7 +22,7 @@ import yaml
 
 from .. import __version__
 from ..errors import UserError
-from ..files import ARTIFACTS, read_manifest, write_json
+from ..files import ARTIFACTS, read_manifest, someone_elses, write_json
 from ..ranks import is_main_process
 from ..recipe.preflight import output_dir_problem
 from ..secret import redact, scrub
@@ -94,15 +94,13 @@ class RunDir:
         entries = [p.name for p in self.path.iterdir() if p.name != lock.NAME] if self.path.is_dir() else []
         if not entries:
             return
-        manifest = read_manifest(self.path)
-        if not manifest.get("llmtune"):  # not written by llmtune: --overwrite would delete the user's files
-            listed = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-            raise UserError(f"{self.path}: output directory is not empty ({listed}) and is not an llmtune run "
-                            "directory (no manifest.json), so llmtune will not write into it, even with "
-                            "--overwrite; pass --output-dir DIR (a new or empty folder)")
+        # --overwrite would delete the user's files; a live run's lock was refused before, a stale one is no proof
+        foreign = someone_elses(self.path, lock_counts=False)
+        if foreign:
+            raise UserError(f"output directory {foreign}")
         if self.overwrite:
             return
-        status = manifest.get("status")
+        status = read_manifest(self.path).get("status")
         finished = status == "completed" or any((self.path / name).exists() for name in ARTIFACTS)
         if finished or not (self.resume and status):  # resuming writes into the unfinished run it continues
             what = "holds a finished run" if finished else f"holds an unfinished run ({status})" if status \
