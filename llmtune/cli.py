@@ -684,6 +684,10 @@ def main() -> None:
     # the Hub at load time, and a crash offline ("not available in the local cache"). llmtune stays offline unless
     # asked; USE_HUB_KERNELS=YES in the environment opts in.
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    if os.environ["USE_HUB_KERNELS"].upper() not in ("1", "ON", "YES", "TRUE"):
+        from .compat import offline_bitsandbytes_import
+
+        offline_bitsandbytes_import()  # bitsandbytes asks the Hub for a CPU kernel as it is imported
     import atexit
 
     atexit.register(_exit_130_if_interrupted)

@@ -22,6 +22,7 @@ CHECKED = {
     "datasets": ("5.2.0", "5.2.0"),
     "lm_eval": ("0.4.13", "0.4.13"),
     "deepspeed": ("0.19.8", "0.19.8"),
+    "bitsandbytes": ("0.50.2", "0.50.2"),
 }
 
 
@@ -42,6 +43,57 @@ def shim(library: str, uses: str, remove_when: str):
         return thing
 
     return register
+
+
+@shim("bitsandbytes", "what bitsandbytes.backends.cpu.ops does at import: kernels.get_kernel(...), whose Hub lookup is "
+      "local-only while huggingface_hub.constants.HF_HUB_OFFLINE is true",
+      "bitsandbytes stops asking the Hub for a kernel when it is imported")
+def offline_bitsandbytes_import() -> None:
+    """Import bitsandbytes (PEFT does, whenever it is installed) without asking the Hub for a kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 calls `kernels.get_kernel("kernels-community/...")` while it is
+    imported: DNS and HTTPS to huggingface.co from every llmtune command that imports PEFT (and, where DNS hangs, a
+    stall), though the recipe names nothing on the Hub. While bitsandbytes is imported, huggingface_hub is told it
+    is offline, so the kernel comes from the local cache or not at all (bitsandbytes then uses its own CPU code).
+    A finder on sys.meta_path does it at the moment something imports bitsandbytes: nothing is imported early.
+    USE_HUB_KERNELS=YES (see cli.main) leaves bitsandbytes to ask. Checked against bitsandbytes 0.50.2.
+    """
+    import importlib.abc
+    import importlib.machinery
+    import sys
+
+    class Offline(importlib.abc.Loader):
+        def __init__(self, loader):
+            self.loader = loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module):
+            from huggingface_hub import constants
+
+            online, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+            try:
+                self.loader.exec_module(module)
+            finally:
+                constants.HF_HUB_OFFLINE = online
+
+        def __getattr__(self, name):  # resources and the like: the real loader's
+            return getattr(self.loader, name)
+
+    class Finder(importlib.abc.MetaPathFinder):
+        llmtune_offline = True  # installed once
+
+        def find_spec(self, name, path, target=None):
+            if name != "bitsandbytes":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = Offline(spec.loader)
+            return spec
+
+    if "bitsandbytes" not in sys.modules and not any(hasattr(f, "llmtune_offline") for f in sys.meta_path):
+        sys.meta_path.insert(0, Finder())
 
 
 @shim("deepspeed", "deepspeed.comm.torch.build_shm_op (looked up as a module global when the backend starts)",
