@@ -684,6 +684,8 @@ def main() -> None:
     # the Hub at load time, and a crash offline ("not available in the local cache"). llmtune stays offline unless
     # asked; USE_HUB_KERNELS=YES in the environment opts in.
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    # No telemetry: TRL's trainers report each run to the Hub (huggingface_hub's send_telemetry) unless told not to.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if os.environ["USE_HUB_KERNELS"].upper() not in ("1", "ON", "YES", "TRUE"):
         from .compat import offline_bitsandbytes_import
 
