@@ -50,8 +50,9 @@ def measure(argv, env=None) -> tuple[float, float, float]:
              "use = resource.getrusage(resource.RUSAGE_CHILDREN); "
              "print(json.dumps([done.returncode, wall, use.ru_utime + use.ru_stime, use.ru_maxrss / 1024, "
              "done.stderr[-3000:]]))")
+    # From a folder holding no `llmtune` package: `python -m` puts the working directory before PYTHONPATH.
     out = subprocess.run([PYTHON, "-c", probe, *map(str, argv)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, check=True)
+                         env={**os.environ, **(env or {})}, check=True, cwd=tempfile.gettempdir())
     code, wall, cpu, peak, err = json.loads(out.stdout)
     if code:
         sys.exit(f"{' '.join(map(str, argv))} failed:\n{err}")

@@ -686,10 +686,10 @@ def main() -> None:
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
     # No telemetry: TRL's trainers report each run to the Hub (huggingface_hub's send_telemetry) unless told not to.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if os.environ["USE_HUB_KERNELS"].upper() not in ("1", "ON", "YES", "TRUE"):
-        from .compat import offline_bitsandbytes_import
+    from .compat import bitsandbytes_import_hook
 
-        offline_bitsandbytes_import()  # bitsandbytes asks the Hub for a CPU kernel as it is imported
+    # bitsandbytes asks the Hub for a CPU kernel as it is imported: not unless Hub kernels are asked for
+    bitsandbytes_import_hook(offline=os.environ["USE_HUB_KERNELS"].upper() not in ("1", "ON", "YES", "TRUE"))
     import atexit
 
     atexit.register(_exit_130_if_interrupted)

@@ -45,24 +45,42 @@ def shim(library: str, uses: str, remove_when: str):
     return register
 
 
-@shim("bitsandbytes", "what bitsandbytes.backends.cpu.ops does at import: kernels.get_kernel(...), whose Hub lookup is "
-      "local-only while huggingface_hub.constants.HF_HUB_OFFLINE is true",
-      "bitsandbytes stops asking the Hub for a kernel when it is imported")
-def offline_bitsandbytes_import() -> None:
-    """Import bitsandbytes (PEFT does, whenever it is installed) without asking the Hub for a kernel.
+@shim("bitsandbytes", "what bitsandbytes.backends.{cpu,default}.ops do at import: kernels.get_kernel(...), whose Hub "
+      "lookup is local-only while huggingface_hub.constants.HF_HUB_OFFLINE is true; torch.compile(fn) as a decorator",
+      "bitsandbytes neither asks the Hub for a kernel nor calls torch.compile when it is imported")
+def bitsandbytes_import_hook(offline: bool) -> None:
+    """Make importing bitsandbytes (PEFT does it, whenever bitsandbytes is installed) offline and light.
 
-    On a CPU with AVX512-BF16, bitsandbytes 0.50 calls `kernels.get_kernel("kernels-community/...")` while it is
-    imported: DNS and HTTPS to huggingface.co from every llmtune command that imports PEFT (and, where DNS hangs, a
-    stall), though the recipe names nothing on the Hub. While bitsandbytes is imported, huggingface_hub is told it
-    is offline, so the kernel comes from the local cache or not at all (bitsandbytes then uses its own CPU code).
-    A finder on sys.meta_path does it at the moment something imports bitsandbytes: nothing is imported early.
-    USE_HUB_KERNELS=YES (see cli.main) leaves bitsandbytes to ask. Checked against bitsandbytes 0.50.2.
+    bitsandbytes 0.50 does two costly things as it is imported, for kernels most runs never call: on a CPU with
+    AVX512-BF16 it asks the Hub for a kernel (`kernels.get_kernel("kernels-community/...")`: DNS and HTTPS to
+    huggingface.co, a stall where DNS hangs), and it wraps its default ops in `torch.compile`, which imports
+    TorchInductor (about 1 s and 40 MB on 2 CPU cores). While bitsandbytes is imported, huggingface_hub is told it
+    is offline (`offline`: the kernel comes from the local cache or not at all, and bitsandbytes uses its own CPU
+    code), and `torch.compile` compiles each wrapped op at its first call instead. A finder on sys.meta_path does it
+    when something imports bitsandbytes: nothing is imported early. Checked against bitsandbytes 0.50.2.
     """
+    import functools
     import importlib.abc
     import importlib.machinery
     import sys
 
-    class Offline(importlib.abc.Loader):
+    def lazily(compile_now):
+        def compile_later(fn=None, **options):
+            if fn is None:  # @torch.compile(mode=...)
+                return lambda f: compile_later(f, **options)
+            compiled = []
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                if not compiled:
+                    compiled.append(compile_now(fn, **options))
+                return compiled[0](*args, **kwargs)
+
+            return call
+
+        return compile_later
+
+    class Light(importlib.abc.Loader):
         def __init__(self, loader):
             self.loader = loader
 
@@ -70,29 +88,31 @@ def offline_bitsandbytes_import() -> None:
             return self.loader.create_module(spec)
 
         def exec_module(self, module):
+            import torch
             from huggingface_hub import constants
 
-            online, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+            online, compile_now = constants.HF_HUB_OFFLINE, torch.compile
+            constants.HF_HUB_OFFLINE, torch.compile = online or offline, lazily(compile_now)
             try:
                 self.loader.exec_module(module)
             finally:
-                constants.HF_HUB_OFFLINE = online
+                constants.HF_HUB_OFFLINE, torch.compile = online, compile_now
 
         def __getattr__(self, name):  # resources and the like: the real loader's
             return getattr(self.loader, name)
 
     class Finder(importlib.abc.MetaPathFinder):
-        llmtune_offline = True  # installed once
+        llmtune_bitsandbytes = True  # installed once
 
         def find_spec(self, name, path, target=None):
             if name != "bitsandbytes":
                 return None
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = Offline(spec.loader)
+                spec.loader = Light(spec.loader)
             return spec
 
-    if "bitsandbytes" not in sys.modules and not any(hasattr(f, "llmtune_offline") for f in sys.meta_path):
+    if "bitsandbytes" not in sys.modules and not any(hasattr(f, "llmtune_bitsandbytes") for f in sys.meta_path):
         sys.meta_path.insert(0, Finder())
 
 

@@ -1,6 +1,8 @@
 """llmtune/compat.py holds every use of a library's private API; this fails, naming the shims to re-check,
 when an installed library is outside the versions they were checked against."""
 
+import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import pytest
@@ -58,3 +60,23 @@ def test_a_newer_trl_lists_its_shims_to_recheck():
 def test_every_shim_says_what_it_uses_and_when_it_can_go(shim):
     assert shim.library in compat.CHECKED
     assert shim.uses and shim.remove_when
+
+
+def test_bitsandbytes_imports_without_torchinductor_and_compiles_its_ops_when_called():
+    """bitsandbytes wraps ops in torch.compile as it is imported, which imports TorchInductor (~1 s, ~40 MB) in every
+    process that imports PEFT; under llmtune's import hook that waits for an op's first call, with the same result."""
+    code = ("import sys, torch\n"
+            "from llmtune.compat import bitsandbytes_import_hook\n"
+            "bitsandbytes_import_hook(offline=True)\n"
+            "import bitsandbytes\n"
+            "from bitsandbytes.backends.default import ops\n"
+            "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+            "assert torch.compile.__module__.startswith('torch'), 'torch.compile is put back'\n"
+            "code, absmax = torch.linspace(-1, 1, 256), torch.tensor([2.0])\n"
+            "A = torch.arange(8, dtype=torch.uint8) * 32\n"
+            "out = ops._dequantize_blockwise_compute(A, absmax, code, 8, torch.float32)\n"
+            "assert torch.allclose(out, code[A.long()] * 2), out\n"
+            "print('compiled on call:', 'torch._inductor.compile_fx' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "compiled on call: True" in done.stdout
