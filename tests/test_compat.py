@@ -62,6 +62,7 @@ def test_every_shim_says_what_it_uses_and_when_it_can_go(shim):
     assert shim.uses and shim.remove_when
 
 
+@pytest.mark.slow  # a subprocess importing torch and bitsandbytes, and compiling one op
 def test_bitsandbytes_imports_without_torchinductor_and_compiles_its_ops_when_called():
     """bitsandbytes wraps ops in torch.compile as it is imported, which imports TorchInductor (~1 s, ~40 MB) in every
     process that imports PEFT; under llmtune's import hook that waits for an op's first call, with the same result."""
