@@ -86,8 +86,7 @@ def _trainer_settings(resolved) -> None:
     the run's message. The data enters the defaults only by whether an eval set is held out (`eval_strategy`)."""
     from types import SimpleNamespace
 
-
-    held_out = SimpleNamespace(shape=None, eval=True if resolved.config["data"].get("eval") else None, warnings=[])
+    held_out = SimpleNamespace(shape=None, eval=resolved.config["data"].get("eval") or None, warnings=[])
     defaults = importlib.import_module(resolved.method.runner).defaults(resolved.config, held_out)
     environment = dict(os.environ)  # the config class sets ACCELERATE_* variables a launch's ranks must not inherit
     try:
